@@ -1,0 +1,80 @@
+"""The command line behind run.py: compose the config, then check, list, or run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from opdlm.registry import KINDS, ConfigError
+
+HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
+
+Runs an on-policy distillation experiment. With no conf=, runs the embedded demo (conf/demo.yaml).
+  conf=FILE     a YAML layer over conf/base.yaml (repeatable; later layers win)
+  key=value     override one key, e.g. loss.name=sampled_token support.k=16 maskers.1.tokens=[a,b]
+  --check       compose the config, build every plugin (no weights), print the resolved YAML
+  --list        list every registered plugin per kind with its options
+  --help        this text
+"""
+
+
+def _list() -> str:
+    from opdlm.discovery import discover
+    from opdlm.registry import plugin_options
+    discover()
+    lines = []
+    for kind, (reg, _) in KINDS.items():
+        lines.append(f"{kind}:")
+        for name in reg.names():
+            cls = reg.get(name)
+            opts = ", ".join(f"{k}={p.default!r}" for k, p in plugin_options(cls).items())
+            lines.append(f"  {name:<18} {reg.summary(name)}")
+            if opts:
+                lines.append(f"  {'':<18} options: {opts}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from opdlm.config import DEFAULT_CONF, compose, split_args, to_yaml
+    argv = list(sys.argv[1:] if argv is None else argv)
+    confs, overrides, flags = split_args(argv)
+    unknown = [f for f in flags if f not in ("--check", "--list", "--help")]
+    if "--help" in flags or "-h" in argv:
+        print(HELP)
+        return 0
+    if unknown:
+        print(f"opdlm: error: unknown flag {unknown[0]} (flags: --check, --list, --help)", file=sys.stderr)
+        return 2
+    if "--list" in flags:
+        try:
+            print(_list())
+        except ConfigError as e:
+            print(f"opdlm: config error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not confs:
+        confs = [str(DEFAULT_CONF)]
+    try:
+        cfg = compose(confs, overrides)
+        from opdlm.build import build_plan
+        plan = build_plan(cfg)
+    except ConfigError as e:
+        print(f"opdlm: config error: {e}", file=sys.stderr)
+        return 2
+    if "--check" in flags:
+        print(to_yaml(cfg), end="")
+        print(f"# ok: {', '.join(confs)} composes and every plugin builds", file=sys.stderr)
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from opdlm.pipeline import Runner
+    try:
+        Runner(cfg, plan).run()
+    except ConfigError as e:
+        print(f"opdlm: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

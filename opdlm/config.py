@@ -1,0 +1,264 @@
+"""Compose a run configuration: conf/base.yaml <- conf=FILE(s) <- key=value overrides.
+
+Every key must exist in conf/base.yaml (framework keys) or in the constructor of the plugin a node
+names (plugin nodes); values are type-checked; a layer that changes a plugin node's ``name``
+replaces the whole node so that the old plugin's options cannot leak into the new one. Errors are
+one-line ConfigErrors naming the key, the file and line where it was set, and the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from opdlm.discovery import discover
+from opdlm.registry import KINDS, ConfigError, did_you_mean
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = ROOT / "conf"
+BASE_FILE = CONF_DIR / "base.yaml"
+DEFAULT_CONF = CONF_DIR / "demo.yaml"
+
+#: config path -> plugin kind; a list slot holds several nodes of that kind
+PLUGIN_SLOTS: dict[str, str] = {
+    "task": "task",
+    "sampler": "sampler",
+    "aligner": "aligner",
+    "support": "support",
+    "loss": "loss",
+}
+PLUGIN_LIST_SLOTS: dict[str, str] = {"maskers": "masker"}
+
+
+class Where:
+    """Remembers where each key was last set ("conf/x.yaml:12" or "command line")."""
+
+    def __init__(self) -> None:
+        self.origin: dict[str, str] = {}
+
+    def of(self, path: str) -> str:
+        # the most specific recorded origin of this path or of a parent
+        p = path
+        while p:
+            if p in self.origin:
+                return self.origin[p]
+            p = p.rpartition(".")[0]
+        return "conf/base.yaml"
+
+    def err(self, path: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.of(path)}: {path}: {msg}")
+
+
+def _yaml_lines(path: Path) -> dict[str, int]:
+    """Dotted key -> 1-based line of a YAML file (for error messages)."""
+    out: dict[str, int] = {}
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return out
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[f"{prefix}{i}"] = v.start_mark.line + 1
+                walk(v, f"{prefix}{i}.")
+
+    walk(root, "")
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"conf={path}: no such config file")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(first[:3])}") from None
+    data = OmegaConf.to_container(cfg, resolve=False)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """Parse the right-hand side of key=value like YAML (numbers, booleans, null, [lists])."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except OmegaConfBaseException:
+        return text
+
+
+def _slot_kind(path: str) -> tuple[str, bool] | None:
+    if path in PLUGIN_SLOTS:
+        return PLUGIN_SLOTS[path], False
+    if path in PLUGIN_LIST_SLOTS:
+        return PLUGIN_LIST_SLOTS[path], True
+    return None
+
+
+def _merge(dst: dict[str, Any], src: Mapping[str, Any], prefix: str, where: Where, origin: str,
+           lines: dict[str, int]) -> None:
+    for k, v in src.items():
+        path = f"{prefix}{k}"
+        where.origin[path] = f"{origin}:{lines[path]}" if path in lines else origin
+        slot = _slot_kind(path)
+        cur = dst.get(k)
+        if slot and not slot[1] and isinstance(v, Mapping) and isinstance(cur, Mapping):
+            if "name" in v and v["name"] != cur.get("name"):
+                dst[k] = copy.deepcopy(dict(v))  # a new plugin replaces the whole node
+            else:
+                merged = dict(cur)
+                merged.update(copy.deepcopy(dict(v)))
+                dst[k] = merged
+        elif isinstance(v, Mapping) and isinstance(cur, Mapping) and not slot:
+            _merge(cur, v, path + ".", where, origin, lines)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def _set_path(cfg: dict[str, Any], path: str, value: Any, where: Where) -> None:
+    parts = path.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        sub = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"command line: {path}: index {part} is out of range for {sub.rpartition('.')[0]} (length {len(node)})")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"command line: {path}: {sub} is a value, not a mapping")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"command line: {path}: index {last} is out of range (length {len(node)})")
+        node[int(last)] = value
+        return
+    slot_path = ".".join(parts[:-1])
+    slot = _slot_kind(slot_path)
+    if last == "name" and slot and not slot[1] and node.get("name") != value:
+        node.clear()  # changing the plugin drops the old plugin's options
+    node[last] = value
+
+
+def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: str, where: Where) -> None:
+    for k, v in cfg.items():
+        path = f"{prefix}{k}"
+        if _slot_kind(path):
+            continue
+        if k not in base:
+            raise where.err(path, f"unknown key{did_you_mean(k, base)}; valid keys here: {', '.join(base)}")
+        ref = base[k]
+        if isinstance(ref, Mapping):
+            if not isinstance(v, Mapping):
+                raise where.err(path, f"expected a mapping, got {v!r}")
+            _check_framework(v, ref, path + ".", where)
+        elif ref is None or v is None:
+            continue
+        elif isinstance(ref, bool):
+            if not isinstance(v, bool):
+                raise where.err(path, f"expected boolean, got {v!r} ({type(v).__name__})")
+        elif isinstance(ref, int):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise where.err(path, f"expected integer, got {v!r} ({type(v).__name__})")
+        elif isinstance(ref, float):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise where.err(path, f"expected number, got {v!r} ({type(v).__name__})")
+        elif isinstance(ref, str):
+            if not isinstance(v, str):
+                raise where.err(path, f"expected string, got {v!r} ({type(v).__name__})")
+        elif isinstance(ref, list):
+            if not isinstance(v, list):
+                raise where.err(path, f"expected a list, got {v!r} ({type(v).__name__})")
+
+
+def _check_plugins(cfg: dict[str, Any], where: Where) -> None:
+    for path, kind in PLUGIN_SLOTS.items():
+        reg = KINDS[kind][0]
+        try:
+            cfg[path] = reg.validate(cfg[path], path)
+        except ConfigError as e:
+            raise ConfigError(f"{where.of(_err_path(str(e), path))}: {e}") from None
+    for path, kind in PLUGIN_LIST_SLOTS.items():
+        reg = KINDS[kind][0]
+        nodes = cfg[path]
+        if not isinstance(nodes, list):
+            raise where.err(path, f"expected a list of {kind} nodes, got {nodes!r}")
+        out = []
+        for i, node in enumerate(nodes):
+            try:
+                out.append(reg.validate(node, f"{path}.{i}"))
+            except ConfigError as e:
+                raise ConfigError(f"{where.of(_err_path(str(e), path))}: {e}") from None
+        cfg[path] = out
+
+
+def _err_path(msg: str, default: str) -> str:
+    head = msg.split(":", 1)[0].split(" ", 1)[0]
+    return head if head.startswith(default) else default
+
+
+def compose(confs: list[str | Path], overrides: list[str]) -> dict[str, Any]:
+    """Compose base.yaml, the given files and key=value overrides into a checked, plain dict with
+    every plugin node completed by its constructor defaults and interpolations resolved.
+    Plugins must already be discovered (see opdlm.discovery)."""
+    where = Where()
+    base = load_yaml(BASE_FILE)
+    cfg = copy.deepcopy(base)
+    for c in confs:
+        p = Path(c)
+        layer = load_yaml(p)
+        _merge(cfg, layer, "", where, str(p), _yaml_lines(p))
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"command line: '{ov}': expected key=value (or conf=FILE)")
+        key, _, text = ov.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"command line: '{ov}': empty key")
+        where.origin[key] = "command line"
+        _set_path(cfg, key, parse_value(text), where)
+    _check_framework(cfg, base, "", where)
+    discover(cfg.get("plugin_paths") or [])
+    _check_plugins(cfg, where)
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config interpolation failed: {str(e).splitlines()[0]}") from None
+    assert isinstance(resolved, dict)
+    return resolved
+
+
+def to_yaml(cfg: Mapping[str, Any]) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(dict(cfg)))
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Split command-line words into (conf files, key=value overrides, --flags)."""
+    confs, overrides, flags = [], [], []
+    for a in argv:
+        if a.startswith("--"):
+            flags.append(a)
+        elif a.startswith("conf="):
+            confs.append(a[len("conf="):])
+        else:
+            overrides.append(a)
+    return confs, overrides, flags

@@ -1,0 +1,182 @@
+"""Load causal LMs and their tokenizers from local Hugging Face folders, or build tiny ones in
+memory (Qwen2 or Llama architecture from transformers, with a character-level tokenizer made from
+the task's text). Nothing here reaches a model hub."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from opdlm.registry import ConfigError
+
+PAD, EOS, UNK = "<pad>", "<|im_end|>", "<unk>"
+CHAR_SPECIALS = [PAD, EOS, UNK, "<think>", "</think>"]
+ARCHS = {"qwen2": Qwen2Config, "llama": LlamaConfig}
+
+
+def char_tokenizer(texts: Iterable[str], extra_tokens: Iterable[str] = ("<think>", "</think>")) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer whose vocabulary is every character of ``texts`` (sorted, so
+    it is reproducible) plus <pad>, <|im_end|> (end of sequence), <unk> and ``extra_tokens`` as
+    single tokens."""
+    chars = sorted({c for t in texts for c in t})
+    specials = [PAD, EOS, UNK, *[t for t in extra_tokens if t not in (PAD, EOS, UNK)]]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    fast.add_tokens([t for t in specials if t not in (PAD, EOS, UNK)], special_tokens=False)
+    fast.add_special_tokens({"pad_token": PAD, "eos_token": EOS, "unk_token": UNK})
+    fast.padding_side = "left"
+    return fast
+
+
+def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key}: tokenizer folder '{path}' does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise ConfigError(f"{key}: cannot load a tokenizer from '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def check_model_folder(path: str, key: str) -> Any:
+    """The model's config (read from config.json, no weights), or a ConfigError."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{key}: model folder '{path}' does not exist (give a local Hugging Face folder)")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{key}: '{path}' has no config.json: not a Hugging Face model folder")
+    try:
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:
+        raise ConfigError(f"{key}: cannot read '{path}/config.json': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def tiny_config(node: Mapping[str, Any], vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> Any:
+    arch = node["arch"]
+    if arch not in ARCHS:
+        raise ConfigError(f"arch: unknown architecture '{arch}'; choices: {', '.join(ARCHS)}")
+    heads = node["heads"]
+    if node["hidden_size"] % heads:
+        raise ConfigError(f"hidden_size: {node['hidden_size']} is not divisible by heads={heads}")
+    return ARCHS[arch](
+        vocab_size=vocab_size,
+        hidden_size=node["hidden_size"],
+        intermediate_size=node["intermediate_size"],
+        num_hidden_layers=node["layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=node["kv_heads"] or heads,
+        max_position_embeddings=node["max_positions"],
+        tie_word_embeddings=node["tie_embeddings"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        use_cache=True,
+    )
+
+
+class ModelSpec:
+    """A model node of the config resolved without loading weights: its tokenizer, its number of
+    output rows, and how to materialise it."""
+
+    def __init__(self, node: Mapping[str, Any], key: str, task_texts: Iterable[str] | None,
+                 shared_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        self.node = dict(node)
+        self.key = key
+        self.path = node["path"]
+        if self.path:
+            self.hf_config = check_model_folder(self.path, f"{key}.path")
+            tok_path = node["tokenizer_path"] or self.path
+            self.tokenizer = load_tokenizer(tok_path, f"{key}.tokenizer_path" if node["tokenizer_path"] else f"{key}.path")
+            rows = getattr(self.hf_config, "vocab_size", None) or getattr(getattr(self.hf_config, "text_config", None), "vocab_size", None)
+            if rows is None:
+                raise ConfigError(f"{key}.path: cannot find vocab_size in '{self.path}/config.json'")
+            self.vocab_rows = int(rows)
+        else:
+            if node["tokenizer_path"]:
+                self.tokenizer = load_tokenizer(node["tokenizer_path"], f"{key}.tokenizer_path")
+            elif shared_tokenizer is not None:
+                self.tokenizer = shared_tokenizer
+            else:
+                if task_texts is None:
+                    raise ConfigError(f"{key}: a tiny model needs a tokenizer_path or a task to build one from")
+                self.tokenizer = char_tokenizer(task_texts)
+            self.vocab_rows = len(self.tokenizer)
+            try:
+                self.hf_config = tiny_config(node, self.vocab_rows, self.tokenizer)
+            except ConfigError as e:
+                raise ConfigError(f"{key}.{e}") from None
+        ids = len(self.tokenizer)
+        if self.vocab_rows < ids:
+            raise ConfigError(
+                f"{key}: the model has {self.vocab_rows} output rows but its tokenizer has {ids} ids"
+            )
+
+    def build(self, seed: int) -> nn.Module:
+        """Load the weights (from the folder) or initialise a tiny model with ``seed``."""
+        if self.path:
+            dtype = getattr(torch, self.node["dtype"])
+            try:
+                model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, dtype=dtype)
+            except Exception as e:
+                raise ConfigError(f"{self.key}.path: cannot load weights from '{self.path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        else:
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = AutoModelForCausalLM.from_config(self.hf_config)
+        model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        return model
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path,
+            info: Mapping[str, Any] | None = None) -> Path:
+    """Save as a Hugging Face folder that AutoModelForCausalLM.from_pretrained loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    if info:
+        (folder / "opdlm.json").write_text(json.dumps(dict(info), indent=2, sort_keys=True))
+    return folder
+
+
+def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt: the tokenizer's chat template (a user turn plus the generation prompt)
+    when asked for and present, else the raw text without BOS."""
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("chat_template: true, but the tokenizer has no chat template")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,305 @@
+"""The LightningModules: supervised cold start (SFT) and on-policy distillation (OPD).
+
+Both evaluate the same way (generate answers for held-out prompts with the configured sampler,
+greedy and/or sampled, and score them with the task's verifier). The OPD ``training_step`` reads
+like the algorithm: sample, align, score the teacher, select the support, mask, compute the loss,
+step, log. It never branches on a plugin's name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from opdlm.build import Plan
+from opdlm.models import render_prompt
+from opdlm.ops.head import head_scores, response_hidden
+from opdlm.plugin_api import Task
+from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine" and total > warmup:
+            frac = (step - warmup) / max(1, total - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+    return f
+
+
+def make_optimizer(module: L.LightningModule, params: Any, st: dict[str, Any]) -> Any:
+    opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st["warmup_steps"], st["steps"], st["schedule"]))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class GenerationEval(L.LightningModule):
+    """Validation/test: generate responses for prompt batches and log verifier accuracy."""
+
+    MODES = ("greedy", "sampled")
+
+    def setup_eval(self, plan: Plan, modes: list[str], chat_template: bool) -> None:
+        self.plan = plan
+        self.eval_modes = modes
+        self.chat_template = chat_template
+        self.metrics = nn.ModuleDict({
+            f"{split}_{what}_{mode}": MeanMetric()
+            for split in ("val", "test") for mode in modes for what in ("acc", "len", "trunc")
+        })
+
+    @property
+    def eval_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, list):  # prompt batches: Examples stay on the host
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    @property
+    def eval_tokenizer(self) -> Any:
+        raise NotImplementedError
+
+    def _generate_eval(self, batch: list[Example], split: str) -> None:
+        task: Task = self.plan.task
+        tok = self.eval_tokenizer
+        prompts = [render_prompt(tok, ex.prompt, self.chat_template) for ex in batch]
+        for mode in self.eval_modes:
+            ro = self.plan.sampler.sample(self.eval_model, tok, prompts, batch, greedy=mode == "greedy", n=1)
+            correct = torch.tensor([float(task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)])
+            for what, val in (("acc", correct), ("len", ro.lengths.float().cpu()), ("trunc", ro.truncated.float().cpu())):
+                m = self.metrics[f"{split}_{what}_{mode}"]
+                m.update(val.to(self.device))
+                self.log(f"{split}/{what}_{mode}", m, on_step=False, on_epoch=True, batch_size=len(batch),
+                         prog_bar=(what == "acc" and split == "val"))
+
+    def validation_step(self, batch: list[Example], batch_idx: int) -> None:
+        self._generate_eval(batch, "val")
+
+    def test_step(self, batch: list[Example], batch_idx: int) -> None:
+        self._generate_eval(batch, "test")
+
+
+class SFTModule(GenerationEval):
+    """Cross-entropy on reference solutions (prompt tokens are not learned)."""
+
+    def __init__(self, config: dict[str, Any], role: str, init: str | None = None, *,
+                 plan: Plan | None = None, model: nn.Module | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "role": role, "init": init})
+        if plan is None:
+            from opdlm.build import build_plan
+            plan = build_plan(config)
+        self.spec = plan.teacher if role == "teacher" else plan.student
+        self.model = model if model is not None else load_or_build(self.spec, init, config["run"]["seed"])
+        self.stage = config["stages"][f"{role}_sft"]
+        self.setup_eval(plan, eval_modes(config), self.spec.node["chat_template"])
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def eval_tokenizer(self) -> Any:
+        return self.spec.tokenizer
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], use_cache=False)
+        n = (batch["labels"] != -100).sum()
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=int(n))
+        return out.loss
+
+    def configure_optimizers(self) -> Any:
+        return make_optimizer(self, self.model.parameters(), self.stage)
+
+
+def load_or_build(spec: Any, init: str | None, seed: int) -> nn.Module:
+    if init:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True)
+        model.generation_config.pad_token_id = spec.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = spec.tokenizer.eos_token_id
+        return model
+    return spec.build(seed)
+
+
+def eval_modes(config: dict[str, Any]) -> list[str]:
+    return [m for m in GenerationEval.MODES if config["eval"][m]]
+
+
+def take(x: Any, rows: slice) -> Any:
+    """Rows of a batch-first dataclass (tensors and lists sliced, scalars kept)."""
+    if isinstance(x, Tensor):
+        return x[rows]
+    if isinstance(x, list):
+        return x[rows]
+    if hasattr(x, "__dataclass_fields__"):
+        return type(x)(**{k: take(getattr(x, k), rows) for k in x.__dataclass_fields__})
+    return x
+
+
+class OPDModule(GenerationEval):
+    """On-policy distillation: the student learns from a frozen teacher on its own rollouts."""
+
+    def __init__(self, config: dict[str, Any], student_init: str | None = None,
+                 teacher_init: str | None = None, *, plan: Plan | None = None,
+                 student: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": config, "student_init": student_init, "teacher_init": teacher_init})
+        if plan is None:
+            from opdlm.build import build_plan
+            plan = build_plan(config)
+        seed = config["run"]["seed"]
+        self.student = student if student is not None else load_or_build(plan.student, student_init, seed)
+        self.teacher = teacher if teacher is not None else load_or_build(plan.teacher, teacher_init, seed + 1)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        self.stage = config["stages"]["opd"]
+        self.temperature = plan.sampler.temperature
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints leave the frozen teacher out
+        self.setup_eval(plan, eval_modes(config), plan.student.node["chat_template"])
+
+    # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.student
+
+    @property
+    def eval_tokenizer(self) -> Any:
+        return self.plan.student.tokenizer
+
+    def train(self, mode: bool = True) -> OPDModule:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never leaves eval mode
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        for k in [k for k in sd if k.startswith("teacher.")]:
+            del sd[k]
+
+    def configure_optimizers(self) -> Any:
+        return make_optimizer(self, self.student.parameters(), self.stage)
+
+    # -- the algorithm ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_teacher(self, view: TeacherView) -> tuple[Tensor, Any, Scores]:
+        feats, head = response_hidden(self.teacher, view.input_ids, view.attention_mask,
+                                      view.position_ids, view.pred_columns)
+        scores = head_scores(feats, head, view.targets, temperature=self.temperature,
+                             topk=self.plan.support.teacher_topk, entropy=True,
+                             vocab_rows=len(self.plan.teacher.tokenizer), chunk_size=self.stage["chunk_size"])
+        return feats, head, scores
+
+    def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0) -> Scores:
+        cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
+        cols = cols.expand(ro.input_ids.shape[0], -1)
+        feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids, cols)
+        return head_scores(feats, head, ro.targets, temperature=self.temperature, support_ids=support_ids,
+                           topk=topk, entropy=True, vocab_rows=len(self.plan.student.tokenizer))
+
+    def training_step(self, batch: list[Example], batch_idx: int) -> None:
+        plan, st = self.plan, self.stage
+        tok = plan.student.tokenizer
+        prompts = [render_prompt(tok, ex.prompt, self.chat_template) for ex in batch]
+        rollout = plan.sampler.sample(self.student, tok, prompts, batch)                  # 1. sample
+        t_prompts = [render_prompt(plan.teacher.tokenizer, ex.prompt, plan.teacher.node["chat_template"])
+                     for ex in rollout.examples]
+        view = plan.aligner.align(rollout, t_prompts)                                    # 2. align
+        t_feats, t_head, teacher = self.score_teacher(view)                               # 3. teacher
+        student_top = None
+        if plan.support.student_topk:
+            with torch.no_grad():
+                student_top = self.score_student(rollout, None, topk=plan.support.student_topk)
+        support = plan.support.select(teacher, student_top, rollout)                      # 4. support
+        with torch.no_grad():
+            t_sup = head_scores(t_feats, t_head, view.targets, temperature=self.temperature,
+                                support_ids=support.ids, entropy=False,
+                                vocab_rows=len(plan.teacher.tokenizer), chunk_size=st["chunk_size"])
+        teacher = Scores(token_logprob=teacher.token_logprob, lse=teacher.lse,
+                         support_logits=t_sup.support_logits, topk_ids=teacher.topk_ids,
+                         topk_logits=teacher.topk_logits, entropy=teacher.entropy)
+        mask = rollout.response_mask.clone()                                               # 5. mask
+        for m in plan.maskers:
+            mask &= m.mask(rollout, view)
+        self._update(rollout, teacher, support, mask)                                      # 6. loss + step
+
+    def _update(self, rollout: Rollout, teacher: Scores, support: Support, mask: Tensor) -> None:
+        st = self.stage
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        B = rollout.input_ids.shape[0]
+        mini = max(1, min(st["mini_batches"], B))
+        old_logprob = None
+        if mini > 1:  # later mini-batches are off-policy: keep π_old from before the first update
+            with torch.no_grad():
+                old_logprob = self.score_student(rollout, None).token_logprob
+        logs: dict[str, list[Tensor]] = {}
+        for mb in _chunks(B, mini):
+            n_tokens = mask[mb].sum().float()
+            if self.trainer.world_size > 1:
+                n_tokens = self.all_gather(n_tokens).sum()
+            n_tokens = n_tokens.clamp_min(1.0)
+            for micro in _chunks_of(mb, st["micro_batches"]):
+                ro = take(rollout, micro)
+                sup = take(support, micro)
+                student = self.score_student(ro, sup.ids)
+                old = old_logprob[micro] if old_logprob is not None else student.token_logprob.detach()
+                inputs = LossInputs(student=student, teacher=take(teacher, micro), support=sup,
+                                    old_logprob=old, mask=mask[micro], rollout=ro)
+                out = self.plan.loss.compute(inputs)
+                m = mask[micro].to(out.token_loss.dtype)
+                loss = (out.token_loss * m).sum() / n_tokens * self.trainer.world_size
+                self.manual_backward(loss)
+                for k, v in self._diagnostics(inputs, out.token_loss, out.stats).items():
+                    logs.setdefault(k, []).append(v)
+            gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), st["max_grad_norm"] or float("inf"))
+            logs.setdefault("grad_norm", []).append(gn.detach())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+        logs["response_len"] = [rollout.lengths.float().mean()]
+        logs["truncated_frac"] = [rollout.truncated.float().mean()]
+        logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
+        for k, vs in logs.items():
+            self.log(f"train/{k}", torch.stack([v.float().detach().cpu() for v in vs]).mean(),
+                     prog_bar=k in ("loss", "grad_norm"), batch_size=B)
+
+    @torch.no_grad()
+    def _diagnostics(self, x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        m = x.mask
+        gap = x.teacher.token_logprob - x.student.token_logprob.detach()
+        out = {
+            "loss": masked_mean(token_loss.detach(), m),
+            "logprob_gap": masked_mean(gap, m),
+            "neg_reward_frac": masked_mean((gap < 0).float(), m),
+            "student_entropy": masked_mean(x.student.entropy, m) if x.student.entropy is not None else None,
+            "teacher_entropy": masked_mean(x.teacher.entropy, m) if x.teacher.entropy is not None else None,
+            "tokens": m.sum().float(),
+        }
+        if x.teacher.topk_ids is not None and x.teacher.topk_logits is not None:
+            mass = (x.teacher.topk_logits - x.teacher.lse.unsqueeze(-1)).exp().sum(-1)
+            inside = (x.teacher.topk_ids == x.rollout.targets.unsqueeze(-1)).any(-1)
+            out["teacher_topk_mass"] = masked_mean(mass, m)
+            out["sampled_outside_topk"] = masked_mean((~inside).float(), m)
+        out.update({k: v.detach() for k, v in stats.items()})
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def _chunks(n: int, parts: int) -> list[slice]:
+    size = math.ceil(n / parts)
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _chunks_of(rows: slice, parts: int) -> list[slice]:
+    n = rows.stop - rows.start
+    return [slice(rows.start + s.start, rows.start + s.stop) for s in _chunks(n, max(1, min(parts, n)))]

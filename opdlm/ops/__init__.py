@@ -1,0 +1,1 @@
+"""Shared tensor maths: the model body/head split and the statistics losses read."""

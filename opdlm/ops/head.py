@@ -1,0 +1,98 @@
+"""Turn a model's hidden states at response positions into the quantities losses consume
+(sampled-token log-probs, log-sum-exp, logits gathered on a support, the model's own top-k,
+entropy), so that no loss ever touches a [B, T, V] tensor itself.
+
+``head_scores`` walks the positions in chunks: under ``torch.no_grad`` (the teacher) the full
+logits exist for one chunk at a time; with gradients (the student, naive path) each chunk's logits
+stay alive for backward, which is what the memory-lean path replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from opdlm.types import Scores
+
+
+def split_model(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(body, lm_head) of a Hugging Face causal LM whose logits are ``lm_head(body(x))``, or None
+    when the head cannot be separated (logit soft-capping or scaling, unknown layout)."""
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if cfg is not None and getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    if not isinstance(head, nn.Linear) or body is None or body is model:
+        return None
+    return body, head
+
+
+def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    position_ids: Tensor, pred_columns: Tensor) -> tuple[Tensor, nn.Linear | None]:
+    """Hidden states [B, T, H] at the columns that predict each response token, and the head that
+    maps them to logits. Falls back to full logits (head None) when the model cannot be split."""
+    split = split_model(model)
+    if split is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False)
+        feats = out.logits
+        head = None
+    else:
+        body, head = split
+        feats = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    idx = pred_columns.clamp_min(0)
+    feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+    return feats, head
+
+
+def _logits(feats: Tensor, head: nn.Linear | None, temperature: float) -> Tensor:
+    logits = feats if head is None else head(feats)
+    logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, temperature: float = 1.0,
+                support_ids: Tensor | None = None, topk: int = 0, entropy: bool = True,
+                vocab_rows: int | None = None, chunk_size: int | None = None) -> Scores:
+    """Scores at every position of ``feats`` [B, T, H] (or logits, when ``head`` is None).
+
+    targets [B, T] sampled ids (negative = none); support_ids [B, T, K]; topk: how many of the
+    model's own top ids to return; vocab_rows: logits past this row (tokenizer padding rows) are
+    excluded from everything; chunk_size: positions per chunk (None = all at once).
+    """
+    B, T = targets.shape
+    n = B * T
+    f = feats.reshape(n, feats.shape[-1])
+    tgt = targets.reshape(n).clamp_min(0)
+    sup = support_ids.reshape(n, -1) if support_ids is not None else None
+    step = max(1, chunk_size or n)
+    tok, lse, sl, ti, tl, ent = [], [], [], [], [], []
+    for s in range(0, n, step):
+        logits = _logits(f[s : s + step], head, temperature)
+        if vocab_rows is not None and vocab_rows < logits.shape[-1]:
+            logits = logits[:, :vocab_rows]
+        z = torch.logsumexp(logits, dim=-1)
+        lse.append(z)
+        tok.append(logits.gather(1, tgt[s : s + step, None]).squeeze(1) - z)
+        if sup is not None:
+            sl.append(logits.gather(1, sup[s : s + step]))
+        if topk:
+            v, i = logits.topk(topk, dim=-1)
+            ti.append(i)
+            tl.append(v)
+        if entropy:
+            logp = logits - z.unsqueeze(-1)
+            ent.append(-(logp.exp() * logp).sum(-1))
+    def cat(xs: list[Tensor], *tail: int) -> Tensor:
+        return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)
+    return Scores(
+        token_logprob=cat(tok),
+        lse=cat(lse),
+        support_logits=cat(sl, sup.shape[-1]) if sup is not None else None,
+        topk_ids=cat(ti, topk) if topk else None,
+        topk_logits=cat(tl, topk) if topk else None,
+        entropy=cat(ent) if entropy else None,
+    )

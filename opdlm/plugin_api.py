@@ -1,0 +1,104 @@
+"""Base classes of the six plugin kinds. A plugin subclasses one, takes its options as
+keyword-only constructor arguments (those are its config keys), and registers itself with the
+kind's registry. ``bind`` is called once after construction with the run's Context (tokenizers,
+vocabulary sizes, task): everything checkable without model weights is checked there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
+
+
+@dataclass
+class Context:
+    """What plugins may look at before any weights are loaded."""
+
+    student_tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    teacher_tokenizer: Any
+    student_vocab_rows: int  # output rows of the student's head (>= its tokenizer's ids)
+    teacher_vocab_rows: int
+    task: Task | None = None
+
+
+class Plugin:
+    plugin_name: str = ""
+    plugin_kind: str = ""
+
+    def bind(self, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """Check options against the run (tokenizers, vocabularies); raise ConfigError."""
+
+
+class Task(Plugin):
+    """Prompts with reference answers, and a verifier."""
+
+    def examples(self, split: str) -> list[Example]:
+        """The examples of split 'train', 'val' or 'test'."""
+        raise NotImplementedError
+
+    def verify(self, response: str, example: Example) -> bool:
+        """Whether a decoded response answers the example correctly."""
+        raise NotImplementedError
+
+    def corpus(self) -> Iterable[str]:
+        """Texts that cover the task's characters (used to build tiny tokenizers)."""
+        for ex in self.examples("train"):
+            yield ex.prompt + (ex.solution or ex.answer)
+
+
+class Sampler(Plugin):
+    """On-policy rollouts from the student."""
+
+    n: int = 1
+    temperature: float = 1.0
+
+    def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
+               examples: list[Example], *, greedy: bool = False, n: int | None = None) -> Rollout:
+        """Generate ``n`` (default: the configured count) responses per prompt."""
+        raise NotImplementedError
+
+
+class Aligner(Plugin):
+    """Maps the student's rollout onto the teacher's tokens."""
+
+    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:
+        raise NotImplementedError
+
+
+class SupportSelector(Plugin):
+    """Chooses the token set compared at each response position."""
+
+    #: how many of the teacher's / student's own top ids select() needs in its Scores
+    teacher_topk: int = 0
+    student_topk: int = 0
+
+    @property
+    def size(self) -> int:
+        """Largest support size K this selector returns."""
+        raise NotImplementedError
+
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+        raise NotImplementedError
+
+
+class Masker(Plugin):
+    """Which response positions count in the loss; several maskers are combined with AND."""
+
+    def mask(self, rollout: Rollout, view: TeacherView) -> Tensor:  # [B, T] bool
+        raise NotImplementedError
+
+
+class Loss(Plugin):
+    """Per-token loss from gathered quantities (see opdlm.types.LossInputs)."""
+
+    needs_entropy: bool = False
+
+    def check_support(self, support: SupportSelector, key: str) -> None:  # noqa: B027
+        """Raise ConfigError if this loss cannot work with the support."""
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        raise NotImplementedError

@@ -1,0 +1,242 @@
+"""One generic registry per plugin kind, and the config error every layer raises.
+
+A plugin is a class registered under a name; a config node ``{name: lsm, k: 32}`` is turned into
+``cls(k=32)`` after every key and value is checked against the constructor's keyword-only
+signature, so a typo fails with a one-line message before any weights load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the key, the value and the choices."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
+            tp.__name__, tp.__name__
+        )
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict or origin is Mapping:
+        return "mapping"
+    return str(tp)
+
+
+def check_type(value: Any, tp: Any) -> bool:
+    """True if a YAML value fits the annotation ``tp`` (ints are accepted for floats, bools are not
+    accepted for numbers)."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True
+    if tp is type(None) or tp is None:
+        return value is None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(check_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if not args:
+            return True
+        inner = args[0]
+        return all(check_type(v, inner) for v in value)
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        return isinstance(value, Mapping)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+class Registry(Generic[T]):
+    """Name -> plugin class for one kind (sampler, aligner, support, masker, loss, task)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        """Class decorator: ``@LOSSES.register("lsm")``. A duplicate name is an error naming both
+        modules."""
+
+        def deco(cls: type[T]) -> type[T]:
+            old = self._entries.get(name)
+            if old is not None and old is not cls:
+                same = (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+                if not same:
+                    raise ConfigError(
+                        f"{self.kind} '{name}' is registered twice: by {old.__module__}."
+                        f"{old.__qualname__} and by {cls.__module__}.{cls.__qualname__}"
+                    )
+            cls.plugin_name = name  # type: ignore[attr-defined]
+            cls.plugin_kind = self.kind  # type: ignore[attr-defined]
+            self._entries[name] = cls
+            return cls
+
+        return deco
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def get(self, name: str, key: str | None = None) -> type[T]:
+        """The class registered as ``name``; ``key`` is the config key used in the error."""
+        key = key or self.kind
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"{key}.name: expected a {self.kind} name (string), got {name!r}; "
+                f"choices: {', '.join(self.names())}"
+            )
+        if name not in self._entries:
+            raise ConfigError(
+                f"{key}.name: unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
+                f"choices: {', '.join(self.names()) or '(none registered)'}"
+            )
+        return self._entries[name]
+
+    def summary(self, name: str) -> str:
+        doc = inspect.getdoc(self._entries[name]) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else "(no docstring)"
+
+    def options(self, name: str, key: str | None = None) -> dict[str, inspect.Parameter]:
+        """The keyword-only constructor parameters of a plugin (its config keys)."""
+        cls = self.get(name, key)
+        return plugin_options(cls)
+
+    def defaults(self, name: str) -> dict[str, Any]:
+        return {
+            k: p.default
+            for k, p in self.options(name).items()
+            if p.default is not inspect.Parameter.empty
+        }
+
+    def validate(self, node: Mapping[str, Any], key: str | None = None) -> dict[str, Any]:
+        """Check a config node and return it completed with the constructor defaults."""
+        key = key or self.kind
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"{key}: expected a mapping with a 'name' key, got {node!r}")
+        if "name" not in node:
+            raise ConfigError(
+                f"{key}: missing 'name'; choices: {', '.join(self.names())}"
+            )
+        name = node["name"]
+        cls = self.get(name, key)
+        opts = plugin_options(cls)
+        hints = _hints(cls)
+        out: dict[str, Any] = {"name": name}
+        for k, v in node.items():
+            if k == "name":
+                continue
+            if k not in opts:
+                valid = ", ".join(opts) or "(none)"
+                raise ConfigError(
+                    f"{key}.{k}: unknown key for {self.kind} '{name}'{did_you_mean(k, opts)}; "
+                    f"valid keys: {valid}"
+                )
+            tp = hints.get(k, inspect.Parameter.empty)
+            if not check_type(v, tp):
+                raise ConfigError(
+                    f"{key}.{k}: expected {_type_name(tp)}, got {v!r} ({type(v).__name__})"
+                )
+            out[k] = v
+        for k, p in opts.items():
+            if k not in out:
+                if p.default is inspect.Parameter.empty:
+                    raise ConfigError(f"{key}.{k}: required by {self.kind} '{name}' but not set")
+                out[k] = p.default
+        return out
+
+    def build(self, node: Mapping[str, Any], key: str | None = None) -> T:
+        """Validate ``node`` and construct the plugin. Constructor ValueErrors become ConfigErrors
+        prefixed with the key."""
+        node = self.validate(node, key)
+        cls = self._entries[node["name"]]
+        kwargs = {k: _plain(v) for k, v in node.items() if k != "name"}
+        key = key or self.kind
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            # plugins name the offending option first ("k: must be >= 2, got 1")
+            msg = str(e)
+            sep = "." if msg.split(":", 1)[0] in kwargs else ": "
+            raise ConfigError(f"{key}{sep}{msg}") from None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls.__init__)
+    except Exception:
+        return {}
+
+
+def plugin_options(cls: type) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(cls.__init__)
+    opts = {}
+    for p in sig.parameters.values():
+        if p.name == "self":
+            continue
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise TypeError(
+                f"{cls.__module__}.{cls.__qualname__}: plugin constructor parameter "
+                f"'{p.name}' must be keyword-only (put it after '*')"
+            )
+        opts[p.name] = p
+    return opts
+
+
+SAMPLERS: Registry[Any] = Registry("sampler")
+ALIGNERS: Registry[Any] = Registry("aligner")
+SUPPORTS: Registry[Any] = Registry("support")
+MASKERS: Registry[Any] = Registry("masker")
+LOSSES: Registry[Any] = Registry("loss")
+TASKS: Registry[Any] = Registry("task")
+
+#: kind name -> (registry, plugins/ sub-folder)
+KINDS: dict[str, tuple[Registry[Any], str]] = {
+    "sampler": (SAMPLERS, "samplers"),
+    "aligner": (ALIGNERS, "aligners"),
+    "support": (SUPPORTS, "supports"),
+    "masker": (MASKERS, "maskers"),
+    "loss": (LOSSES, "losses"),
+    "task": (TASKS, "tasks"),
+}

@@ -1,0 +1,155 @@
+"""Nucleus (top-p) sampling of student rollouts with Hugging Face ``generate`` and its KV cache.
+
+At each step the logits are restricted to the tokenizer's ids (padding rows of the head are never
+sampled), divided by ``temperature``, and cut to the smallest set of tokens whose probability
+reaches ``top_p``; the token is drawn from what is left. The log-probability of every drawn token
+under that processed distribution is recorded as the behaviour log-prob (``Rollout.behaviour_logprobs``).
+Options: temperature (> 0), top_p (in (0, 1]), max_new_tokens, n (rollouts per prompt).
+Output: a Rollout with B = prompts * n rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from opdlm.plugin_api import Context, Sampler
+from opdlm.registry import SAMPLERS, ConfigError
+from opdlm.types import Example, Rollout
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Set to -inf every logit outside the smallest set whose probability reaches top_p
+    (the most likely token is always kept). logits [N, V]."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    before = probs.cumsum(-1) - probs  # mass strictly above each token
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class _Recorder(LogitsProcessor):
+    """Processes the logits (vocabulary cut, temperature, top-p) and records the log-prob of each
+    token that generate() then picks, keeping one [N, V] tensor alive at a time."""
+
+    def __init__(self, vocab: int, temperature: float, top_p: float, prompt_cols: int) -> None:
+        self.vocab, self.temperature, self.top_p, self.prompt_cols = vocab, temperature, top_p, prompt_cols
+        self.prev: Tensor | None = None
+        self.logprobs: list[Tensor] = []
+
+    def collect(self, input_ids: Tensor) -> None:
+        if self.prev is not None:
+            tok = input_ids[:, -1:]
+            self.logprobs.append(self.prev.gather(1, tok).squeeze(1))
+            self.prev = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self.collect(input_ids)
+        scores = scores.float()
+        if scores.shape[-1] > self.vocab:
+            scores[:, self.vocab :] = float("-inf")
+        scores = top_p_filter(scores / self.temperature, self.top_p)
+        self.prev = torch.log_softmax(scores, dim=-1)
+        return scores
+
+
+def build_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, sequences: Tensor,
+                  prompt_cols: int, behaviour: Tensor, eos_id: int, pad_id: int,
+                  tokenizer: Any) -> Rollout:
+    """Assemble a Rollout from generate()'s sequences [B*n, P+T] and behaviour log-probs [B*n, T]."""
+    B = sequences.shape[0]
+    resp = sequences[:, prompt_cols:]
+    T = resp.shape[1]
+    is_eos = resp == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    response_mask = ~after_eos
+    truncated = ~is_eos.any(-1)
+    prompt_att = torch.zeros(B, prompt_cols, dtype=torch.long)
+    for i in range(B):
+        plen = len(prompt_ids[i // n])
+        prompt_att[i, prompt_cols - plen :] = 1
+    attention_mask = torch.cat([prompt_att.to(resp.device), response_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    input_ids = torch.cat([sequences[:, :prompt_cols], resp.masked_fill(after_eos, pad_id)], dim=1)
+    texts = []
+    for i in range(B):
+        ids = resp[i][response_mask[i] & ~is_eos[i]].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        prompt_len=prompt_cols,
+        response_mask=response_mask,
+        behaviour_logprobs=behaviour[:, :T].masked_fill(after_eos, 0.0),
+        truncated=truncated,
+        examples=[examples[i // n] for i in range(B)],
+        texts=texts,
+    )
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
+    att = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            att[i, P - len(p) :] = 1
+    return ids, att
+
+
+@SAMPLERS.register("top_p")
+class TopP(Sampler):
+    """Nucleus sampling with temperature via HF generate (KV cache); records behaviour log-probs."""
+
+    def __init__(self, *, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 64,
+                 n: int = 4) -> None:
+        if not temperature > 0:
+            raise ConfigError(f"temperature: must be > 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if n < 1:
+            raise ConfigError(f"n: must be >= 1, got {n}")
+        self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
+
+    def bind(self, ctx: Context) -> None:
+        tok = ctx.student_tokenizer
+        if tok.eos_token_id is None:
+            raise ConfigError("sampler: the student tokenizer has no eos_token; generation could not stop")
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
+               examples: list[Example], *, greedy: bool = False, n: int | None = None) -> Rollout:
+        n = self.n if n is None else n
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids, att = left_pad(prompt_ids, pad_id)
+        device = next(model.parameters()).device
+        ids, att = ids.to(device), att.to(device)
+        rec = _Recorder(len(tokenizer), 1.0 if greedy else self.temperature,
+                        1.0 if greedy else self.top_p, ids.shape[1])
+        was_training = model.training
+        model.eval()
+        try:
+            seqs = model.generate(
+                input_ids=ids, attention_mask=att, do_sample=not greedy, temperature=1.0,
+                top_p=1.0, top_k=0, num_return_sequences=n, max_new_tokens=self.max_new_tokens,
+                logits_processor=LogitsProcessorList([rec]), pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id, use_cache=True,
+            )
+        finally:
+            model.train(was_training)
+        rec.collect(seqs)
+        T = seqs.shape[1] - ids.shape[1]
+        behaviour = torch.stack(rec.logprobs, dim=1) if rec.logprobs else seqs.new_zeros(seqs.shape[0], 0, dtype=torch.float)
+        behaviour = behaviour[:, :T]
+        return build_rollout(prompt_ids, examples, n, seqs, ids.shape[1], behaviour,
+                             tokenizer.eos_token_id, pad_id, tokenizer)

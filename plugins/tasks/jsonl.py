@@ -1,0 +1,140 @@
+"""Prompts and reference answers from a local JSONL file, scored by a math answer verifier.
+
+Each line is a JSON object; ``prompt_field`` and ``answer_field`` name its prompt and reference
+answer, ``solution_field`` (optional) a reference completion used by the SFT stage. Splits come
+from ``split_field`` (values train/val/test) or, when it is null, from a seeded shuffle with
+``val_fraction``/``test_fraction``. The verifier takes the last \\boxed{...} of a response and
+compares it with the reference after light LaTeX normalisation, numerically when both parse.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from fractions import Fraction
+from pathlib import Path
+
+from opdlm.plugin_api import Task
+from opdlm.registry import TASKS, ConfigError
+from opdlm.types import Example
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} or \\fbox{...}, with nested braces."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    i = text.index("{", start) + 1
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None
+
+
+def normalise(ans: str) -> str:
+    s = ans.strip().strip("$").strip()
+    for a, b in (("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\,", ""), ("\\ ", ""),
+                 ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
+                 ("\\%", ""), ("%", ""), ("\\text{", "{"), ("\\mathrm{", "{")):
+        s = s.replace(a, b)
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"^\{(.*)\}$", r"\1", s)
+    return s
+
+
+def as_number(s: str) -> Fraction | None:
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?\d+)/(-?\d+)", s)
+    try:
+        if m:
+            return Fraction(int(m.group(1)), int(m.group(2)))
+        if re.fullmatch(r"-?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?", s):
+            return Fraction(s.replace(",", ""))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def math_equal(pred: str, ref: str) -> bool:
+    a, b = normalise(pred), normalise(ref)
+    if a == b:
+        return True
+    na, nb = as_number(a), as_number(b)
+    return na is not None and nb is not None and na == nb
+
+
+@TASKS.register("jsonl")
+class JsonlTask(Task):
+    """Prompts and answers from a local JSONL file, with a math \\boxed{} answer verifier."""
+
+    def __init__(self, *, path: str = "", prompt_field: str = "prompt", answer_field: str = "answer",
+                 solution_field: str | None = None, split_field: str | None = None,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> None:
+        if not path:
+            raise ConfigError("path: the jsonl task needs the path of a local .jsonl file")
+        for k, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{k}: must be in [0, 1), got {v}")
+        if val_fraction + test_fraction >= 1.0:
+            raise ConfigError(f"val_fraction: val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
+        self.path = Path(path)
+        self.fields = (prompt_field, answer_field, solution_field)
+        self.split_field = split_field
+        self.splits = self._read(val_fraction, test_fraction, seed)
+
+    def _read(self, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Example]]:
+        if not self.path.is_file():
+            raise ConfigError(f"path: no such file '{self.path}'")
+        prompt_f, answer_f, solution_f = self.fields
+        rows: list[tuple[str | None, Example]] = []
+        with self.path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{self.path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"path: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise ConfigError(f"path: {where}: expected a JSON object, got {type(obj).__name__}")
+                for f in (prompt_f, answer_f) + ((solution_f,) if solution_f else ()):
+                    if f not in obj:
+                        raise ConfigError(f"path: {where}: missing field '{f}' (fields: {', '.join(obj)})")
+                split = None
+                if self.split_field:
+                    split = obj.get(self.split_field)
+                    if split not in ("train", "val", "test"):
+                        raise ConfigError(f"path: {where}: field '{self.split_field}' must be train, val or test, got {split!r}")
+                rows.append((split, Example(prompt=str(obj[prompt_f]), answer=str(obj[answer_f]),
+                                            solution=str(obj[solution_f]) if solution_f else None,
+                                            meta={"line": lineno})))
+        if not rows:
+            raise ConfigError(f"path: '{self.path}' holds no examples")
+        out: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+        if self.split_field:
+            for split, ex in rows:
+                out[split].append(ex)  # type: ignore[index]
+        else:
+            order = list(range(len(rows)))
+            random.Random(seed).shuffle(order)
+            n_test = int(round(test_fraction * len(rows)))
+            n_val = int(round(val_fraction * len(rows)))
+            for rank, i in enumerate(order):
+                split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+                out[split].append(rows[i][1])
+        return out
+
+    def examples(self, split: str) -> list[Example]:
+        if split not in self.splits:
+            raise ValueError(f"unknown split '{split}'; choices: train, val, test")
+        return self.splits[split]
+
+    def verify(self, response: str, example: Example) -> bool:
+        got = last_boxed(response)
+        return got is not None and math_equal(got, example.answer)
