@@ -49,9 +49,44 @@ def _bind(plugin: Any, ctx: Context, key: str) -> None:
         raise ConfigError(f"{key}: {msg}") from None
 
 
+def check_values(cfg: Mapping[str, Any]) -> None:
+    """Range checks of framework keys (types were checked when composing)."""
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: must be {rule}, got {value!r}")
+
+    for stage, st in cfg["stages"].items():
+        k = f"stages.{stage}"
+        need(st["steps"] >= 0, f"{k}.steps", ">= 0", st["steps"])
+        need(st["lr"] > 0, f"{k}.lr", "> 0", st["lr"])
+        need(st["weight_decay"] >= 0, f"{k}.weight_decay", ">= 0", st["weight_decay"])
+        need(st["warmup_steps"] >= 0, f"{k}.warmup_steps", ">= 0", st["warmup_steps"])
+        need(st["schedule"] in ("constant", "cosine"), f"{k}.schedule", "constant or cosine", st["schedule"])
+        need(st["val_every"] >= 0, f"{k}.val_every", ">= 0", st["val_every"])
+        need(st["max_grad_norm"] is None or st["max_grad_norm"] >= 0, f"{k}.max_grad_norm", ">= 0 or null", st["max_grad_norm"])
+        for key in ("batch_size", "prompts_per_step", "mini_batches", "micro_batches"):
+            if key in st:
+                need(st[key] >= 1, f"{k}.{key}", ">= 1", st[key])
+        if "chunk_size" in st:
+            need(st["chunk_size"] >= 0, f"{k}.chunk_size", ">= 0 (0 = no chunking)", st["chunk_size"])
+    ev = cfg["eval"]
+    need(ev["batch_size"] >= 1, "eval.batch_size", ">= 1", ev["batch_size"])
+    need(ev["val_prompts"] >= 0, "eval.val_prompts", ">= 0", ev["val_prompts"])
+    need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
+    need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
+    need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
+    for role in ("teacher", "student"):
+        node = cfg[role]
+        if not node["path"]:
+            for key in ("hidden_size", "intermediate_size", "layers", "heads", "max_positions"):
+                need(node[key] >= 1, f"{role}.{key}", ">= 1", node[key])
+            need(node["kv_heads"] >= 0, f"{role}.kv_heads", ">= 0 (0 = heads)", node["kv_heads"])
+
+
 def build_plan(cfg: Mapping[str, Any]) -> Plan:
     """Construct and cross-check every plugin of a composed config (see opdlm.config.compose)."""
     cfg = dict(cfg)
+    check_values(cfg)
     task = TASKS.build(cfg["task"], "task")
     corpus = None
     if not cfg["teacher"]["path"] or not cfg["student"]["path"]:

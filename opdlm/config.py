@@ -118,6 +118,10 @@ def _merge(dst: dict[str, Any], src: Mapping[str, Any], prefix: str, where: Wher
         where.origin[path] = f"{origin}:{lines[path]}" if path in lines else origin
         slot = _slot_kind(path)
         cur = dst.get(k)
+        if slot:  # remember where each option of a plugin node was written
+            for sub, line in lines.items():
+                if sub.startswith(path + "."):
+                    where.origin[sub] = f"{origin}:{line}"
         if slot and not slot[1] and isinstance(v, Mapping) and isinstance(cur, Mapping):
             if "name" in v and v["name"] != cur.get("name"):
                 dst[k] = copy.deepcopy(dict(v))  # a new plugin replaces the whole node

@@ -33,8 +33,13 @@ def char_tokenizer(texts: Iterable[str], extra_tokens: Iterable[str] = ("<think>
     """A character-level tokenizer whose vocabulary is every character of ``texts`` (sorted, so
     it is reproducible) plus <pad>, <|im_end|> (end of sequence), <unk> and ``extra_tokens`` as
     single tokens."""
-    chars = sorted({c for t in texts for c in t})
     specials = [PAD, EOS, UNK, *[t for t in extra_tokens if t not in (PAD, EOS, UNK)]]
+    chars: set[str] = set()
+    for t in texts:
+        for sp in specials:  # characters seen only inside a special token are not needed alone
+            t = t.replace(sp, "")
+        chars.update(t)
+    chars = sorted(chars)
     vocab = {tok: i for i, tok in enumerate(specials)}
     for c in chars:
         vocab.setdefault(c, len(vocab))

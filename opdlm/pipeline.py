@@ -29,13 +29,21 @@ from opdlm.module import OPDModule, SFTModule, load_or_build
 STAGES = ("teacher_sft", "student_sft", "opd")
 
 
-def fingerprint(cfg: dict[str, Any], stage: str) -> str:
-    """Hash of the config parts a stage's result depends on (earlier stages included)."""
+def vocab_digest(tokenizer: Any) -> str:
+    blob = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: dict[str, Any], stage: str, plan: Plan) -> str:
+    """Hash of the config parts a stage's result depends on (earlier stages included), and of
+    the tokenizers' vocabularies."""
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "teacher": cfg["teacher"],
+                             "teacher_vocab": vocab_digest(plan.teacher.tokenizer),
                              "teacher_sft": cfg["stages"]["teacher_sft"], "eval": cfg["eval"],
                              "precision": cfg["trainer"]["precision"]}
     if stage in ("student_sft", "opd"):
-        parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"])
+        parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"],
+                     student_vocab=vocab_digest(plan.student.tokenizer))
     if stage == "opd":
         parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
         parts["opd"] = cfg["stages"]["opd"]
@@ -101,7 +109,7 @@ class Runner:
         if not marker.is_file():
             return None
         info = json.loads(marker.read_text())
-        if info.get("fingerprint") == fingerprint(self.cfg, stage):
+        if info.get("fingerprint") == fingerprint(self.cfg, stage, self.plan):
             self.log(f"[opdlm] stage {stage}: cached in {folder} (same config), skipping")
             return info
         self.log(f"[opdlm] stage {stage}: config changed since {folder} was made, running it again")
@@ -109,7 +117,7 @@ class Runner:
 
     def _finish(self, stage: str, folder: Path, model: Any, tokenizer: Any, metrics: dict[str, float],
                 seconds: float) -> dict[str, Any]:
-        info = {"stage": stage, "fingerprint": fingerprint(self.cfg, stage), "test": metrics,
+        info = {"stage": stage, "fingerprint": fingerprint(self.cfg, stage, self.plan), "test": metrics,
                 "seconds": round(seconds, 1), "params": n_params(model)}
         save_hf(model, tokenizer, folder)
         (folder / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))

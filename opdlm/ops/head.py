@@ -50,7 +50,8 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 def _logits(feats: Tensor, head: nn.Linear | None, temperature: float) -> Tensor:
     logits = feats if head is None else head(feats)
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax statistics in fp32 at least
     return logits / temperature if temperature != 1.0 else logits
 
 

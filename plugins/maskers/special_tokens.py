@@ -51,10 +51,13 @@ class SpecialTokens(Masker):
         for t in self.tokens:
             i = single_token_id(ctx.student_tokenizer, t)
             if i is None:
-                enc = ctx.student_tokenizer(t, add_special_tokens=False)["input_ids"]
+                tok = ctx.student_tokenizer
+                enc = tok(t, add_special_tokens=False)["input_ids"]
+                how = ("contains characters it does not know" if tok.unk_token_id in enc
+                       else f"encodes to {len(enc)} ids {enc[:8]}")
                 raise ConfigError(
-                    f"tokens: '{t}' is not a single token of the student tokenizer (it encodes to "
-                    f"{len(enc)} ids {enc[:8]}); list strings the tokenizer has as one token"
+                    f"tokens: '{t}' is not a single token of the student tokenizer (it {how}); "
+                    f"list strings the tokenizer has as one token"
                 )
             ids.append(i)
         self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)

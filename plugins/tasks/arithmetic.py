@@ -113,6 +113,6 @@ class Arithmetic(Task):
 
     def corpus(self) -> Iterable[str]:
         digits = "".join(str(i) for i in range(10))
-        yield digits + self.ops + "=;-{}\\boxed" + self.template
+        yield digits + self.ops + "=;-{}\\boxed" + self.template.replace("{expr}", "")
         ex = self.make_example("1-2")
         yield ex.prompt + (ex.solution or "")

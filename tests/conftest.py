@@ -1,0 +1,42 @@
+"""Shared fixtures: plugins discovered once, config composition helpers, tiny-run overrides."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from opdlm.config import DEFAULT_CONF, compose  # noqa: E402
+from opdlm.discovery import discover  # noqa: E402
+
+discover()
+
+#: overrides that shrink the demo to a few seconds (tiny models, a handful of steps)
+TINY = [
+    "teacher.hidden_size=32", "teacher.intermediate_size=64", "teacher.layers=1", "teacher.heads=2",
+    "student.hidden_size=32", "student.intermediate_size=64", "student.layers=1", "student.heads=2",
+    "task.n_train=200", "task.n_val=8", "task.n_test=8",
+    "stages.teacher_sft.steps=3", "stages.teacher_sft.batch_size=8", "stages.teacher_sft.val_every=0",
+    "stages.student_sft.steps=2", "stages.student_sft.batch_size=8",
+    "stages.opd.steps=2", "stages.opd.prompts_per_step=2", "stages.opd.val_every=0",
+    "sampler.n=2", "sampler.max_new_tokens=12",
+    "eval.val_prompts=4", "eval.test_prompts=4", "eval.batch_size=4",
+    "trainer.progress_bar=false", "trainer.accelerator=cpu", "run.checkpoints=false", "run.tensorboard=false",
+]
+
+
+def demo_cfg(*overrides: str, confs: list[str] | None = None) -> dict:
+    return compose(confs if confs is not None else [str(DEFAULT_CONF)], list(overrides))
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    def make(*overrides: str) -> dict:
+        return demo_cfg(*TINY, f"run.out_dir={tmp_path}", *overrides)
+    return make

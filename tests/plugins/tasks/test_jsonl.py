@@ -1,0 +1,179 @@
+"""JSONL task: reading fields, splits, error messages, and the math answer verifier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opdlm.discovery import discover
+from opdlm.registry import TASKS, ConfigError
+from opdlm.types import Example
+
+discover()
+
+
+def _write(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def _task(**opts):
+    return TASKS.build({"name": "jsonl", **opts}, "task")
+
+
+def _split_prompts(task) -> dict[str, list[str]]:
+    return {s: [e.prompt for e in task.examples(s)] for s in ("train", "val", "test")}
+
+
+def test_reads_configured_fields(tmp_path):
+    rows = [{"q": f"question {i}", "a": str(i), "sol": f"\\boxed{{{i}}}", "other": 1} for i in range(5)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    task = _task(path=path, prompt_field="q", answer_field="a", solution_field="sol",
+                 val_fraction=0.0, test_fraction=0.0)
+    got = task.examples("train")
+    assert sorted((e.prompt, e.answer, e.solution) for e in got) == sorted(
+        (r["q"], r["a"], r["sol"]) for r in rows)
+    assert task.examples("val") == [] and task.examples("test") == []
+    with pytest.raises(ValueError):
+        task.examples("dev")
+
+
+def test_default_fields_and_non_string_answer(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": "p", "answer": 42}])
+    ex = _task(path=path, val_fraction=0.0, test_fraction=0.0).examples("train")[0]
+    assert ex.prompt == "p" and ex.answer == "42" and ex.solution is None
+
+
+@pytest.mark.parametrize("n,val,test", [(50, 0.1, 0.2), (7, 0.3, 0.3), (40, 0.0, 0.25)])
+def test_seeded_fractions_are_disjoint_and_cover_everything(tmp_path, n, val, test):
+    rows = [{"prompt": f"p{i}", "answer": str(i)} for i in range(n)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    a = _split_prompts(_task(path=path, val_fraction=val, test_fraction=test, seed=3))
+    b = _split_prompts(_task(path=path, val_fraction=val, test_fraction=test, seed=3))
+    assert a == b
+    assert len(a["test"]) == round(test * n) and len(a["val"]) == round(val * n)
+    allp = a["train"] + a["val"] + a["test"]
+    assert sorted(allp) == sorted(r["prompt"] for r in rows)  # covers, no duplicates
+    assert len(set(allp)) == n
+
+
+def test_different_seed_gives_a_different_split(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": f"p{i}", "answer": "0"} for i in range(60)])
+    a = _split_prompts(_task(path=path, seed=0, val_fraction=0.2, test_fraction=0.2))
+    b = _split_prompts(_task(path=path, seed=1, val_fraction=0.2, test_fraction=0.2))
+    assert set(a["test"]) != set(b["test"])
+
+
+def test_split_field(tmp_path):
+    rows = [{"prompt": f"p{i}", "answer": "1", "part": ["train", "val", "test"][i % 3]} for i in range(9)]
+    path = _write(tmp_path / "d.jsonl", rows)
+    task = _task(path=path, split_field="part")
+    for s in ("train", "val", "test"):
+        assert [e.prompt for e in task.examples(s)] == [r["prompt"] for r in rows if r["part"] == s]
+
+
+def test_bad_split_value_names_line(tmp_path):
+    rows = [{"prompt": "a", "answer": "1", "part": "train"}, {"prompt": "b", "answer": "1", "part": "dev"}]
+    path = _write(tmp_path / "d.jsonl", rows)
+    with pytest.raises(ConfigError) as e:
+        _task(path=path, split_field="part")
+    assert f"{path}:2:" in str(e.value) and "'dev'" in str(e.value)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    rows = [{"prompt": "a", "answer": "1"}, "", "{not json", {"prompt": "b", "answer": "2"}]
+    path = _write(tmp_path / "bad.jsonl", rows)  # line 2 is blank: line numbers are the file's
+    with pytest.raises(ConfigError) as e:
+        _task(path=path)
+    msg = str(e.value)
+    assert f"{path}:3:" in msg
+    assert msg.startswith("task.path:")
+
+
+def test_non_object_line(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1"}, "[1, 2]"])
+    with pytest.raises(ConfigError, match=r":2: expected a JSON object"):
+        _task(path=path)
+
+
+def test_missing_field_is_named(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b", "ans": "2"}])
+    with pytest.raises(ConfigError) as e:
+        _task(path=path)
+    assert f"{path}:2:" in str(e.value) and "'answer'" in str(e.value)
+    path2 = _write(tmp_path / "e.jsonl", [{"prompt": "a", "answer": "1"}])
+    with pytest.raises(ConfigError, match="'sol'"):
+        _task(path=path2, solution_field="sol")
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^task\.path:"):
+        _task(path=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(ConfigError, match=r"^task\.path:"):
+        _task()
+    empty = _write(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(ConfigError, match="no examples"):
+        _task(path=empty)
+
+
+@pytest.mark.parametrize("opts,key", [
+    ({"val_fraction": 1.0}, "val_fraction"), ({"test_fraction": -0.1}, "test_fraction"),
+    ({"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction"),
+])
+def test_bad_fractions(tmp_path, opts, key):
+    path = _write(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1"}])
+    with pytest.raises(ConfigError) as e:
+        _task(path=path, **opts)
+    assert str(e.value).startswith(f"task.{key}:")
+
+
+@pytest.fixture
+def task(tmp_path):
+    return _task(path=_write(tmp_path / "d.jsonl", [{"prompt": "a", "answer": "1"}]))
+
+
+@pytest.mark.parametrize("response,answer", [
+    ("so \\boxed{\\frac{1}{2}}", "1/2"),
+    ("\\boxed{1/2}", "\\frac{1}{2}"),
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"),
+    ("\\boxed{\\tfrac{3}{4}}", "0.75"),
+    ("\\boxed{0.5}", "\\frac{1}{2}"),
+    ("\\boxed{2/4}", "1/2"),
+    ("\\boxed{1,000}", "1000"),
+    ("\\boxed{1000}", "1,000"),
+    ("\\boxed{1,234,567.5}", "1234567.5"),
+    ("\\boxed{ 42 }", "42"),
+    ("\\boxed{42.}", "42"),
+    ("\\boxed{$7$}", "7"),
+    ("\\boxed{90^\\circ}", "90"),
+    ("\\boxed{50\\%}", "50"),
+    ("\\boxed{\\text{5}}", "5"),
+    ("\\boxed{\\left(1,2\\right)}", "(1, 2)"),
+    ("\\boxed{-3}", "-3"),
+    ("\\boxed{\\frac{-1}{2}}", "-1/2"),
+    ("\\boxed{3.0}", "3"),
+    ("\\fbox{12}", "12"),
+    ("first \\boxed{1} then \\boxed{x^{2}+1}", "x^{2}+1"),
+])
+def test_verifier_accepts_equivalent_forms(task, response, answer):
+    assert task.verify(response, Example(prompt="", answer=answer))
+
+
+@pytest.mark.parametrize("response,answer", [
+    ("\\boxed{\\frac{1}{3}}", "1/2"),
+    ("\\boxed{1/2}", "2"),
+    ("\\boxed{1,00}", "100"),
+    ("\\boxed{100}", "1000"),
+    ("\\boxed{-3}", "3"),
+    ("\\boxed{0.5}", "0.55"),
+    ("1/2", "1/2"),  # no \boxed
+    ("\\boxed{1/2", "1/2"),  # unclosed
+    ("\\boxed{1/2} then \\boxed{3}", "1/2"),  # only the last box counts
+    ("\\boxed{\\frac{1}{0}}", "1"),
+    ("\\boxed{x+1}", "x+2"),
+])
+def test_verifier_rejects_wrong_answers(task, response, answer):
+    assert not task.verify(response, Example(prompt="", answer=answer))

@@ -1,0 +1,68 @@
+"""Bad input is a one-line ConfigError before any weights load (build_plan loads none)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import demo_cfg
+
+from opdlm.build import build_plan
+from opdlm.models import char_tokenizer
+from opdlm.registry import ConfigError
+
+
+def plan_err(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        build_plan(demo_cfg(*overrides))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_k_below_two_with_lsm():
+    assert plan_err("support.k=1").startswith("support.k: loss 'lsm' needs a support of at least 2 tokens")
+    assert plan_err("support.name=sampled_token").startswith("support.name: loss 'lsm' needs a support of at least 2")
+
+
+def test_k_larger_than_vocabulary():
+    assert plan_err("support.k=100000").startswith("support.k: 100000 is larger than the teacher's vocabulary")
+
+
+def test_sampler_ranges():
+    assert plan_err("sampler.top_p=0") == "sampler.top_p: must be in (0, 1], got 0"
+    assert plan_err("sampler.top_p=1.5") == "sampler.top_p: must be in (0, 1], got 1.5"
+    assert plan_err("sampler.temperature=0") == "sampler.temperature: must be > 0, got 0"
+    assert plan_err("sampler.temperature=-1.0") == "sampler.temperature: must be > 0, got -1.0"
+
+
+def test_special_token_that_is_not_one_token():
+    msg = plan_err("maskers.1.tokens=[<think>,zz]")
+    assert msg.startswith("maskers.1.tokens: 'zz' is not a single token of the student tokenizer")
+
+
+def test_missing_model_folder(tmp_path):
+    missing = tmp_path / "nope"
+    assert plan_err(f"teacher.path={missing}") == (
+        f"teacher.path: model folder '{missing}' does not exist (give a local Hugging Face folder)"
+    )
+    (tmp_path / "empty").mkdir()
+    assert plan_err(f"student.path={tmp_path / 'empty'}").startswith("student.path: ")
+
+
+def test_different_vocabularies_under_identity(tmp_path):
+    tok = char_tokenizer(["abc 0123456789+-=;{}\\boxed"])
+    tok.save_pretrained(tmp_path / "tok")
+    msg = plan_err(f"student.tokenizer_path={tmp_path / 'tok'}")
+    assert msg.startswith("aligner: 'identity' needs one vocabulary")
+    assert msg.endswith("choose a cross-tokenizer aligner")
+
+
+def test_framework_value_ranges():
+    assert plan_err("stages.opd.schedule=cos") == "stages.opd.schedule: must be constant or cosine, got 'cos'"
+    assert plan_err("stages.opd.micro_batches=0") == "stages.opd.micro_batches: must be >= 1, got 0"
+    assert plan_err("stages.opd.lr=0") == "stages.opd.lr: must be > 0, got 0"
+    assert plan_err("eval.greedy=false", "eval.sampled=false").startswith("eval.greedy: must be true")
+
+
+def test_task_ranges():
+    assert plan_err("task.min_terms=1") == "task.min_terms: must be >= 2, got 1"
+    assert plan_err("task.ops=/").startswith("task.ops: must be a non-empty subset")

@@ -1,0 +1,123 @@
+"""Config composition and the texts of config errors (pinned)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+from conftest import ROOT, demo_cfg
+
+from opdlm.config import compose
+from opdlm.registry import LOSSES, ConfigError
+
+
+def err(*overrides: str, confs: list[str] | None = None) -> str:
+    with pytest.raises(ConfigError) as e:
+        demo_cfg(*overrides, confs=confs)
+    msg = str(e.value)
+    assert "\n" not in msg, "config errors are one line"
+    return msg
+
+
+def test_unknown_plugin_name_says_did_you_mean_and_lists_choices():
+    msg = err("loss.name=lsn")
+    assert msg.startswith("command line: loss.name: unknown loss 'lsn' (did you mean 'lsm'?); choices: ")
+    for name in LOSSES.names():
+        assert name in msg
+
+
+def test_unknown_masker_name_in_a_list_slot():
+    msg = err("maskers.0.name=respons")
+    assert msg.startswith("command line: maskers.0.name: unknown masker 'respons' (did you mean 'response'?)")
+
+
+def test_unknown_framework_key():
+    assert err("stages.opd.step=3") == (
+        "command line: stages.opd.step: unknown key (did you mean 'steps'?); valid keys here: steps, "
+        "prompts_per_step, mini_batches, micro_batches, lr, weight_decay, warmup_steps, schedule, "
+        "max_grad_norm, chunk_size, val_every"
+    )
+
+
+def test_unknown_plugin_key():
+    assert err("sampler.top=0.5").startswith(
+        "command line: sampler.top: unknown key for sampler 'top_p' (did you mean 'top_p'?); valid keys: "
+        "temperature, top_p, max_new_tokens, n"
+    )
+
+
+def test_wrong_types():
+    assert err("support.k=abc") == "command line: support.k: expected integer, got 'abc' (str)"
+    assert err("stages.opd.steps=1.5") == "command line: stages.opd.steps: expected integer, got 1.5 (float)"
+    assert err("run.checkpoints=3") == "command line: run.checkpoints: expected boolean, got 3 (int)"
+    assert err("maskers.1.tokens=5") == "command line: maskers.1.tokens: expected list of string or null, got 5 (int)"
+
+
+def test_int_is_accepted_for_float():
+    cfg = demo_cfg("stages.opd.lr=1")
+    assert cfg["stages"]["opd"]["lr"] == 1
+
+
+def test_yaml_error_names_file_and_line(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text(textwrap.dedent("""\
+        run:
+          name: x
+        loss:
+          name: lsm
+          temprature: 2
+    """))
+    assert err(confs=[str(f)]) == f"{f}:5: loss.temprature: unknown key for loss 'lsm'; valid keys: (none)"
+    g = tmp_path / "y.yaml"
+    g.write_text("stages:\n  opd:\n    stepz: 1\n")
+    assert err(confs=[str(g)]).startswith(f"{g}:3: stages.opd.stepz: unknown key (did you mean 'steps'?)")
+
+
+def test_missing_conf_file_and_bad_yaml(tmp_path):
+    assert err(confs=[str(tmp_path / "nope.yaml")]) == f"conf={tmp_path / 'nope.yaml'}: no such config file"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    assert err(confs=[str(bad)]).startswith(f"{bad}: not valid YAML")
+
+
+def test_override_without_equals():
+    assert err("loss") == "command line: 'loss': expected key=value (or conf=FILE)"
+
+
+def test_changing_name_replaces_the_node():
+    # base: support {name: teacher_topk, k: 32}; the new plugin must not inherit k
+    cfg = demo_cfg("support.name=sampled_token", "loss.name=sampled_token")
+    assert cfg["support"] == {"name": "sampled_token"}
+    assert cfg["loss"] == {"name": "sampled_token", "clip_eps": 0.2, "dual_clip": 3.0}
+
+
+def test_layer_changing_name_replaces_the_node(tmp_path):
+    f = tmp_path / "l.yaml"
+    f.write_text("support:\n  name: sampled_token\nloss:\n  name: sampled_token\n  clip_eps: 0.1\n")
+    cfg = compose([str(ROOT / "conf/demo.yaml"), str(f)], [])
+    assert cfg["support"] == {"name": "sampled_token"}
+    assert cfg["loss"]["clip_eps"] == 0.1
+
+
+def test_same_name_merges_options():
+    cfg = demo_cfg("support.k=4")
+    assert cfg["support"] == {"name": "teacher_topk", "k": 4}
+
+
+def test_resolved_config_has_plugin_defaults():
+    cfg = demo_cfg()
+    assert cfg["sampler"] == {"name": "top_p", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 64, "n": 4}
+
+
+def test_list_override_and_index():
+    cfg = demo_cfg("maskers.1.tokens=[<think>]")
+    assert cfg["maskers"][1]["tokens"] == ["<think>"]
+    assert err("maskers.5.name=response").startswith("command line: maskers.5.name: index 5 is out of range")
+
+
+def test_later_layers_win(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("run:\n  seed: 1\n")
+    b.write_text("run:\n  seed: 2\n")
+    assert compose([str(a), str(b)], [])["run"]["seed"] == 2
+    assert compose([str(a), str(b)], ["run.seed=3"])["run"]["seed"] == 3

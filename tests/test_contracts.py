@@ -1,0 +1,150 @@
+"""Contract tests parametrised over every registered plugin of each kind: a new plugin is tested
+the day it lands. Real tiny models (built in memory) produce the rollouts and scores."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY, demo_cfg
+
+from opdlm.build import build_plan
+from opdlm.module import OPDModule
+from opdlm.plugin_api import Context
+from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS
+from opdlm.types import LossInputs, Scores
+
+#: options for plugins whose defaults do not fit the fixture (a ~27-id character tokenizer, no data
+#: file); "{jsonl}" is replaced by a generated file
+FIXTURE_OPTIONS = {
+    "task": {"jsonl": {"path": "{jsonl}"}},
+    "support": {"teacher_topk": {"k": 4}},
+    "sampler": {"top_p": {"max_new_tokens": 12}},
+    "masker": {"special_tokens": {"tokens": ["<think>", "<|im_end|>"]}},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", "sampler.n=2")
+    plan = build_plan(cfg)
+    module = OPDModule(cfg, plan=plan)
+    ex = plan.task.examples("train")[:3]
+    tok = plan.student.tokenizer
+    prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
+    rollout = plan.sampler.sample(module.student, tok, prompts, ex)
+    view = plan.aligner.align(rollout)
+    _, _, teacher = module.score_teacher(view)
+    jsonl = tmp_path_factory.mktemp("data") / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(20)))
+    return {"cfg": cfg, "plan": plan, "module": module, "rollout": rollout, "view": view,
+            "teacher": teacher, "prompts": prompts, "examples": ex, "jsonl": str(jsonl)}
+
+
+def build(kind_reg, name, world, key):
+    node = {"name": name}
+    for k, v in FIXTURE_OPTIONS.get(kind_reg.kind, {}).get(name, {}).items():
+        node[k] = world["jsonl"] if v == "{jsonl}" else v
+    plugin = kind_reg.build(node, key)
+    plan = world["plan"]
+    plugin.bind(Context(plan.student.tokenizer, plan.teacher.tokenizer, plan.student.vocab_rows,
+                        plan.teacher.vocab_rows, plan.task))
+    return plugin
+
+
+@pytest.mark.parametrize("name", SAMPLERS.names())
+def test_sampler_contract(name, world):
+    s = build(SAMPLERS, name, world, "sampler")
+    plan = world["plan"]
+    ro = s.sample(world["module"].student, plan.student.tokenizer, world["prompts"], world["examples"], n=2)
+    B, L = ro.input_ids.shape
+    T = L - ro.prompt_len
+    assert B == 2 * len(world["prompts"])
+    assert ro.response_mask.shape == ro.behaviour_logprobs.shape == (B, T)
+    assert ro.attention_mask.shape == ro.position_ids.shape == (B, L)
+    # the mask is a prefix: no generated token counts after a masked one
+    m = ro.response_mask.long()
+    assert torch.all(m[:, 1:] <= m[:, :-1])
+    assert torch.all(ro.behaviour_logprobs[ro.response_mask] <= 1e-6)
+    assert torch.isfinite(ro.behaviour_logprobs).all()
+    eos = plan.student.tokenizer.eos_token_id
+    assert torch.all(ro.truncated == ~(ro.targets.eq(eos) & ro.response_mask).any(-1))
+    assert len(ro.examples) == len(ro.texts) == B
+    g = s.sample(world["module"].student, plan.student.tokenizer, world["prompts"], world["examples"], greedy=True, n=1)
+    g2 = s.sample(world["module"].student, plan.student.tokenizer, world["prompts"], world["examples"], greedy=True, n=1)
+    assert torch.equal(g.input_ids, g2.input_ids), "greedy decoding is deterministic"
+
+
+@pytest.mark.parametrize("name", ALIGNERS.names())
+def test_aligner_contract(name, world):
+    a = build(ALIGNERS, name, world, "aligner")
+    ro = world["rollout"]
+    v = a.align(ro)
+    B, T = ro.response_mask.shape
+    assert v.pred_columns.shape == v.targets.shape == v.aligned.shape == (B, T)
+    assert v.aligned.dtype == torch.bool
+    assert torch.all(v.pred_columns[v.aligned] >= 0)
+    assert torch.all(v.pred_columns[v.aligned] < v.input_ids.shape[1])
+
+
+@pytest.mark.parametrize("name", SUPPORTS.names())
+def test_support_contract(name, world):
+    s = build(SUPPORTS, name, world, "support")
+    ro = world["rollout"]
+    teacher = world["teacher"]
+    if s.teacher_topk > teacher.topk_ids.shape[-1]:
+        pytest.skip("fixture teacher top-k too small")
+    student = world["module"].score_student(ro, None, topk=s.student_topk) if s.student_topk else None
+    sup = s.select(teacher, student, ro)
+    B, T = ro.response_mask.shape
+    assert sup.ids.shape[:2] == (B, T) and sup.ids.shape == sup.valid.shape
+    assert sup.ids.shape[-1] <= s.size
+    assert sup.valid.dtype == torch.bool and sup.valid.any(-1).all()
+    assert sup.ids.min() >= 0 and sup.ids.max() < world["plan"].teacher.vocab_rows
+
+
+@pytest.mark.parametrize("name", MASKERS.names())
+def test_masker_contract(name, world):
+    m = build(MASKERS, name, world, "masker")
+    ro = world["rollout"]
+    out = m.mask(ro, world["view"])
+    assert out.shape == ro.response_mask.shape and out.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_loss_contract(name, world):
+    loss = build(LOSSES, name, world, "loss")
+    ro, module = world["rollout"], world["module"]
+    sup = SUPPORTS.build({"name": "teacher_topk", "k": 4}).select(world["teacher"], None, ro)
+    loss.check_support(SUPPORTS.build({"name": "teacher_topk", "k": 4}), "support")
+    module.student.zero_grad()
+    student = module.score_student(ro, sup.ids)
+    t = world["teacher"]
+    with torch.no_grad():
+        t_sup = module.score_student(ro, sup.ids)  # any fixed logits on the support will do
+    teacher = Scores(token_logprob=t.token_logprob, lse=t.lse, support_logits=t_sup.support_logits.detach() + 0.3,
+                     topk_ids=t.topk_ids, topk_logits=t.topk_logits, entropy=t.entropy)
+    mask = ro.response_mask
+    out = loss.compute(LossInputs(student=student, teacher=teacher, support=sup,
+                                  old_logprob=student.token_logprob.detach(), mask=mask, rollout=ro))
+    assert out.token_loss.shape == mask.shape
+    assert torch.isfinite(out.token_loss[mask]).all()
+    total = (out.token_loss * mask).sum() / mask.sum()
+    total.backward()
+    grads = [p.grad for p in module.student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    for v in out.stats.values():
+        assert v.dim() == 0 and torch.isfinite(v)
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_task_contract(name, world):
+    task = build(TASKS, name, world, "task")
+    for split in ("train", "val", "test"):
+        assert len(task.examples(split)) > 0
+    ex = task.examples("test")[0]
+    assert task.verify(f"\\boxed{{{ex.answer}}}", ex)
+    assert not task.verify("no answer here", ex)
+    assert "".join(task.corpus())
