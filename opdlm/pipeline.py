@@ -9,6 +9,7 @@ stage config skips it and says so.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import time
 import warnings
@@ -17,7 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from opdlm.build import Plan, build_plan
@@ -65,7 +66,8 @@ def _loggers(cfg: dict[str, Any], run_dir: Path, stage: str) -> list[Any]:
 
 def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, val_every: int) -> L.Trainer:
     tr = cfg["trainer"]
-    callbacks = []
+    shutil.rmtree(run_dir / "logs" / stage, ignore_errors=True)  # this stage is being recomputed
+    callbacks: list[Any] = [TQDMProgressBar()] if tr["progress_bar"] else []
     if cfg["run"]["checkpoints"]:
         callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints" / stage), save_last=True,
                                          save_top_k=0, every_n_train_steps=max(1, val_every or steps)))
@@ -78,7 +80,7 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, val
         log_every_n_steps=tr["log_every_n_steps"], enable_progress_bar=tr["progress_bar"],
         enable_model_summary=False, logger=_loggers(cfg, run_dir, stage), callbacks=callbacks,
         gradient_clip_val=cfg["stages"][stage].get("max_grad_norm") if stage != "opd" else None,
-        default_root_dir=str(run_dir), enable_checkpointing=bool(callbacks),
+        default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
     )
 
 
@@ -92,9 +94,32 @@ def _data(plan: Plan, cfg: dict[str, Any], stage: str, spec: Any) -> TaskData:
                     tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"])
 
 
-def _test(trainer: L.Trainer, module: L.LightningModule, data: TaskData) -> dict[str, float]:
+def _test(cfg: dict[str, Any], module: L.LightningModule, data: TaskData) -> dict[str, float]:
+    """Test-split metrics (kept in stage.json and results.json, not in the training logs)."""
+    tr = cfg["trainer"]
+    trainer = L.Trainer(accelerator=tr["accelerator"], devices=1, precision=tr["precision"], logger=False,
+                        enable_progress_bar=tr["progress_bar"], enable_model_summary=False,
+                        callbacks=[TQDMProgressBar()] if tr["progress_bar"] else [],
+                        enable_checkpointing=False)
     res = trainer.test(module, datamodule=data, verbose=False)
     return {k: float(v) for k, v in (res[0] if res else {}).items()}
+
+
+def quiet_libraries() -> None:
+    """Keep the console for opdlm's own lines, the progress bar and real warnings: drop library
+    banners, per-file loading bars and warnings that do not apply to how opdlm drives Lightning."""
+    import logging
+
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for msg in (".*does not have many workers.*", ".*`training_step` returns `None`.*",
+                ".*ModelCheckpoint with manual optimization.*", ".*module\\(s\\) in eval mode.*",
+                ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
+                ".*smaller than the logging interval.*", ".*Found keys that are in the model state dict but not in the checkpoint.*"):
+        warnings.filterwarnings("ignore", message=msg)
 
 
 class Runner:
@@ -139,7 +164,7 @@ class Runner:
         self.log(f"[opdlm] stage {stage}: {n_params(module.model):,} parameters, {st['steps']} steps")
         if st["steps"] > 0:
             trainer.fit(module, datamodule=data)
-        metrics = _test(trainer, module, data)
+        metrics = _test(self.cfg, module, data)
         info = self._finish(stage, folder, module.model, spec.tokenizer, metrics, time.time() - t0)
         return info | {"folder": str(folder)}
 
@@ -157,7 +182,7 @@ class Runner:
                  f"{st['steps']} steps of {st['prompts_per_step']} prompts x {self.plan.sampler.n} rollouts")
         if st["steps"] > 0:
             trainer.fit(module, datamodule=data)
-        metrics = _test(trainer, module, data)
+        metrics = _test(self.cfg, module, data)
         info = self._finish("opd", folder, module.student, self.plan.student.tokenizer, metrics, time.time() - t0)
         return info | {"folder": str(folder)}
 
@@ -168,8 +193,7 @@ class Runner:
         L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         if cfg["trainer"]["threads"]:
             torch.set_num_threads(cfg["trainer"]["threads"])
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*`training_step` returns `None`.*")
+        quiet_libraries()
         t0 = time.time()
         teacher = self.sft("teacher", cfg["teacher"]["path"])
         student = self.sft("student", cfg["student"]["path"])

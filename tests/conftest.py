@@ -27,7 +27,7 @@ TINY = [
     "stages.opd.steps=2", "stages.opd.prompts_per_step=2", "stages.opd.val_every=0",
     "sampler.n=2", "sampler.max_new_tokens=12",
     "eval.val_prompts=4", "eval.test_prompts=4", "eval.batch_size=4",
-    "trainer.progress_bar=false", "trainer.accelerator=cpu", "run.checkpoints=false", "run.tensorboard=false",
+    "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu", "run.checkpoints=false", "run.tensorboard=false",
 ]
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS, ConfigError
@@ -139,12 +139,13 @@ class TopP(Sampler):
         was_training = model.training
         model.eval()
         try:
-            seqs = model.generate(
-                input_ids=ids, attention_mask=att, do_sample=not greedy, temperature=1.0,
-                top_p=1.0, top_k=0, num_return_sequences=n, max_new_tokens=self.max_new_tokens,
-                logits_processor=LogitsProcessorList([rec]), pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id, use_cache=True,
-            )
+            # a fresh GenerationConfig: a model folder's own sampling defaults (top_k, repetition
+            # penalty, ...) must not change the distribution this sampler promises
+            gen = GenerationConfig(do_sample=not greedy, num_return_sequences=n, max_new_tokens=self.max_new_tokens,
+                                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                                   **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
+            seqs = model.generate(input_ids=ids, attention_mask=att, generation_config=gen,
+                                  logits_processor=LogitsProcessorList([rec]))
         finally:
             model.train(was_training)
         rec.collect(seqs)
