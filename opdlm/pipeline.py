@@ -129,6 +129,11 @@ class Runner:
         self.run_dir = Path(cfg["run"]["out_dir"]) / cfg["run"]["name"]
         self.log = print
 
+    def _seed(self, stage: str) -> None:
+        """Each stage starts from its own seed, so a stage gives the same result whether the
+        stages before it ran now or came from the cache."""
+        L.seed_everything(self.cfg["run"]["seed"] + 1000 * STAGES.index(stage), workers=True, verbose=False)
+
     def _cached(self, stage: str, folder: Path) -> dict[str, Any] | None:
         marker = folder / "stage.json"
         if not marker.is_file():
@@ -157,6 +162,7 @@ class Runner:
         spec = self.plan.teacher if role == "teacher" else self.plan.student
         st = self.cfg["stages"][stage]
         t0 = time.time()
+        self._seed(stage)
         module = SFTModule(self.cfg, role, init, plan=self.plan,
                            model=load_or_build(spec, init, self.cfg["run"]["seed"] + (1 if role == "teacher" else 0)))
         data = _data(self.plan, self.cfg, stage, spec)
@@ -175,6 +181,7 @@ class Runner:
             return cached | {"folder": str(folder)}
         st = self.cfg["stages"]["opd"]
         t0 = time.time()
+        self._seed("opd")
         module = OPDModule(self.cfg, student_init, teacher_init, plan=self.plan)
         data = _data(self.plan, self.cfg, "opd", self.plan.student)
         trainer = make_trainer(self.cfg, self.run_dir, "opd", st["steps"], st["val_every"])

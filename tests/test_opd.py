@@ -148,3 +148,44 @@ def test_end_to_end_demo_pipeline(tmp_path, capsys):
     Runner(cfg).run()
     out = capsys.readouterr().out
     assert out.count("(same config), skipping") == 3
+
+
+def test_llama_models_train_one_step(tmp_path):
+    cfg = tiny("teacher.arch=llama", "student.arch=llama", "student.kv_heads=1", tmp=tmp_path)
+    plan = build_plan(cfg)
+    assert type(plan.student.hf_config).__name__ == "LlamaConfig"
+    module, trainer = fit(cfg, 1)
+    assert type(module.student).__name__ == "LlamaForCausalLM"
+    assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["train/loss"])))
+
+
+def test_models_load_from_local_folders(tmp_path):
+    """A teacher and a student given as Hugging Face folders are used as loaded (SFT steps 0)."""
+    cfg = tiny(tmp=tmp_path / "a")
+    plan = build_plan(cfg)
+    from opdlm.models import save_hf
+    save_hf(plan.teacher.build(3), plan.teacher.tokenizer, tmp_path / "t")
+    save_hf(plan.student.build(4), plan.student.tokenizer, tmp_path / "s")
+    cfg = tiny(f"teacher.path={tmp_path / 't'}", f"student.path={tmp_path / 's'}",
+               "stages.teacher_sft.steps=0", "stages.student_sft.steps=0", tmp=tmp_path / "b")
+    plan = build_plan(cfg)
+    assert plan.teacher.vocab_rows == len(plan.teacher.tokenizer)
+    res = Runner(cfg, plan).run()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "t", local_files_only=True)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "demo" / "teacher", local_files_only=True)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, exported.state_dict()[k])  # 0 SFT steps: the teacher as loaded
+    assert "test/acc_greedy" in res["student_after"]["test"]
+
+
+def test_opd_result_does_not_depend_on_cached_earlier_stages(tmp_path):
+    import shutil
+    cfg_a = tiny(tmp=tmp_path / "a")
+    Runner(cfg_a).run()
+    for folder in ("teacher", "student_sft"):
+        shutil.copytree(tmp_path / "a" / "demo" / folder, tmp_path / "b" / "demo" / folder)
+    Runner(tiny(tmp=tmp_path / "b")).run()  # earlier stages come from the cache
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "demo" / "student", local_files_only=True)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "demo" / "student", local_files_only=True)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], atol=0, rtol=0)

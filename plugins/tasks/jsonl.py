@@ -43,16 +43,19 @@ def normalise(ans: str) -> str:
                  ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""),
                  ("\\%", ""), ("%", ""), ("\\text{", "{"), ("\\mathrm{", "{")):
         s = s.replace(a, b)
-    s = re.sub(r"\s+", "", s).rstrip(".")
+    s = re.sub(r"\s+", "", s).rstrip(".").replace("{,}", ",")
     s = re.sub(r"^\{(.*)\}$", r"\1", s)
-    return s
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}
+    return s[1:] if s.startswith("+") else s
 
 
 def as_number(s: str) -> Fraction | None:
-    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", s) or re.fullmatch(r"(-?\d+)/(-?\d+)", s)
+    sign = -1 if s.startswith("-") and s[1:2] == "\\" else 1  # -\frac{1}{2}
+    body = s[1:] if sign < 0 else s
+    m = re.fullmatch(r"\\frac\{(-?\d+)\}\{(-?\d+)\}", body) or re.fullmatch(r"(-?\d+)/(-?\d+)", body)
     try:
         if m:
-            return Fraction(int(m.group(1)), int(m.group(2)))
+            return sign * Fraction(int(m.group(1)), int(m.group(2)))
         if re.fullmatch(r"-?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?", s):
             return Fraction(s.replace(",", ""))
     except (ValueError, ZeroDivisionError):

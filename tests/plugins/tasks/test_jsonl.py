@@ -156,6 +156,11 @@ def task(tmp_path):
     ("\\boxed{\\frac{-1}{2}}", "-1/2"),
     ("\\boxed{3.0}", "3"),
     ("\\fbox{12}", "12"),
+    ("\\boxed{-\\frac{1}{2}}", "-1/2"),
+    ("\\boxed{-\\frac{1}{2}}", "-0.5"),
+    ("\\boxed{\\frac12}", "1/2"),
+    ("\\boxed{1{,}000}", "1000"),
+    ("\\boxed{+3}", "3"),
     ("first \\boxed{1} then \\boxed{x^{2}+1}", "x^{2}+1"),
 ])
 def test_verifier_accepts_equivalent_forms(task, response, answer):
@@ -174,6 +179,8 @@ def test_verifier_accepts_equivalent_forms(task, response, answer):
     ("\\boxed{1/2} then \\boxed{3}", "1/2"),  # only the last box counts
     ("\\boxed{\\frac{1}{0}}", "1"),
     ("\\boxed{x+1}", "x+2"),
+    ("\\boxed{-\\frac{1}{2}}", "1/2"),
+    ("\\boxed{\\frac13}", "1/2"),
 ])
 def test_verifier_rejects_wrong_answers(task, response, answer):
     assert not task.verify(response, Example(prompt="", answer=answer))
