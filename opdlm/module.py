@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from opdlm.build import Plan
 from opdlm.models import render_prompt
+from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.head import head_scores, response_hidden
 from opdlm.plugin_api import Task
 from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
@@ -269,6 +270,8 @@ class OPDModule(GenerationEval):
             sched.step()
         logs["response_len"] = [rollout.lengths.float().mean()]
         logs["truncated_frac"] = [rollout.truncated.float().mean()]
+        logs["repetition_frac"] = [repetition_frac(rollout.targets, rollout.lengths,
+                                                   self.plan.student.tokenizer.eos_token_id)]
         logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
         for k, vs in logs.items():
             self.log(f"train/{k}", torch.stack([v.float().detach().cpu() for v in vs]).mean(),

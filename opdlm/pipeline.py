@@ -158,7 +158,7 @@ class Runner:
         folder = self.run_dir / role if role == "teacher" else self.run_dir / "student_sft"
         cached = self._cached(stage, folder)
         if cached:
-            return cached | {"folder": str(folder)}
+            return cached | {"folder": str(folder.resolve())}
         spec = self.plan.teacher if role == "teacher" else self.plan.student
         st = self.cfg["stages"][stage]
         t0 = time.time()
@@ -172,13 +172,13 @@ class Runner:
             trainer.fit(module, datamodule=data)
         metrics = _test(self.cfg, module, data)
         info = self._finish(stage, folder, module.model, spec.tokenizer, metrics, time.time() - t0)
-        return info | {"folder": str(folder)}
+        return info | {"folder": str(folder.resolve())}
 
     def opd(self, student_init: str, teacher_init: str) -> dict[str, Any]:
         folder = self.run_dir / "student"
         cached = self._cached("opd", folder)
         if cached:
-            return cached | {"folder": str(folder)}
+            return cached | {"folder": str(folder.resolve())}
         st = self.cfg["stages"]["opd"]
         t0 = time.time()
         self._seed("opd")
@@ -191,7 +191,7 @@ class Runner:
             trainer.fit(module, datamodule=data)
         metrics = _test(self.cfg, module, data)
         info = self._finish("opd", folder, module.student, self.plan.student.tokenizer, metrics, time.time() - t0)
-        return info | {"folder": str(folder)}
+        return info | {"folder": str(folder.resolve())}
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -11,7 +11,7 @@ from opdlm.registry import KINDS
 CONFS = sorted((ROOT / "conf").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("conf", [c for c in CONFS if c.name != "base.yaml"], ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("conf", CONFS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_conf_passes_check(conf, capsys):
     assert main(["--check", f"conf={conf}"]) == 0
     out = capsys.readouterr().out
