@@ -9,8 +9,8 @@ stage config skips it and says so.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
