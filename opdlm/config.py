@@ -241,7 +241,7 @@ def compose(confs: list[str | Path], overrides: list[str]) -> dict[str, Any]:
         where.origin[key] = "command line"
         _set_path(cfg, key, parse_value(text), where)
     _check_framework(cfg, base, "", where)
-    discover(cfg.get("plugin_paths") or [])
+    discover(cfg["plugin_paths"] or [])
     _check_plugins(cfg, where)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)

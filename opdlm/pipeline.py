@@ -79,7 +79,7 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, val
         num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0,
         log_every_n_steps=tr["log_every_n_steps"], enable_progress_bar=tr["progress_bar"],
         enable_model_summary=False, logger=_loggers(cfg, run_dir, stage), callbacks=callbacks,
-        gradient_clip_val=cfg["stages"][stage].get("max_grad_norm") if stage != "opd" else None,
+        gradient_clip_val=cfg["stages"][stage]["max_grad_norm"] if stage != "opd" else None,
         default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
     )
 

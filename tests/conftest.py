@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))  # plugin_testkit
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from opdlm.config import DEFAULT_CONF, compose  # noqa: E402

@@ -1,9 +1,8 @@
 """Shared helpers for the plugin tests: tiny rollouts, teacher views, loss inputs, a char tokenizer.
 
-Not a conftest.py on purpose: tests/test_*.py do ``from conftest import ...`` (meaning
-tests/conftest.py), and under pytest's default import mode a second conftest.py in a sub-folder
-would take over the module name ``conftest``. Test files load this module by path (see
-``load_testkit`` in each of them)."""
+Not a conftest.py on purpose: tests/test_*.py do ``from conftest import ...`` (tests/conftest.py),
+and a second conftest.py in a sub-folder would take over the module name ``conftest``.
+tests/conftest.py puts this folder on sys.path, so test files ``import plugin_testkit``."""
 
 from __future__ import annotations
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
+import plugin_testkit
 import pytest
 import torch
 
@@ -14,20 +12,7 @@ from opdlm.plugin_api import Context
 from opdlm.registry import LOSSES, SUPPORTS, ConfigError
 from opdlm.types import Scores, Support
 
-
-def load_testkit():
-    """tests/plugins/plugin_testkit.py, loaded by path once (see its docstring for why)."""
-    name = "opdlm_plugin_testkit"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "plugin_testkit.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-kit = load_testkit()
+kit = plugin_testkit
 make_loss_inputs = kit.build_loss_inputs
 char_tok = kit.char_tok()
 
