@@ -75,6 +75,9 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
     need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
     need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
+    need(str(cfg["trainer"]["precision"]) not in ("16-mixed", "16"), "trainer.precision",
+         "32-true, bf16-mixed or bf16-true (fp16 loss scaling is not supported by the OPD stage's manual "
+         "optimisation)", cfg["trainer"]["precision"])
     for role in ("teacher", "student"):
         node = cfg[role]
         if not node["path"]:
@@ -102,6 +105,10 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
     maskers = [MASKERS.build(node, f"maskers.{i}") for i, node in enumerate(cfg["maskers"])]
     loss = LOSSES.build(cfg["loss"], "loss")
     _bind(task, ctx, "task")
+    if not task.examples("test"):
+        raise ConfigError("task: the test split is empty, but every stage ends with a test evaluation")
+    if not task.examples("val") and any(st["val_every"] for st in cfg["stages"].values()):
+        raise ConfigError("task: the val split is empty; give it examples or set every stages.*.val_every to 0")
     _bind(sampler, ctx, "sampler")
     _bind(aligner, ctx, "aligner")
     _bind(support, ctx, "support")
@@ -109,5 +116,11 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
         _bind(m, ctx, f"maskers.{i}")
     _bind(loss, ctx, "loss")
     loss.check_support(support, "support")
+    if not aligner.uses_teacher_prompt and cfg["teacher"]["chat_template"] != cfg["student"]["chat_template"]:
+        raise ConfigError(
+            f"teacher.chat_template: aligner '{aligner.plugin_name}' shows the teacher the student's prompt "
+            f"tokens, so teacher.chat_template ({cfg['teacher']['chat_template']}) must equal "
+            f"student.chat_template ({cfg['student']['chat_template']})"
+        )
     return Plan(cfg=cfg, task=task, teacher=teacher, student=student, sampler=sampler,
                 aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx)

@@ -104,10 +104,14 @@ def parse_value(text: str) -> Any:
 
 
 def _slot_kind(path: str) -> tuple[str, bool] | None:
+    """(kind, is_list) for a plugin slot path; an item of a list slot ("maskers.1") is a slot."""
     if path in PLUGIN_SLOTS:
         return PLUGIN_SLOTS[path], False
     if path in PLUGIN_LIST_SLOTS:
         return PLUGIN_LIST_SLOTS[path], True
+    head, _, idx = path.rpartition(".")
+    if head in PLUGIN_LIST_SLOTS and idx.isdigit():
+        return PLUGIN_LIST_SLOTS[head], False
     return None
 
 
@@ -161,6 +165,21 @@ def _set_path(cfg: dict[str, Any], path: str, value: Any, where: Where) -> None:
     if last == "name" and slot and not slot[1] and node.get("name") != value:
         node.clear()  # changing the plugin drops the old plugin's options
     node[last] = value
+
+
+def _mark_new_prefixes(cfg: dict[str, Any], key: str, where: Where) -> None:
+    """A key=value that creates new parent keys is where those parents were set."""
+    node: Any = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            for j in range(i, len(parts)):
+                where.origin[".".join(parts[: j + 1])] = "command line"
+            return
 
 
 def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: str, where: Where) -> None:
@@ -238,6 +257,7 @@ def compose(confs: list[str | Path], overrides: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not key:
             raise ConfigError(f"command line: '{ov}': empty key")
+        _mark_new_prefixes(cfg, key, where)
         where.origin[key] = "command line"
         _set_path(cfg, key, parse_value(text), where)
     _check_framework(cfg, base, "", where)

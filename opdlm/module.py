@@ -125,7 +125,8 @@ class SFTModule(GenerationEval):
 def load_or_build(spec: Any, init: str | None, seed: int) -> nn.Module:
     if init:
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True,
+                                                     dtype=getattr(torch, spec.node["dtype"]))
         model.generation_config.pad_token_id = spec.tokenizer.pad_token_id
         model.generation_config.eos_token_id = spec.tokenizer.eos_token_id
         return model
@@ -229,7 +230,7 @@ class OPDModule(GenerationEval):
         teacher = Scores(token_logprob=teacher.token_logprob, lse=teacher.lse,
                          support_logits=t_sup.support_logits, topk_ids=teacher.topk_ids,
                          topk_logits=teacher.topk_logits, entropy=teacher.entropy)
-        mask = rollout.response_mask.clone()                                               # 5. mask
+        mask = rollout.response_mask & view.aligned                                        # 5. mask
         for m in plan.maskers:
             mask &= m.mask(rollout, view)
         self._update(rollout, teacher, support, mask)                                      # 6. loss + step
@@ -299,8 +300,10 @@ class OPDModule(GenerationEval):
 
 
 def _chunks(n: int, parts: int) -> list[slice]:
-    size = math.ceil(n / parts)
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+    """Exactly min(parts, n) consecutive, near-equal slices of range(n)."""
+    parts = max(1, min(parts, n))
+    bounds = [i * n // parts for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _chunks_of(rows: slice, parts: int) -> list[slice]:

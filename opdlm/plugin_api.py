@@ -46,8 +46,9 @@ class Task(Plugin):
 
     def corpus(self) -> Iterable[str]:
         """Texts that cover the task's characters (used to build tiny tokenizers)."""
-        for ex in self.examples("train"):
-            yield ex.prompt + (ex.solution or ex.answer)
+        for split in ("train", "val", "test"):
+            for ex in self.examples(split):
+                yield ex.prompt + (ex.solution or "") + ex.answer
 
 
 class Sampler(Plugin):
@@ -64,6 +65,10 @@ class Sampler(Plugin):
 
 class Aligner(Plugin):
     """Maps the student's rollout onto the teacher's tokens."""
+
+    #: whether align() uses the teacher's own rendering of the prompt (else the teacher reads the
+    #: student's prompt tokens, so both must render prompts the same way)
+    uses_teacher_prompt: bool = False
 
     def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:
         raise NotImplementedError

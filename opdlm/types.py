@@ -39,7 +39,7 @@ class Rollout:
     behaviour_logprobs: Tensor  # [B, T] float: log-prob of each sampled token under the sampler
     truncated: Tensor  # [B] bool: stopped by the length budget before EOS
     examples: list[Example]  # B items (each prompt repeated once per rollout)
-    texts: list[str]  # B decoded responses (special tokens removed)
+    texts: list[str]  # B decoded responses, up to (not including) EOS
 
     @property
     def targets(self) -> Tensor:  # [B, T] long: the sampled response tokens

@@ -66,3 +66,21 @@ def test_framework_value_ranges():
 def test_task_ranges():
     assert plan_err("task.min_terms=1") == "task.min_terms: must be >= 2, got 1"
     assert plan_err("task.ops=/").startswith("task.ops: must be a non-empty subset")
+
+
+def test_chat_template_must_match_under_identity():
+    assert plan_err("teacher.chat_template=true").startswith(
+        "teacher.chat_template: aligner 'identity' shows the teacher the student's prompt tokens")
+
+
+def test_fp16_loss_scaling_is_rejected():
+    assert plan_err("trainer.precision=16-mixed").startswith("trainer.precision: must be 32-true, bf16-mixed")
+
+
+def test_jsonl_with_an_empty_train_split(tmp_path):
+    import json
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"q": f"{i}?", "a": str(i), "s": "test"}) for i in range(3)))
+    msg = plan_err("task.name=jsonl", f"task.path={f}", "task.prompt_field=q", "task.answer_field=a",
+                   "task.split_field=s")
+    assert msg == f"task.path: '{f}' leaves the train split empty (no line has s: train)"

@@ -121,3 +121,13 @@ def test_later_layers_win(tmp_path):
     b.write_text("run:\n  seed: 2\n")
     assert compose([str(a), str(b)], [])["run"]["seed"] == 2
     assert compose([str(a), str(b)], ["run.seed=3"])["run"]["seed"] == 3
+
+
+def test_renaming_a_list_slot_item_replaces_it():
+    cfg = demo_cfg("maskers.1.name=response")
+    assert cfg["maskers"] == [{"name": "response"}, {"name": "response"}]
+
+
+def test_new_parent_key_on_the_command_line_is_blamed_on_it():
+    assert err("trainerr.devices=2").startswith("command line: trainerr: unknown key (did you mean 'trainer'?)")
+    assert err("stages.opdd.lr=1").startswith("command line: stages.opdd: unknown key (did you mean 'opd'?)")

@@ -189,3 +189,18 @@ def test_opd_result_does_not_depend_on_cached_earlier_stages(tmp_path):
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "demo" / "student", local_files_only=True)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(v, b.state_dict()[k], atol=0, rtol=0)
+
+
+def test_model_generation_defaults_do_not_change_the_sampler():
+    """A model folder's own generation settings (repetition penalty, min_p, ...) must not alter
+    the distribution the sampler draws from and records."""
+    cfg = tiny("sampler.top_p=1.0", "sampler.max_new_tokens=10")
+    plan = build_plan(cfg)
+    module = OPDModule(cfg, plan=plan)
+    module.student.generation_config.repetition_penalty = 30.0
+    module.student.generation_config.min_p = 0.9
+    ro = rollout_for(module, plan)
+    s = module.score_student(ro, None)
+    m = ro.response_mask
+    torch.testing.assert_close(s.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
+    assert module.student.generation_config.repetition_penalty == 30.0  # restored

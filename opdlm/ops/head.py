@@ -84,8 +84,8 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
             v, i = logits.topk(topk, dim=-1)
             ti.append(i)
             tl.append(v)
-        if entropy:
-            logp = logits - z.unsqueeze(-1)
+        if entropy:  # a diagnostic: no graph is kept for it
+            logp = (logits - z.unsqueeze(-1)).detach()
             ent.append(-(logp.exp() * logp).sum(-1))
     def cat(xs: list[Tensor], *tail: int) -> Tensor:
         return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)

@@ -141,11 +141,22 @@ class TopP(Sampler):
         try:
             # a fresh GenerationConfig: a model folder's own sampling defaults (top_k, repetition
             # penalty, ...) must not change the distribution this sampler promises
+            # (generate() fills unset fields from the model's config, so every processor is neutralised)
             gen = GenerationConfig(do_sample=not greedy, num_return_sequences=n, max_new_tokens=self.max_new_tokens,
                                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
-                                   **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}))
-            seqs = model.generate(input_ids=ids, attention_mask=att, generation_config=gen,
-                                  logits_processor=LogitsProcessorList([rec]))
+                                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+                                   bad_words_ids=None, suppress_tokens=None,
+                                   begin_suppress_tokens=None, forced_bos_token_id=None,
+                                   forced_eos_token_id=None, encoder_repetition_penalty=1.0,
+                                   **({} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                                                         "typical_p": 1.0, "epsilon_cutoff": 0.0,
+                                                         "eta_cutoff": 0.0, "min_p": 0.0}))
+            saved, model.generation_config = model.generation_config, GenerationConfig()
+            try:
+                seqs = model.generate(input_ids=ids, attention_mask=att, generation_config=gen,
+                                      logits_processor=LogitsProcessorList([rec]))
+            finally:
+                model.generation_config = saved
         finally:
             model.train(was_training)
         rec.collect(seqs)

@@ -131,6 +131,10 @@ class JsonlTask(Task):
             for rank, i in enumerate(order):
                 split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
                 out[split].append(rows[i][1])
+        if not out["train"]:
+            how = (f"no line has {self.split_field}: train" if self.split_field
+                   else f"all {len(rows)} examples went to val/test; lower the fractions or add lines")
+            raise ConfigError(f"path: '{self.path}' leaves the train split empty ({how})")
         return out
 
     def examples(self, split: str) -> list[Example]:
