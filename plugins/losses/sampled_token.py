@@ -10,27 +10,10 @@ Output: token_loss [B, T].
 
 from __future__ import annotations
 
-import torch
-
+from opdlm.ops.pg import ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput, masked_mean
-
-
-def ppo_token_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: torch.Tensor,
-                   clip_eps: float, dual_clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-token clipped surrogate loss, bool mask of tokens where clipping was active)."""
-    ratio = torch.exp(logprob - old_logprob)
-    l1 = -advantage * ratio
-    l2 = -advantage * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = torch.maximum(l1, l2)
-    clipped = l2 > l1
-    if dual_clip is not None:
-        l3 = -advantage * dual_clip
-        dual = (advantage < 0) & (loss > l3)
-        loss = torch.where(advantage < 0, torch.minimum(loss, l3), loss)
-        clipped = clipped | dual
-    return loss, clipped
 
 
 @LOSSES.register("sampled_token")

@@ -1,0 +1,48 @@
+"""The γ-discounted OPD estimator ĝ_γ = Σ_t (Σ_{t'≥t} γ^{t'-t} r_{t'}) ∇log π(y_t|c_t), with the
+per-token cost r_t = log π_old(y_t) - log q(y_t), as a PPO-clipped policy gradient with the
+stop-gradient advantage A_t = -Σ_{t'≥t} γ^{t'-t} r_{t'}. γ = 0 is token-level OPD (the
+sampled_token loss); γ = 1 is the causal, sequence-level (reward-to-go) estimator. The sum runs
+inside each response and stops at its end; positions outside the loss mask add no cost.
+Options: gamma in [0, 1], clip_eps, dual_clip. Reads token log-probs; output token_loss [B, T]."""
+
+from __future__ import annotations
+
+import torch
+
+from opdlm.ops.pg import ppo_token_loss
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES, ConfigError
+from opdlm.types import LossInputs, LossOutput, masked_mean
+
+
+def discounted_returns(cost: torch.Tensor, gamma: float) -> torch.Tensor:
+    """R_t = Σ_{t'≥t} γ^{t'-t} cost_{t'} along the last axis (cost already 0 outside responses)."""
+    out = torch.zeros_like(cost)
+    running = torch.zeros_like(cost[..., 0])
+    for t in range(cost.shape[-1] - 1, -1, -1):
+        running = cost[..., t] + gamma * running
+        out[..., t] = running
+    return out
+
+
+@LOSSES.register("discounted_pg")
+class DiscountedPG(Loss):
+    """γ-discounted OPD policy gradient (γ = 0 token-level, γ = 1 reward-to-go)."""
+
+    def __init__(self, *, gamma: float = 0.0, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
+        if not 0.0 <= gamma <= 1.0:
+            raise ConfigError(f"gamma: must be in [0, 1], got {gamma}")
+        if not clip_eps > 0:
+            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
+        if dual_clip is not None and not dual_clip > 1:
+            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        self.gamma, self.clip_eps, self.dual_clip = gamma, clip_eps, dual_clip
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        m = inputs.mask
+        old = inputs.old_logprob.detach()
+        cost = (old - inputs.teacher.token_logprob).detach() * m
+        adv = -discounted_returns(cost, self.gamma)
+        loss, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        return LossOutput(token_loss=loss, stats={"clip_frac": masked_mean(clipped.float(), m).detach(),
+                                                  "advantage": masked_mean(adv, m)})

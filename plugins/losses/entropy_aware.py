@@ -1,0 +1,44 @@
+"""Entropy-aware OPD (arXiv 2603.07079): sampled-token OPD plus, where the teacher is uncertain,
+a forward KL over the support (teacher top-k in the paper, k = 16), not renormalised:
+ℓ_t = ℓ^PG_t + α · 1[H(q_t) > τ] · Σ_{v∈S_t} q(v) (log q(v) - log π(v)).
+ℓ^PG is the sampled_token loss (PPO clip, dual clip). Options: alpha (>= 0), tau (>= 0, nats),
+clip_eps, dual_clip. Reads token log-probs, teacher entropy, support logits; output [B, T]."""
+
+from __future__ import annotations
+
+from opdlm.ops.kl import masked_sum
+from opdlm.ops.pg import ppo_token_loss
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES, ConfigError
+from opdlm.types import LossInputs, LossOutput, masked_mean
+
+
+@LOSSES.register("entropy_aware")
+class EntropyAware(Loss):
+    """Sampled-token OPD + alpha * 1[H(teacher) > tau] * forward KL on the support."""
+
+    def __init__(self, *, alpha: float = 1.0, tau: float = 0.8, clip_eps: float = 0.2,
+                 dual_clip: float | None = 3.0) -> None:
+        if alpha < 0:
+            raise ConfigError(f"alpha: must be >= 0, got {alpha}")
+        if tau < 0:
+            raise ConfigError(f"tau: must be >= 0, got {tau}")
+        if not clip_eps > 0:
+            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
+        if dual_clip is not None and not dual_clip > 1:
+            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        self.alpha, self.tau, self.clip_eps, self.dual_clip = alpha, tau, clip_eps, dual_clip
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        old = inputs.old_logprob.detach()
+        adv = (inputs.teacher.token_logprob - old).detach()
+        pg, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        if inputs.teacher.entropy is None:
+            raise RuntimeError("entropy_aware needs the teacher's entropy in its Scores")
+        ls = inputs.student.support_logprobs()
+        lt = inputs.teacher.support_logprobs().detach()
+        fkl = masked_sum(lt.exp() * (lt - ls), inputs.support.valid)
+        gate = (inputs.teacher.entropy > self.tau).to(fkl.dtype)
+        stats = {"clip_frac": masked_mean(clipped.float(), inputs.mask).detach(),
+                 "gated_frac": masked_mean(gate, inputs.mask).detach()}
+        return LossOutput(token_loss=pg + self.alpha * gate * fkl, stats=stats)

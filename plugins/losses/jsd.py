@@ -1,0 +1,41 @@
+"""Generalised Jensen-Shannon divergence of GKD (Agarwal et al.) on the support, TRL's convention:
+M = β·q + (1-β)·π, ℓ_t = β·KL(q ‖ M) + (1-β)·KL(π ‖ M); β = 0 is the forward KL(q ‖ π) and
+β = 1 the reverse KL(π ‖ q) (the two ends are taken as those limits' targets, as TRL does).
+Both distributions are renormalised on the support (with the full vocabulary as support this is
+the full-vocabulary JSD). Option: beta in [0, 1]. Reads Scores.support_logits; output [B, T]."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opdlm.ops.kl import masked_log_softmax, masked_sum
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES, ConfigError
+from opdlm.types import LossInputs, LossOutput
+
+
+@LOSSES.register("jsd")
+class JSD(Loss):
+    """Generalised JSD with mixture weight beta (0 = forward KL, 1 = reverse KL) on the support."""
+
+    def __init__(self, *, beta: float = 0.5) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"beta: must be in [0, 1], got {beta}")
+        self.beta = beta
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        valid = inputs.support.valid
+        ls = masked_log_softmax(inputs.student.support_logits, valid)
+        lt = masked_log_softmax(inputs.teacher.support_logits.detach(), valid)
+        b = self.beta
+        if b == 0.0:
+            loss = masked_sum(lt.exp() * (lt - ls), valid)
+        elif b == 1.0:
+            loss = masked_sum(ls.exp() * (ls - lt), valid)
+        else:
+            lm = torch.logsumexp(torch.stack([lt + math.log(b), ls + math.log(1.0 - b)]), dim=0)
+            loss = (b * masked_sum(lt.exp() * (lt - lm), valid)
+                    + (1.0 - b) * masked_sum(ls.exp() * (ls - lm), valid))
+        return LossOutput(token_loss=loss)

@@ -1,0 +1,108 @@
+"""discounted_pg and entropy_aware against plain computations: γ = 0 is the sampled-token loss,
+γ = 1 the reward-to-go policy gradient, sums stop at response ends; entropy_aware reduces to the
+sampled-token loss above every teacher entropy and adds α·forward KL where it gates."""
+
+from __future__ import annotations
+
+import math
+
+import plugin_testkit as kit
+import pytest
+import torch
+
+from opdlm.registry import LOSSES, ConfigError
+from opdlm.types import Scores, Support
+
+B, T, K = 3, 6, 4
+
+
+def inputs(seed: int, *, ratio_one: bool = True, mask=None, teacher_entropy=None):
+    g = torch.Generator().manual_seed(seed)
+    lp = (-torch.rand(B, T, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    old = lp.detach().clone() if ratio_one else lp.detach() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    tq = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    zs = torch.randn(B, T, K, generator=g, dtype=torch.float64).requires_grad_(True)
+    zt = torch.randn(B, T, K, generator=g, dtype=torch.float64)
+    lse_s, lse_t = torch.logsumexp(zs, -1) + 0.5, torch.logsumexp(zt, -1) + 0.2  # mass outside the support
+    student = Scores(token_logprob=lp, lse=lse_s, support_logits=zs)
+    teacher = Scores(token_logprob=tq, lse=lse_t, support_logits=zt,
+                     entropy=teacher_entropy if teacher_entropy is not None else torch.rand(B, T, generator=g, dtype=torch.float64) * 2)
+    ids = torch.arange(K).expand(B, T, K)
+    return kit.build_loss_inputs(student=student, teacher=teacher, old_logprob=old, mask=mask,
+                                 support=Support(ids=ids, valid=torch.ones(B, T, K, dtype=torch.bool)))
+
+
+def loss_of(name, x, **opts):
+    return LOSSES.build({"name": name, **opts}).compute(x).token_loss
+
+
+@pytest.mark.parametrize("ratio_one", [True, False])
+def test_gamma_zero_is_the_sampled_token_loss(ratio_one):
+    x = inputs(1, ratio_one=ratio_one)
+    a = loss_of("discounted_pg", x, gamma=0.0)
+    b = loss_of("sampled_token", x)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    (ga,) = torch.autograd.grad(a.sum(), x.student.token_logprob)
+    (gb,) = torch.autograd.grad(b.sum(), x.student.token_logprob)
+    torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+
+
+def reference_advantage(x, gamma, mask):
+    """A_t = -Σ_{t'≥t, same response} γ^{t'-t} (log π_old - log q), python loops."""
+    old, tq = x.old_logprob.tolist(), x.teacher.token_logprob.tolist()
+    out = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            out[b, t] = -sum(gamma ** (u - t) * (old[b][u] - tq[b][u]) for u in range(t, T) if mask[b][u])
+    return out
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.5])
+def test_gradient_is_the_discounted_reward_to_go_policy_gradient(gamma):
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 4:] = False  # response 0 ends early: later costs must not count
+    mask[2, 2] = False   # a masked special token adds no cost
+    x = inputs(2, mask=mask)
+    loss = loss_of("discounted_pg", x, gamma=gamma)
+    (g,) = torch.autograd.grad((loss * mask).sum(), x.student.token_logprob)
+    adv = reference_advantage(x, gamma, mask.tolist())
+    assert adv.abs().max() > 0.1
+    # at ratio 1 the gradient of -A·ratio w.r.t. log π is -A on counted positions
+    torch.testing.assert_close(g, -adv * mask, atol=1e-12, rtol=1e-10)
+
+
+def test_entropy_aware_above_every_entropy_is_sampled_token():
+    x = inputs(3, ratio_one=False)
+    tau = float(x.teacher.entropy.max()) + 0.1
+    torch.testing.assert_close(loss_of("entropy_aware", x, tau=tau), loss_of("sampled_token", x), atol=0, rtol=0)
+
+
+def test_entropy_aware_adds_forward_kl_where_gated():
+    ent = torch.tensor([[0.1, 2.0, 0.9, 0.7, 1.5, 0.0]] * B, dtype=torch.float64)
+    x = inputs(4, teacher_entropy=ent)
+    got = loss_of("entropy_aware", x, tau=0.8, alpha=0.5)
+    base = loss_of("sampled_token", x)
+    zs, zt = x.student.support_logits.detach(), x.teacher.support_logits
+    want = base.detach().clone()
+    for b in range(B):
+        for t in range(T):
+            if ent[b, t] > 0.8:
+                fkl = 0.0
+                for k in range(K):
+                    q = math.exp(zt[b, t, k] - x.teacher.lse[b, t])
+                    p = math.exp(zs[b, t, k] - x.student.lse[b, t].detach())
+                    fkl += q * math.log(q / p)
+                want[b, t] += 0.5 * fkl
+    torch.testing.assert_close(got.detach(), want, atol=1e-12, rtol=1e-10)
+    assert (got.detach() - base.detach()).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("node,msg", [
+    ({"name": "discounted_pg", "gamma": 1.5}, r"^loss\.gamma: must be in \[0, 1\], got 1.5$"),
+    ({"name": "discounted_pg", "gamma": -0.1}, r"^loss\.gamma: must be in \[0, 1\], got -0.1$"),
+    ({"name": "entropy_aware", "tau": -1.0}, r"^loss\.tau: must be >= 0, got -1.0$"),
+    ({"name": "entropy_aware", "alpha": -1.0}, r"^loss\.alpha: must be >= 0, got -1.0$"),
+])
+def test_out_of_range_options(node, msg):
+    with pytest.raises(ConfigError, match=msg):
+        LOSSES.build(node, "loss")
