@@ -192,7 +192,7 @@ class Registry(Generic[T]):
         except ConfigError as e:
             # plugins name the offending option first ("k: must be >= 2, got 1")
             msg = str(e)
-            sep = "." if msg.split(":", 1)[0] in kwargs else ": "
+            sep = "." if msg.split(":", 1)[0].split(".")[0] in kwargs else ": "
             raise ConfigError(f"{key}{sep}{msg}") from None
 
 

@@ -204,3 +204,16 @@ def test_model_generation_defaults_do_not_change_the_sampler():
     m = ro.response_mask
     torch.testing.assert_close(s.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
     assert module.student.generation_config.repetition_penalty == 30.0  # restored
+
+
+@pytest.mark.parametrize("support", [
+    "support.name=student_topk", "support.name=teacher_topk_plus_sampled", "support.name=teacher_top_p",
+    "support={name: union, first: {name: teacher_topk, k: 3}, second: {name: student_topk, k: 3}}",
+])
+def test_every_support_trains_one_lsm_step(tmp_path, support):
+    extra = {"support.name=student_topk": ["support.k=4"], "support.name=teacher_topk_plus_sampled": ["support.k=4"],
+             "support.name=teacher_top_p": ["support.max_k=6"]}.get(support, [])
+    cfg = tiny(support, *extra, tmp=tmp_path)
+    module, trainer = fit(cfg, 1)
+    loss = float(trainer.logged_metrics["train/loss"])
+    assert loss > 0 and torch.isfinite(torch.tensor(loss))

@@ -1,0 +1,40 @@
+"""Teacher top-K plus the sampled token (variant V3 of the LSM paper, its best single-task
+support): S_t = topK_q(c_t) ∪ {y_t}. The sampled token is appended as entry K; when it is already
+among the top K that entry is marked invalid, so no token counts twice. Option: k (>= 1).
+Output ids [B, T, K + 1]."""
+
+from __future__ import annotations
+
+import torch
+
+from opdlm.plugin_api import Context, SupportSelector
+from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.types import Rollout, Scores, Support
+
+
+@SUPPORTS.register("teacher_topk_plus_sampled")
+class TeacherTopKPlusSampled(SupportSelector):
+    """The teacher's K most likely tokens and the token the student sampled."""
+
+    def __init__(self, *, k: int = 32) -> None:
+        if k < 1:
+            raise ConfigError(f"k: must be >= 1, got {k}")
+        self.k = k
+        self.teacher_topk = k
+
+    @property
+    def size(self) -> int:
+        return self.k + 1
+
+    def bind(self, ctx: Context) -> None:
+        if self.k > len(ctx.teacher_tokenizer):
+            raise ConfigError(f"k: {self.k} is larger than the teacher's vocabulary ({len(ctx.teacher_tokenizer)} ids)")
+
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+        assert teacher.topk_ids is not None and teacher.topk_ids.shape[-1] >= self.k
+        top = teacher.topk_ids[..., : self.k]
+        sampled = rollout.targets.unsqueeze(-1)
+        inside = (top == sampled).any(-1, keepdim=True)
+        ids = torch.cat([top, sampled], dim=-1)
+        valid = torch.cat([torch.ones_like(top, dtype=torch.bool), ~inside], dim=-1)
+        return Support(ids=ids, valid=valid)

@@ -1,0 +1,42 @@
+"""Union of two supports, each a support plugin node: ``{name: union, first: {name: teacher_topk,
+k: 16}, second: {name: student_topk, k: 16}}``. Entries of ``second`` already in ``first`` are
+marked invalid, so no token counts twice. Output ids [B, T, K1 + K2] with a validity mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from opdlm.plugin_api import Context, SupportSelector
+from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.types import Rollout, Scores, Support
+
+
+@SUPPORTS.register("union")
+class Union(SupportSelector):
+    """The union of two support plugins (nested nodes `first` and `second`)."""
+
+    def __init__(self, *, first: dict[str, Any] | None = None, second: dict[str, Any] | None = None) -> None:
+        if first is None or second is None:
+            raise ConfigError("first: union needs two support nodes, `first` and `second`")
+        if "union" in (first.get("name"), second.get("name")):
+            raise ConfigError("first: a union of unions is not supported; list the supports directly")
+        self.first = SUPPORTS.build(first, "first")
+        self.second = SUPPORTS.build(second, "second")
+        self.teacher_topk = max(self.first.teacher_topk, self.second.teacher_topk)
+        self.student_topk = max(self.first.student_topk, self.second.student_topk)
+
+    @property
+    def size(self) -> int:
+        return self.first.size + self.second.size
+
+    def bind(self, ctx: Context) -> None:
+        self.first.bind(ctx)
+        self.second.bind(ctx)
+
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+        a = self.first.select(teacher, student, rollout)
+        b = self.second.select(teacher, student, rollout)
+        dup = ((b.ids.unsqueeze(-1) == a.ids.unsqueeze(-2)) & a.valid.unsqueeze(-2)).any(-1)
+        return Support(ids=torch.cat([a.ids, b.ids], -1), valid=torch.cat([a.valid, b.valid & ~dup], -1))
