@@ -223,6 +223,8 @@ class OPDModule(GenerationEval):
             with torch.no_grad():
                 student_top = self.score_student(rollout, None, topk=plan.support.student_topk)
         support = plan.support.select(teacher, student_top, rollout)                      # 4. support
+        if plan.loss.full_vocabulary:
+            support = full_support(rollout.targets, len(plan.student.tokenizer))
         with torch.no_grad():
             t_sup = head_scores(t_feats, t_head, view.targets, temperature=self.temperature,
                                 support_ids=support.ids, entropy=False,
@@ -297,6 +299,12 @@ class OPDModule(GenerationEval):
             out["sampled_outside_topk"] = masked_mean((~inside).float(), m)
         out.update({k: v.detach() for k, v in stats.items()})
         return {k: v for k, v in out.items() if v is not None}
+
+
+def full_support(targets: Tensor, vocab: int) -> Support:
+    """Every id at every position: [B, T, V] (for losses over the full vocabulary)."""
+    ids = torch.arange(vocab, device=targets.device).expand(*targets.shape, vocab)
+    return Support(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool))
 
 
 def _chunks(n: int, parts: int) -> list[slice]:

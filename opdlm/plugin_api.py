@@ -101,6 +101,9 @@ class Loss(Plugin):
     """Per-token loss from gathered quantities (see opdlm.types.LossInputs)."""
 
     needs_entropy: bool = False
+    #: compare the whole vocabulary: the engine passes a support of every id instead of the
+    #: configured one (full-vocabulary references such as reverse_kl / forward_kl)
+    full_vocabulary: bool = False
 
     def check_support(self, support: SupportSelector, key: str) -> None:  # noqa: B027
         """Raise ConfigError if this loss cannot work with the support."""

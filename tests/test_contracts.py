@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, demo_cfg
 
 from opdlm.build import build_plan
-from opdlm.module import OPDModule
+from opdlm.module import OPDModule, full_support
 from opdlm.plugin_api import Context
 from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS
 from opdlm.types import LossInputs, Scores
@@ -23,6 +23,7 @@ FIXTURE_OPTIONS = {
                 "teacher_top_p": {"max_k": 4},
                 "union": {"first": {"name": "teacher_topk", "k": 2}, "second": {"name": "student_topk", "k": 2}}},
     "sampler": {"top_p": {"max_new_tokens": 12}},
+    "loss": {"weighted_sum": {"terms": [{"name": "sampled_token", "weight": 1.0}, {"name": "lsm", "weight": 0.5}]}},
     "masker": {"special_tokens": {"tokens": ["<think>", "<|im_end|>"]}},
 }
 
@@ -120,6 +121,8 @@ def test_loss_contract(name, world):
     loss = build(LOSSES, name, world, "loss")
     ro, module = world["rollout"], world["module"]
     sup = SUPPORTS.build({"name": "teacher_topk", "k": 4}).select(world["teacher"], None, ro)
+    if loss.full_vocabulary:
+        sup = full_support(ro.targets, len(world["plan"].student.tokenizer))
     loss.check_support(SUPPORTS.build({"name": "teacher_topk", "k": 4}), "support")
     module.student.zero_grad()
     student = module.score_student(ro, sup.ids)

@@ -1,0 +1,25 @@
+"""Full-vocabulary forward KL: ℓ_t = Σ_v q(v) (log q(v) - log π(v)) over every id (the engine
+hands this loss a support of the whole vocabulary; it holds [B, T, V]). No options.
+Output token_loss [B, T]."""
+
+from __future__ import annotations
+
+from opdlm.ops.kl import masked_sum
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES
+from opdlm.types import LossInputs, LossOutput
+
+
+@LOSSES.register("forward_kl")
+class ForwardKL(Loss):
+    """Forward KL(q ‖ π) over the full vocabulary."""
+
+    full_vocabulary = True
+
+    def __init__(self) -> None:
+        pass
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        ls = inputs.student.support_logprobs()
+        lt = inputs.teacher.support_logprobs().detach()
+        return LossOutput(token_loss=masked_sum(lt.exp() * (lt - ls), inputs.support.valid))

@@ -1,0 +1,26 @@
+"""Full-vocabulary reverse KL, the reference the truncated losses approximate:
+ℓ_t = Σ_v π(v) (log π(v) - log q(v)) over every id. The engine hands this loss a support of the
+whole vocabulary (``full_vocabulary``), whatever support is configured; it holds [B, T, V].
+No options. Output token_loss [B, T]."""
+
+from __future__ import annotations
+
+from opdlm.ops.kl import masked_sum
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES
+from opdlm.types import LossInputs, LossOutput
+
+
+@LOSSES.register("reverse_kl")
+class ReverseKL(Loss):
+    """Reverse KL(π ‖ q) over the full vocabulary."""
+
+    full_vocabulary = True
+
+    def __init__(self) -> None:
+        pass
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        ls = inputs.student.support_logprobs()
+        lt = inputs.teacher.support_logprobs().detach()
+        return LossOutput(token_loss=masked_sum(ls.exp() * (ls - lt), inputs.support.valid))
