@@ -156,6 +156,8 @@ class Runner:
     def sft(self, role: str, init: str | None) -> dict[str, Any]:
         stage = f"{role}_sft"
         folder = self.run_dir / role if role == "teacher" else self.run_dir / "student_sft"
+        if self.cfg["run"]["stage_cache"]:  # shared between runs (sweeps): keyed by fingerprint
+            folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.plan)}"
         cached = self._cached(stage, folder)
         if cached:
             return cached | {"folder": str(folder.resolve())}

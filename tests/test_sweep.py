@@ -1,0 +1,36 @@
+"""The sweep runner: overlays x seeds through run.py, shared SFT stages, the comparison table."""
+
+from __future__ import annotations
+
+import csv
+
+from conftest import ROOT, TINY
+
+from opdlm.sweep import main
+
+
+def test_sweep_runs_overlays_over_seeds_and_writes_tables(tmp_path, capsys):
+    overlays = [str(ROOT / "conf/ablations/method/sampled_token.yaml"), str(ROOT / "conf/ablations/method/lsm_mask.yaml")]
+    tiny = [o for o in TINY if not o.startswith(("trainer.progress_bar", "run."))]
+    rc = main(["--name", "t", "--seeds", "0,1", "--jobs", "2", "--out-dir", str(tmp_path), *overlays, *tiny])
+    assert rc == 0
+    out = tmp_path / "t"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["overlay"] for r in rows] == ["sampled_token", "lsm_mask"]
+    for r in rows:
+        assert r["seeds"] == "2"
+        assert 0.0 <= float(r["acc_greedy_mean"]) <= 100.0
+        assert float(r["grad_norm_mean"]) > 0
+    table = (out / "results.md").read_text()
+    assert "| sampled_token | 2 |" in table and "| lsm_mask | 2 |" in table
+    # one teacher and one student SFT per seed, shared by both overlays
+    assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == ["student_sft"] * 2 + ["teacher_sft"] * 2
+    logs = (out / "logs" / "lsm_mask_s1.log").read_text()
+    assert "stage teacher_sft: cached" in logs and "stage student_sft: cached" in logs
+
+
+def test_sweep_rejects_a_missing_overlay(tmp_path, capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        main(["--out-dir", str(tmp_path), str(tmp_path / "nope.yaml")])
+    assert "no such overlay file" in capsys.readouterr().err
