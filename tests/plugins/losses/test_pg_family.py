@@ -106,3 +106,28 @@ def test_entropy_aware_adds_forward_kl_where_gated():
 def test_out_of_range_options(node, msg):
     with pytest.raises(ConfigError, match=msg):
         LOSSES.build(node, "loss")
+
+
+def test_trust_region_mixes_policy_gradient_and_forward_kl_by_min_ratio():
+    x = inputs(5, ratio_one=False)
+    got = loss_of("trust_region", x)
+    pg = loss_of("sampled_token", x).detach()
+    w = torch.tensor([[min(math.exp(q - o), 1.0) for q, o in zip(qr, orow)]
+                      for qr, orow in zip(x.teacher.token_logprob.tolist(), x.old_logprob.tolist())], dtype=torch.float64)
+    zs, zt = x.student.support_logits.detach(), x.teacher.support_logits
+    fkl = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            for k in range(K):
+                q = math.exp(zt[b, t, k] - x.teacher.lse[b, t])
+                p = math.exp(zs[b, t, k] - x.student.lse[b, t].detach())
+                fkl[b, t] += q * math.log(q / p)
+    torch.testing.assert_close(got.detach(), w * pg + (1 - w) * fkl, atol=1e-12, rtol=1e-10)
+    assert 0 < w.min() < 1 and w.max() == 1.0  # both regimes occur
+
+
+def test_trust_region_with_a_teacher_above_the_student_is_sampled_token():
+    x = inputs(6, ratio_one=False)
+    lifted = x.__class__(**{**x.__dict__, "teacher": x.teacher.__class__(
+        **{**x.teacher.__dict__, "token_logprob": x.old_logprob + 0.1})})
+    torch.testing.assert_close(loss_of("trust_region", lifted), loss_of("sampled_token", lifted), atol=0, rtol=0)

@@ -1,0 +1,45 @@
+"""Trust-region OPD (TrOPD, arXiv 2606.01249), as far as method.md states it: a sampled token is
+trusted with probability w_t = min(q(y_t)/π_old(y_t), 1); trusted tokens get the reverse-KL policy
+gradient (the sampled_token surrogate, reward log q - log π_old), the others a forward KL over the
+support (the paper: teacher top-k, k = 64), not renormalised:
+ℓ_t = w_t · ℓ^PG_t + (1 - w_t) · Σ_{v∈S_t} q(v) (log q(v) - log π(v)), w_t a stop-gradient.
+
+Unconfirmed (not in a primary source we could check): whether trust is drawn per token
+(Bernoulli(w_t)) or used as a weight; this plugin uses the weight, the expectation of the draw.
+Also unconfirmed: whether the forward KL is renormalised on the support (here: not) and whether
+the PG part is clipped (here: PPO clip and dual clip, as sampled_token).
+Options: clip_eps, dual_clip. Output token_loss [B, T]."""
+
+from __future__ import annotations
+
+import torch
+
+from opdlm.ops.kl import masked_sum
+from opdlm.ops.pg import ppo_token_loss
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES, ConfigError
+from opdlm.types import LossInputs, LossOutput, masked_mean
+
+
+@LOSSES.register("trust_region")
+class TrustRegion(Loss):
+    """TrOPD: policy gradient on trusted tokens (weight min(q/π, 1)), forward KL on the rest."""
+
+    def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
+        if not clip_eps > 0:
+            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
+        if dual_clip is not None and not dual_clip > 1:
+            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        self.clip_eps, self.dual_clip = clip_eps, dual_clip
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        old = inputs.old_logprob.detach()
+        adv = (inputs.teacher.token_logprob - old).detach()
+        pg, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        trust = torch.exp(adv.clamp_max(0.0))  # min(q/π_old, 1)
+        ls = inputs.student.support_logprobs()
+        lt = inputs.teacher.support_logprobs().detach()
+        fkl = masked_sum(lt.exp() * (lt - ls), inputs.support.valid)
+        return LossOutput(token_loss=trust * pg + (1.0 - trust) * fkl,
+                          stats={"trust": masked_mean(trust, inputs.mask),
+                                 "clip_frac": masked_mean(clipped.float(), inputs.mask).detach()})
