@@ -1,8 +1,9 @@
 """Generalised Jensen-Shannon divergence of GKD (Agarwal et al.) on the support, TRL's convention:
 M = β·q + (1-β)·π, ℓ_t = β·KL(q ‖ M) + (1-β)·KL(π ‖ M); β = 0 is the forward KL(q ‖ π) and
 β = 1 the reverse KL(π ‖ q) (the two ends are taken as those limits' targets, as TRL does).
-Both distributions are renormalised on the support (with the full vocabulary as support this is
-the full-vocabulary JSD). Option: beta in [0, 1]. Reads Scores.support_logits; output [B, T]."""
+Both distributions are renormalised on the support; with ``full: true`` the engine passes the whole
+vocabulary as the support (the full-vocabulary JSD, holding [B, T, V]).
+Options: beta in [0, 1], full. Reads Scores.support_logits; output [B, T]."""
 
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ from opdlm.types import LossInputs, LossOutput
 class JSD(Loss):
     """Generalised JSD with mixture weight beta (0 = forward KL, 1 = reverse KL) on the support."""
 
-    def __init__(self, *, beta: float = 0.5) -> None:
+    def __init__(self, *, beta: float = 0.5, full: bool = False) -> None:
         if not 0.0 <= beta <= 1.0:
             raise ConfigError(f"beta: must be in [0, 1], got {beta}")
         self.beta = beta
+        self.full_vocabulary = full
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         valid = inputs.support.valid

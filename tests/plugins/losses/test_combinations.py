@@ -76,3 +76,13 @@ def test_weighted_sum_checks_its_terms_against_the_support():
     loss = LOSSES.build({"name": "weighted_sum", "terms": [{"name": "sampled_token"}, {"name": "lsm"}]})
     with pytest.raises(ConfigError, match="loss 'lsm' needs a support of at least 2 tokens"):
         loss.check_support(SUPPORTS.build({"name": "sampled_token"}), "support")
+
+
+def test_jsd_full_asks_for_the_whole_vocabulary_and_then_is_the_full_jsd():
+    x, zs, zt = inputs(3)  # the fixture's support already covers all V ids
+    loss = LOSSES.build({"name": "jsd", "beta": 0.5, "full": True})
+    assert loss.full_vocabulary and not LOSSES.build({"name": "jsd"}).full_vocabulary
+    p, q = torch.softmax(zs, -1), torch.softmax(zt, -1)
+    m = 0.5 * p + 0.5 * q
+    want = 0.5 * (q * (q / m).log()).sum(-1) + 0.5 * (p * (p / m).log()).sum(-1)
+    torch.testing.assert_close(loss.compute(x).token_loss, want, atol=1e-12, rtol=1e-10)

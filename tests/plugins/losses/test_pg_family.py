@@ -131,3 +131,44 @@ def test_trust_region_with_a_teacher_above_the_student_is_sampled_token():
     lifted = x.__class__(**{**x.__dict__, "teacher": x.teacher.__class__(
         **{**x.teacher.__dict__, "token_logprob": x.old_logprob + 0.1})})
     torch.testing.assert_close(loss_of("trust_region", lifted), loss_of("sampled_token", lifted), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["sampled_token", "discounted_pg", "entropy_aware", "trust_region"])
+def test_zero_when_teacher_equals_student(name):
+    x = inputs(7)
+    same = x.teacher.__class__(token_logprob=x.old_logprob.clone(), lse=x.student.lse.detach().clone(),
+                               support_logits=x.student.support_logits.detach().clone(),
+                               entropy=torch.full((B, T), 5.0, dtype=torch.float64))  # all gated
+    y = x.__class__(**{**x.__dict__, "teacher": same})
+    torch.testing.assert_close(loss_of(name, y).detach(), torch.zeros(B, T, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def reference_torch(name, x, tau=0.8, alpha=1.0):
+    """PPO surrogate and forward KL written out in torch (for autograd)."""
+    lp, old, tq = x.student.token_logprob, x.old_logprob, x.teacher.token_logprob
+    adv = tq - old
+    r = torch.exp(lp - old)
+    pg = torch.maximum(-adv * r, -adv * r.clamp(0.8, 1.2))
+    pg = torch.where(adv < 0, torch.minimum(pg, -adv * 3.0), pg)
+    ls = x.student.support_logits - x.student.lse.unsqueeze(-1)
+    lt = x.teacher.support_logits - x.teacher.lse.unsqueeze(-1)
+    fkl = (lt.exp() * (lt - ls)).sum(-1)
+    if name == "entropy_aware":
+        return pg + alpha * (x.teacher.entropy > tau).double() * fkl
+    w = torch.clamp(torch.exp(adv), max=1.0)
+    return w * pg + (1 - w) * fkl
+
+
+@pytest.mark.parametrize("name", ["entropy_aware", "trust_region"])
+def test_gradients_equal_autograd_of_the_plain_formula(name):
+    x = inputs(8, ratio_one=False)
+    got = loss_of(name, x)
+    want = reference_torch(name, x)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    wts = torch.rand(B, T, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = (x.student.token_logprob, x.student.support_logits)
+    g = torch.autograd.grad((got * wts).sum(), leaves, retain_graph=True)
+    r = torch.autograd.grad((want * wts).sum(), leaves)
+    for a, b in zip(g, r):
+        assert b.abs().max() > 1e-3
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
