@@ -26,3 +26,13 @@ def masked_log_softmax(logits: Tensor, valid: Tensor) -> Tensor:
 def masked_sum(terms: Tensor, valid: Tensor) -> Tensor:
     """Sum over the last axis of the valid entries only."""
     return torch.where(valid, terms, torch.zeros_like(terms)).sum(-1)
+
+
+def support_reverse_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, valid: Tensor) -> Tensor:
+    """Σ_{v valid} π(v) (log π(v) - log q(v)) from log-probs on a support [..., K]."""
+    return masked_sum(student_logprobs.exp() * (student_logprobs - teacher_logprobs), valid)
+
+
+def support_forward_kl(student_logprobs: Tensor, teacher_logprobs: Tensor, valid: Tensor) -> Tensor:
+    """Σ_{v valid} q(v) (log q(v) - log π(v)) from log-probs on a support [..., K]."""
+    return masked_sum(teacher_logprobs.exp() * (teacher_logprobs - student_logprobs), valid)

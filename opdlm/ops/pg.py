@@ -19,3 +19,13 @@ def ppo_token_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: 
         loss = torch.where(advantage < 0, torch.minimum(loss, l3), loss)
         clipped = clipped | dual
     return loss, clipped
+
+
+def check_clip_options(clip_eps: float, dual_clip: float | None) -> None:
+    """The ConfigErrors shared by the PPO-clipped losses."""
+    from opdlm.registry import ConfigError
+
+    if not clip_eps > 0:
+        raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from opdlm.ops.pg import ppo_token_loss
+from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput, masked_mean
@@ -32,10 +32,7 @@ class DiscountedPG(Loss):
     def __init__(self, *, gamma: float = 0.0, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         if not 0.0 <= gamma <= 1.0:
             raise ConfigError(f"gamma: must be in [0, 1], got {gamma}")
-        if not clip_eps > 0:
-            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
-        if dual_clip is not None and not dual_clip > 1:
-            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        check_clip_options(clip_eps, dual_clip)
         self.gamma, self.clip_eps, self.dual_clip = gamma, clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:

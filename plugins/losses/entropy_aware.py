@@ -6,8 +6,8 @@ clip_eps, dual_clip. Reads token log-probs, teacher entropy, support logits; out
 
 from __future__ import annotations
 
-from opdlm.ops.kl import masked_sum
-from opdlm.ops.pg import ppo_token_loss
+from opdlm.ops.kl import support_forward_kl
+from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput, masked_mean
@@ -23,10 +23,7 @@ class EntropyAware(Loss):
             raise ConfigError(f"alpha: must be >= 0, got {alpha}")
         if tau < 0:
             raise ConfigError(f"tau: must be >= 0, got {tau}")
-        if not clip_eps > 0:
-            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
-        if dual_clip is not None and not dual_clip > 1:
-            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        check_clip_options(clip_eps, dual_clip)
         self.alpha, self.tau, self.clip_eps, self.dual_clip = alpha, tau, clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:
@@ -37,7 +34,7 @@ class EntropyAware(Loss):
             raise RuntimeError("entropy_aware needs the teacher's entropy in its Scores")
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
-        fkl = masked_sum(lt.exp() * (lt - ls), inputs.support.valid)
+        fkl = support_forward_kl(ls, lt, inputs.support.valid)
         gate = (inputs.teacher.entropy > self.tau).to(fkl.dtype)
         stats = {"clip_frac": masked_mean(clipped.float(), inputs.mask).detach(),
                  "gated_frac": masked_mean(gate, inputs.mask).detach()}

@@ -4,7 +4,7 @@ Output token_loss [B, T]."""
 
 from __future__ import annotations
 
-from opdlm.ops.kl import masked_sum
+from opdlm.ops.kl import support_forward_kl
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput
@@ -22,4 +22,4 @@ class ForwardKL(Loss):
     def compute(self, inputs: LossInputs) -> LossOutput:
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
-        return LossOutput(token_loss=masked_sum(lt.exp() * (lt - ls), inputs.support.valid))
+        return LossOutput(token_loss=support_forward_kl(ls, lt, inputs.support.valid))

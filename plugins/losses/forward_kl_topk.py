@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from opdlm.ops.kl import masked_log_softmax, masked_sum
+from opdlm.ops.kl import masked_log_softmax, support_forward_kl
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput
 
 
-def support_forward_kl(inputs: LossInputs, renormalise: bool) -> Tensor:
+def topk_forward_kl(inputs: LossInputs, renormalise: bool) -> Tensor:
     valid = inputs.support.valid
     if renormalise:
         ls = masked_log_softmax(inputs.student.support_logits, valid)
@@ -21,7 +21,7 @@ def support_forward_kl(inputs: LossInputs, renormalise: bool) -> Tensor:
     else:
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
-    return masked_sum(lt.exp() * (lt - ls), valid)
+    return support_forward_kl(ls, lt, valid)
 
 
 @LOSSES.register("forward_kl_topk")
@@ -32,4 +32,4 @@ class ForwardKLTopK(Loss):
         self.renormalise = renormalise
 
     def compute(self, inputs: LossInputs) -> LossOutput:
-        return LossOutput(token_loss=support_forward_kl(inputs, self.renormalise))
+        return LossOutput(token_loss=topk_forward_kl(inputs, self.renormalise))

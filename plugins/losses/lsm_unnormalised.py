@@ -4,7 +4,7 @@ No options. Reads Scores.support_logits and Scores.lse; output token_loss [B, T]
 
 from __future__ import annotations
 
-from opdlm.ops.kl import masked_sum
+from opdlm.ops.kl import support_reverse_kl
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput
@@ -20,4 +20,4 @@ class LSMUnnormalised(Loss):
     def compute(self, inputs: LossInputs) -> LossOutput:
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
-        return LossOutput(token_loss=masked_sum(ls.exp() * (ls - lt), inputs.support.valid))
+        return LossOutput(token_loss=support_reverse_kl(ls, lt, inputs.support.valid))

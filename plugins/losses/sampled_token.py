@@ -10,9 +10,9 @@ Output: token_loss [B, T].
 
 from __future__ import annotations
 
-from opdlm.ops.pg import ppo_token_loss
+from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
@@ -21,10 +21,7 @@ class SampledTokenOPD(Loss):
     """PPO-clipped policy gradient with reward log q - log π_old on the sampled tokens."""
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
-        if not clip_eps > 0:
-            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
-        if dual_clip is not None and not dual_clip > 1:
-            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        check_clip_options(clip_eps, dual_clip)
         self.clip_eps, self.dual_clip = clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from opdlm.ops.kl import masked_sum
-from opdlm.ops.pg import ppo_token_loss
+from opdlm.ops.kl import support_forward_kl
+from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
@@ -26,10 +26,7 @@ class TrustRegion(Loss):
     """TrOPD: policy gradient on trusted tokens (weight min(q/π, 1)), forward KL on the rest."""
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
-        if not clip_eps > 0:
-            raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
-        if dual_clip is not None and not dual_clip > 1:
-            raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")
+        check_clip_options(clip_eps, dual_clip)
         self.clip_eps, self.dual_clip = clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:
@@ -39,7 +36,7 @@ class TrustRegion(Loss):
         trust = torch.exp(adv.clamp_max(0.0))  # min(q/π_old, 1)
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
-        fkl = masked_sum(lt.exp() * (lt - ls), inputs.support.valid)
+        fkl = support_forward_kl(ls, lt, inputs.support.valid)
         return LossOutput(token_loss=trust * pg + (1.0 - trust) * fkl,
                           stats={"trust": masked_mean(trust, inputs.mask),
                                  "clip_frac": masked_mean(clipped.float(), inputs.mask).detach()})
