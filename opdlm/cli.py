@@ -35,7 +35,7 @@ def _list() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from opdlm.config import DEFAULT_CONF, compose, split_args, to_yaml
+    from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
     argv = list(sys.argv[1:] if argv is None else argv)
     confs, overrides, flags = split_args(argv)
     unknown = [f for f in flags if f not in ("--check", "--list", "--help")]
@@ -54,10 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not confs:
         confs = [str(DEFAULT_CONF)]
+    where = Where()
     try:
-        cfg = compose(confs, overrides)
+        cfg = compose(confs, overrides, where)
         from opdlm.build import build_plan
-        plan = build_plan(cfg)
+        try:
+            plan = build_plan(cfg)
+        except ConfigError as e:
+            raise where.locate(e) from None
     except ConfigError as e:
         print(f"opdlm: config error: {e}", file=sys.stderr)
         return 2

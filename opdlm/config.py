@@ -54,6 +54,18 @@ class Where:
     def err(self, path: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.of(path)}: {path}: {msg}")
 
+    def locate(self, error: ConfigError) -> ConfigError:
+        """Prefix an error that starts with a config key ("support.k: ...") with the file:line or
+        "command line" that set the key (or its nearest parent), when a layer set it."""
+        msg = str(error)
+        key = msg.split(":", 1)[0]
+        p = key if key and " " not in key else ""
+        while p:
+            if p in self.origin:
+                return ConfigError(f"{self.origin[p]}: {msg}")
+            p = p.rpartition(".")[0]
+        return error
+
 
 def _yaml_lines(path: Path) -> dict[str, int]:
     """Dotted key -> 1-based line of a YAML file (for error messages)."""
@@ -239,11 +251,11 @@ def _err_path(msg: str, default: str) -> str:
     return head if head.startswith(default) else default
 
 
-def compose(confs: list[str | Path], overrides: list[str]) -> dict[str, Any]:
+def compose(confs: list[str | Path], overrides: list[str], where: Where | None = None) -> dict[str, Any]:
     """Compose base.yaml, the given files and key=value overrides into a checked, plain dict with
     every plugin node completed by its constructor defaults and interpolations resolved.
-    Plugins must already be discovered (see opdlm.discovery)."""
-    where = Where()
+    ``where`` (optional) receives the origin of every key, for later errors (Where.locate)."""
+    where = where if where is not None else Where()
     base = load_yaml(BASE_FILE)
     cfg = copy.deepcopy(base)
     for c in confs:

@@ -46,3 +46,14 @@ def test_help_and_unknown_flag(capsys):
     assert "usage: python run.py" in capsys.readouterr().out
     assert main(["--frobnicate"]) == 2
     assert "unknown flag --frobnicate" in capsys.readouterr().err
+
+
+def test_build_errors_name_the_layer_that_set_the_key(tmp_path, capsys):
+    f = tmp_path / "x.yaml"
+    f.write_text("run:\n  name: x\nsupport:\n  k: 0\n")
+    assert main(["--check", f"conf={f}"]) == 2
+    assert capsys.readouterr().err.strip() == f"opdlm: config error: {f}:4: support.k: must be >= 1, got 0"
+    assert main(["--check", "sampler.top_p=1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "opdlm: config error: command line: sampler.top_p: must be in (0, 1], got 1.5"
+    assert main(["--check", "support.k=1"]) == 2  # a cross-plugin check, still located
+    assert capsys.readouterr().err.strip().startswith("opdlm: config error: command line: support.k: loss 'lsm' needs")
