@@ -23,14 +23,15 @@ def _list() -> str:
     from opdlm.registry import plugin_options
     discover()
     lines = []
+    width = max((len(n) for reg, _ in KINDS.values() for n in reg.names()), default=10) + 2
     for kind, (reg, _) in KINDS.items():
         lines.append(f"{kind}:")
         for name in reg.names():
             cls = reg.get(name)
             opts = ", ".join(f"{k}={p.default!r}" for k, p in plugin_options(cls).items())
-            lines.append(f"  {name:<18} {reg.summary(name)}")
+            lines.append(f"  {name:<{width}} {reg.summary(name)}")
             if opts:
-                lines.append(f"  {'':<18} options: {opts}")
+                lines.append(f"  {'':<{width}} options: {opts}")
     return "\n".join(lines)
 
 
