@@ -8,6 +8,7 @@ step, log. It never branches on a plugin's name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -229,9 +230,7 @@ class OPDModule(GenerationEval):
             t_sup = head_scores(t_feats, t_head, view.targets, temperature=self.temperature,
                                 support_ids=support.ids, entropy=False,
                                 vocab_rows=len(plan.teacher.tokenizer), chunk_size=st["chunk_size"])
-        teacher = Scores(token_logprob=teacher.token_logprob, lse=teacher.lse,
-                         support_logits=t_sup.support_logits, topk_ids=teacher.topk_ids,
-                         topk_logits=teacher.topk_logits, entropy=teacher.entropy)
+        teacher = dataclasses.replace(teacher, support_logits=t_sup.support_logits)
         mask = rollout.response_mask & view.aligned                                        # 5. mask
         for m in plan.maskers:
             mask &= m.mask(rollout, view)

@@ -74,6 +74,16 @@ class Aligner(Plugin):
         raise NotImplementedError
 
 
+def check_support_size(option: str, value: int, tokenizer: Any = None, side: str = "") -> None:
+    """ConfigError for a support size below 1, or (with a tokenizer) above its number of ids."""
+    from opdlm.registry import ConfigError
+
+    if value < 1:
+        raise ConfigError(f"{option}: must be >= 1, got {value}")
+    if tokenizer is not None and value > len(tokenizer):
+        raise ConfigError(f"{option}: {value} is larger than the {side}'s vocabulary ({len(tokenizer)} ids)")
+
+
 class SupportSelector(Plugin):
     """Chooses the token set compared at each response position."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from opdlm.plugin_api import Context, SupportSelector
+from opdlm.plugin_api import Context, SupportSelector, check_support_size
 from opdlm.registry import SUPPORTS, ConfigError
 from opdlm.types import Rollout, Scores, Support
 
@@ -31,8 +31,7 @@ class TeacherTopP(SupportSelector):
         return self.max_k
 
     def bind(self, ctx: Context) -> None:
-        if self.max_k > len(ctx.teacher_tokenizer):
-            raise ConfigError(f"max_k: {self.max_k} is larger than the teacher's vocabulary ({len(ctx.teacher_tokenizer)} ids)")
+        check_support_size("max_k", self.max_k, ctx.teacher_tokenizer, "teacher")
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
         assert teacher.topk_ids is not None and teacher.topk_logits is not None

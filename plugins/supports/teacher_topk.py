@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from opdlm.plugin_api import Context, SupportSelector
-from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.plugin_api import Context, SupportSelector, check_support_size
+from opdlm.registry import SUPPORTS
 from opdlm.types import Rollout, Scores, Support
 
 
@@ -15,8 +15,7 @@ class TeacherTopK(SupportSelector):
     """The K most likely tokens under the teacher at each position."""
 
     def __init__(self, *, k: int = 32) -> None:
-        if k < 1:
-            raise ConfigError(f"k: must be >= 1, got {k}")
+        check_support_size("k", k)
         self.k = k
         self.teacher_topk = k
 
@@ -25,8 +24,7 @@ class TeacherTopK(SupportSelector):
         return self.k
 
     def bind(self, ctx: Context) -> None:
-        if self.k > len(ctx.teacher_tokenizer):
-            raise ConfigError(f"k: {self.k} is larger than the teacher's vocabulary ({len(ctx.teacher_tokenizer)} ids)")
+        check_support_size("k", self.k, ctx.teacher_tokenizer, "teacher")
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
         assert teacher.topk_ids is not None and teacher.topk_ids.shape[-1] >= self.k
