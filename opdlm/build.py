@@ -95,7 +95,9 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
     if not cfg["teacher"]["path"] or not cfg["student"]["path"]:
         corpus = list(task.corpus())
     teacher = ModelSpec(cfg["teacher"], "teacher", corpus)
-    shared = teacher.tokenizer if not cfg["teacher"]["path"] and not cfg["teacher"]["tokenizer_path"] else None
+    tiny_keys = ("path", "tokenizer_path", "tiny_tokenizer", "tiny_vocab", "tiny_digits")
+    same_tiny = all(cfg["teacher"][k] == cfg["student"][k] for k in tiny_keys)
+    shared = teacher.tokenizer if not cfg["teacher"]["path"] and not cfg["teacher"]["tokenizer_path"] and same_tiny else None
     student = ModelSpec(cfg["student"], "student", corpus, shared_tokenizer=shared)
     ctx = Context(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer,
                   student_vocab_rows=student.vocab_rows, teacher_vocab_rows=teacher.vocab_rows, task=task)
@@ -116,6 +118,13 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
         _bind(m, ctx, f"maskers.{i}")
     _bind(loss, ctx, "loss")
     loss.check_support(support, "support")
+    if not aligner.shared_vocabulary:
+        if loss.full_vocabulary:
+            raise ConfigError(f"loss: '{loss.plugin_name}' compares the full vocabulary id by id, but aligner "
+                              f"'{aligner.plugin_name}' joins two vocabularies; use a support loss with mapped_topk")
+        if not support.cross_vocabulary:
+            raise ConfigError(f"support: '{support.plugin_name}' returns ids of one vocabulary, but aligner "
+                              f"'{aligner.plugin_name}' joins two; use a support that maps ids (mapped_topk)")
     if not aligner.uses_teacher_prompt and cfg["teacher"]["chat_template"] != cfg["student"]["chat_template"]:
         raise ConfigError(
             f"teacher.chat_template: aligner '{aligner.plugin_name}' shows the teacher the student's prompt "

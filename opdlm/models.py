@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -51,6 +51,42 @@ def char_tokenizer(texts: Iterable[str], extra_tokens: Iterable[str] = ("<think>
     fast.add_special_tokens({"pad_token": PAD, "eos_token": EOS, "unk_token": UNK})
     fast.padding_side = "left"
     return fast
+
+
+BPE_EOS = "<|eot_id|>"
+TINY_TOKENIZERS = ("char", "bpe")
+
+
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_digits: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts`` in the style of Llama 3: digits are grouped
+    up to ``max_digits`` from the left before merging, <think> tags are ordinary merged text, and the
+    end of turn is the control token <|eot_id|> (padding <pad>). Deterministic for the same texts."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(rf"\d{{1,{max_digits}}}"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BPE_EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=BPE_EOS)
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a tiny model, built from the task's text as the node asks."""
+    kind = node["tiny_tokenizer"]
+    if kind == "char":
+        return char_tokenizer(texts)
+    if kind == "bpe":
+        if node["tiny_vocab"] < 300:
+            raise ConfigError(f"{key}.tiny_vocab: a byte-level BPE needs >= 300 ids (258 bytes and specials), got {node['tiny_vocab']}")
+        if node["tiny_digits"] < 1:
+            raise ConfigError(f"{key}.tiny_digits: must be >= 1, got {node['tiny_digits']}")
+        return bpe_tokenizer(texts, node["tiny_vocab"], node["tiny_digits"])
+    raise ConfigError(f"{key}.tiny_tokenizer: unknown kind '{kind}'; choices: {', '.join(TINY_TOKENIZERS)}")
 
 
 def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
@@ -128,17 +164,28 @@ class ModelSpec:
             else:
                 if task_texts is None:
                     raise ConfigError(f"{key}: a tiny model needs a tokenizer_path or a task to build one from")
-                self.tokenizer = char_tokenizer(task_texts)
+                self.tokenizer = tiny_tokenizer(node, list(task_texts), key)
             self.vocab_rows = len(self.tokenizer)
             try:
                 self.hf_config = tiny_config(node, self.vocab_rows, self.tokenizer)
             except ConfigError as e:
                 raise ConfigError(f"{key}.{e}") from None
         ids = len(self.tokenizer)
-        if self.vocab_rows < ids:
-            raise ConfigError(
-                f"{key}: the model has {self.vocab_rows} output rows but its tokenizer has {ids} ids"
-            )
+        if self.vocab_rows < ids:  # allowed only for control tokens the model never predicts
+            specials = set(self.tokenizer.all_special_ids)
+            added = self.tokenizer.added_tokens_decoder
+            text_ids = [i for i in range(self.vocab_rows, ids)
+                        if i not in specials and not (i in added and added[i].special)]
+            if text_ids:
+                raise ConfigError(
+                    f"{key}: the model has {self.vocab_rows} output rows but its tokenizer has {ids} ids "
+                    f"(id {text_ids[0]} {self.tokenizer.convert_ids_to_tokens(text_ids[0])!r} is a text token)"
+                )
+
+    @property
+    def output_ids(self) -> int:
+        """Logit rows that are tokenizer ids (rows past the tokenizer are padding and never used)."""
+        return min(self.vocab_rows, len(self.tokenizer))
 
     def build(self, seed: int) -> nn.Module:
         """Load the weights (from the folder) or initialise a tiny model with ``seed``."""

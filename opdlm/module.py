@@ -20,9 +20,10 @@ from torchmetrics import MeanMetric
 from opdlm.build import Plan
 from opdlm.models import render_prompt
 from opdlm.ops.diagnostics import repetition_frac
-from opdlm.ops.head import head_scores, response_hidden
+from opdlm.ops.head import gather_columns, head_scores, model_hidden, response_hidden
 from opdlm.plugin_api import Task
 from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
+from opdlm.xtok.tables import N_BINS
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -168,6 +169,7 @@ class OPDModule(GenerationEval):
         self.stage = config["stages"]["opd"]
         self.temperature = plan.sampler.temperature
         self.automatic_optimization = False
+        self._bin_cache: dict[str, Tensor] = {}
         self.strict_loading = False  # checkpoints leave the frozen teacher out
         self.setup_eval(plan, eval_modes(config), plan.student.node["chat_template"])
 
@@ -194,21 +196,50 @@ class OPDModule(GenerationEval):
         return make_optimizer(self, self.student.parameters(), self.stage)
 
     # -- the algorithm ----------------------------------------------------------------------------
+    def _bins(self, side: str, need: bool | None = None) -> Tensor | None:
+        """First-byte bins per id of one side when the loss reads first-byte marginals."""
+        if not (self.plan.loss.needs_first_byte if need is None else need):
+            return None
+        if side not in self._bin_cache:
+            from opdlm.xtok.tables import tables_for
+            pt = tables_for(self.plan.ctx)
+            rows = self.plan.teacher.output_ids if side == "teacher" else self.plan.student.output_ids
+            bins = pt.t_bins if side == "teacher" else pt.s_bins
+            self._bin_cache[side] = torch.from_numpy(bins[:rows].copy())
+        return self._bin_cache[side].to(self.device)
+
     @torch.no_grad()
     def score_teacher(self, view: TeacherView) -> tuple[Tensor, Any, Scores]:
-        feats, head = response_hidden(self.teacher, view.input_ids, view.attention_mask,
-                                      view.position_ids, view.pred_columns)
+        hidden, head = model_hidden(self.teacher, view.input_ids, view.attention_mask, view.position_ids)
+        feats = gather_columns(hidden, view.pred_columns)
+        spec, chunk = self.plan.teacher, self.stage["chunk_size"]
+        bins = self._bins("teacher")
         scores = head_scores(feats, head, view.targets, temperature=self.temperature,
-                             topk=self.plan.support.teacher_topk, entropy=True,
-                             vocab_rows=len(self.plan.teacher.tokenizer), chunk_size=self.stage["chunk_size"])
+                             topk=self.plan.support.teacher_topk, entropy=True, vocab_rows=spec.output_ids,
+                             chunk_size=chunk, buckets=bins, n_buckets=N_BINS)
+        if self.plan.loss.needs_chunk_logprob:
+            if view.teacher_columns is None:
+                chunk_lp = scores.token_logprob
+            else:  # Σ of the teacher's token log-probs per chunk, read at each student token
+                assert view.teacher_targets is not None and view.teacher_chunk is not None
+                tok = head_scores(gather_columns(hidden, view.teacher_columns), head, view.teacher_targets,
+                                  temperature=self.temperature, entropy=False, vocab_rows=spec.output_ids,
+                                  chunk_size=chunk).token_logprob
+                tc = view.teacher_chunk
+                sums = tok.new_zeros(tc.shape[0], max(tc.shape[1], view.targets.shape[1]) + 1)
+                sums.scatter_add_(1, tc.clamp_min(0), torch.where(tc >= 0, tok, torch.zeros_like(tok)))
+                chunk_lp = sums.gather(1, view.chunk_ids().clamp_min(0))
+            scores = dataclasses.replace(scores, chunk_logprob=chunk_lp)
         return feats, head, scores
 
-    def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0) -> Scores:
+    def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0,
+                      first_byte: bool | None = None) -> Scores:
         cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
         cols = cols.expand(ro.input_ids.shape[0], -1)
         feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids, cols)
         return head_scores(feats, head, ro.targets, temperature=self.temperature, support_ids=support_ids,
-                           topk=topk, entropy=True, vocab_rows=len(self.plan.student.tokenizer))
+                           topk=topk, entropy=True, vocab_rows=self.plan.student.output_ids,
+                           buckets=self._bins("student", first_byte), n_buckets=N_BINS)
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
         plan, st = self.plan, self.stage
@@ -223,20 +254,21 @@ class OPDModule(GenerationEval):
         if plan.support.student_topk:
             with torch.no_grad():
                 student_top = self.score_student(rollout, None, topk=plan.support.student_topk)
-        support = plan.support.select(teacher, student_top, rollout)                      # 4. support
+        support = plan.support.select(teacher, student_top, rollout, view)                # 4. support
         if plan.loss.full_vocabulary:
-            support = full_support(rollout.targets, len(plan.student.tokenizer))
+            support = full_support(rollout.targets, plan.student.output_ids)
         with torch.no_grad():
+            t_ids = support.teacher_ids if support.teacher_ids is not None else support.ids
             t_sup = head_scores(t_feats, t_head, view.targets, temperature=self.temperature,
-                                support_ids=support.ids, entropy=False,
-                                vocab_rows=len(plan.teacher.tokenizer), chunk_size=st["chunk_size"])
+                                support_ids=t_ids, entropy=False,
+                                vocab_rows=plan.teacher.output_ids, chunk_size=st["chunk_size"])
         teacher = dataclasses.replace(teacher, support_logits=t_sup.support_logits)
-        mask = rollout.response_mask & view.aligned                                        # 5. mask
+        mask = rollout.response_mask & view.positions(plan.loss.positions)                # 5. mask
         for m in plan.maskers:
             mask &= m.mask(rollout, view)
-        self._update(rollout, teacher, support, mask)                                      # 6. loss + step
+        self._update(rollout, view, teacher, support, mask)                                # 6. loss + step
 
-    def _update(self, rollout: Rollout, teacher: Scores, support: Support, mask: Tensor) -> None:
+    def _update(self, rollout: Rollout, view: TeacherView, teacher: Scores, support: Support, mask: Tensor) -> None:
         st = self.stage
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -258,7 +290,7 @@ class OPDModule(GenerationEval):
                 student = self.score_student(ro, sup.ids)
                 old = old_logprob[micro] if old_logprob is not None else student.token_logprob.detach()
                 inputs = LossInputs(student=student, teacher=take(teacher, micro), support=sup,
-                                    old_logprob=old, mask=mask[micro], rollout=ro)
+                                    old_logprob=old, mask=mask[micro], rollout=ro, view=take(view, micro))
                 out = self.plan.loss.compute(inputs)
                 m = mask[micro].to(out.token_loss.dtype)
                 loss = (out.token_loss * m).sum() / n_tokens * self.trainer.world_size
@@ -275,13 +307,14 @@ class OPDModule(GenerationEval):
         logs["repetition_frac"] = [repetition_frac(rollout.targets, rollout.lengths,
                                                    self.plan.student.tokenizer.eos_token_id)]
         logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
+        logs.update({k: [v] for k, v in alignment_stats(rollout, view).items()})
         for k, vs in logs.items():
             self.log(f"train/{k}", torch.stack([v.float().detach().cpu() for v in vs]).mean(),
                      prog_bar=k in ("loss", "grad_norm"), batch_size=B)
 
     @torch.no_grad()
     def _diagnostics(self, x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]) -> dict[str, Tensor]:
-        m = x.mask
+        m = x.mask if x.view is None else x.mask & x.view.positions("token")  # teacher values of the same token
         gap = x.teacher.token_logprob - x.student.token_logprob.detach()
         out = {
             "loss": masked_mean(token_loss.detach(), m),
@@ -298,6 +331,29 @@ class OPDModule(GenerationEval):
             out["sampled_outside_topk"] = masked_mean((~inside).float(), m)
         out.update({k: v.detach() for k, v in stats.items()})
         return {k: v for k, v in out.items() if v is not None}
+
+
+@torch.no_grad()
+def alignment_stats(rollout: Rollout, view: TeacherView) -> dict[str, Tensor]:
+    """Cross-tokenizer alignment diagnostics (empty with one tokenizer): fractions of response
+    tokens in one-to-one chunks, eligible for token-level (top-K) comparison, not aligned, in
+    mismatched chunks, past a broken UTF-8 prefix, and student tokens per chunk."""
+    if view.chunk is None:
+        return {}
+    resp = rollout.response_mask
+    n = resp.sum().float().clamp_min(1.0)
+    frac = lambda x: (x & resp).sum().float() / n  # noqa: E731
+    out = {
+        "xtok/one_to_one_frac": frac(view.one_to_one if view.one_to_one is not None else view.aligned),
+        "xtok/topk_eligible_frac": frac(view.positions("token")),
+        "xtok/unaligned_frac": frac(~view.aligned),
+        "xtok/mean_chunk_len": (view.aligned & resp).sum().float() / view.positions("start").sum().float().clamp_min(1.0),
+    }
+    if view.mismatched is not None:
+        out["xtok/mismatched_frac"] = frac(view.mismatched)
+    if view.invalid_utf8 is not None:
+        out["xtok/invalid_utf8_frac"] = frac(view.invalid_utf8)
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def full_support(targets: Tensor, vocab: int) -> Support:

@@ -23,6 +23,9 @@ class Context:
     student_vocab_rows: int  # output rows of the student's head (>= its tokenizer's ids)
     teacher_vocab_rows: int
     task: Task | None = None
+    #: a cross-tokenizer aligner's PairTables (opdlm.xtok.tables), published by its bind() so that
+    #: supports and maskers use the same role map
+    vocab_map: Any = None
 
 
 class Plugin:
@@ -69,6 +72,9 @@ class Aligner(Plugin):
     #: whether align() uses the teacher's own rendering of the prompt (else the teacher reads the
     #: student's prompt tokens, so both must render prompts the same way)
     uses_teacher_prompt: bool = False
+    #: whether teacher and student ids are one vocabulary (else supports must map ids, see
+    #: SupportSelector.cross_vocabulary, and full-vocabulary losses cannot run)
+    shared_vocabulary: bool = True
 
     def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:
         raise NotImplementedError
@@ -90,13 +96,16 @@ class SupportSelector(Plugin):
     #: how many of the teacher's / student's own top ids select() needs in its Scores
     teacher_topk: int = 0
     student_topk: int = 0
+    #: returns student ids with their teacher ids (Support.teacher_ids), so it works across tokenizers
+    cross_vocabulary: bool = False
 
     @property
     def size(self) -> int:
         """Largest support size K this selector returns."""
         raise NotImplementedError
 
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
         raise NotImplementedError
 
 
@@ -111,6 +120,14 @@ class Loss(Plugin):
     """Per-token loss from gathered quantities (see opdlm.types.LossInputs)."""
 
     needs_entropy: bool = False
+    #: which positions the loss reads (TeacherView.positions): 'token' (the teacher's distribution
+    #: for the same token: every position with one tokenizer, same-token chunks across tokenizers),
+    #: 'start' (chunk starts) or 'chunk' (every aligned token)
+    positions: str = "token"
+    #: reads Scores.chunk_logprob (the teacher's log-prob of each chunk)
+    needs_chunk_logprob: bool = False
+    #: reads Scores.byte_logprobs (first-byte marginals of both models)
+    needs_first_byte: bool = False
     #: compare the whole vocabulary: the engine passes a support of every id instead of the
     #: configured one (full-vocabulary references such as reverse_kl / forward_kl)
     full_vocabulary: bool = False

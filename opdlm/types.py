@@ -52,14 +52,51 @@ class Rollout:
 
 @dataclass(frozen=True)
 class TeacherView:
-    """The same rollouts as the teacher sees them (its tokens, its prompt rendering)."""
+    """The same rollouts as the teacher sees them (its tokens, its prompt rendering).
+
+    Across tokenizers the completion is cut into chunks: minimal spans of bytes that both sides
+    tokenise with shared boundaries. Position sets, from widest to narrowest:
+    aligned (in a chunk the teacher scores) ⊇ starts (first token of a chunk: both models predict
+    from the same byte offset) ⊇ same_token (the chunk is one safe token on both sides: the two
+    next-token distributions can be compared id against id). With one tokenizer (``identity``)
+    every response token is its own chunk and the optional fields are None.
+    """
 
     input_ids: Tensor  # [B, L'] long
     attention_mask: Tensor  # [B, L'] long
     position_ids: Tensor  # [B, L'] long
-    pred_columns: Tensor  # [B, T] long: teacher column whose logits score student token t (-1: none)
-    targets: Tensor  # [B, T] long: teacher id for student token t (-1: none)
-    aligned: Tensor  # [B, T] bool: the teacher can score student token t
+    pred_columns: Tensor  # [B, T] long: teacher column predicting the first teacher token of the chunk t starts (-1: none)
+    targets: Tensor  # [B, T] long: that teacher token's id (-1: none)
+    aligned: Tensor  # [B, T] bool: student token t lies in a chunk the teacher scores
+    starts: Tensor | None = None  # [B, T] bool: t is the first student token of its chunk
+    same_token: Tensor | None = None  # [B, T] bool: t's chunk is the same single safe token on both sides
+    chunk: Tensor | None = None  # [B, T] long: chunk index of t within its row (-1: none)
+    mismatched: Tensor | None = None  # [B, T] bool: t's chunk holds different bytes on the two sides
+    invalid_utf8: Tensor | None = None  # [B, T] bool: t lies past the completion's valid UTF-8 prefix
+    one_to_one: Tensor | None = None  # [B, T] bool: t's chunk is one token on both sides
+    teacher_columns: Tensor | None = None  # [B, U] long: column predicting teacher completion token u (-1: pad)
+    teacher_targets: Tensor | None = None  # [B, U] long: teacher completion ids (-1: pad)
+    teacher_chunk: Tensor | None = None  # [B, U] long: chunk of teacher token u (-1: pad)
+
+    def positions(self, kind: str) -> Tensor:
+        """[B, T] bool: the positions a loss of ``kind`` ('token', 'start', 'chunk') may read."""
+        if kind == "chunk" or (kind == "start" and self.starts is None) or (kind == "token" and self.same_token is None):
+            return self.aligned
+        if kind == "start":
+            assert self.starts is not None
+            return self.aligned & self.starts
+        if kind == "token":
+            assert self.same_token is not None
+            return self.aligned & self.same_token
+        raise ValueError(f"unknown position kind {kind!r}")
+
+    def chunk_ids(self) -> Tensor:
+        """[B, T] long chunk index per student token (each token its own chunk when there are none)."""
+        if self.chunk is not None:
+            return self.chunk
+        B, T = self.aligned.shape
+        ids = torch.arange(T, device=self.aligned.device).expand(B, T)
+        return torch.where(self.aligned, ids, torch.full_like(ids, -1))
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,8 @@ class Scores:
     topk_ids: Tensor | None = None  # [B, T, k] this model's own top-k ids (when asked for)
     topk_logits: Tensor | None = None  # [B, T, k]
     entropy: Tensor | None = None  # [B, T] entropy of the full next-token distribution
+    chunk_logprob: Tensor | None = None  # [B, T] log-prob of the whole chunk holding token t (teacher side)
+    byte_logprobs: Tensor | None = None  # [B, T, 257] log P(next byte = b); bin 256: no byte / other
 
     def support_logprobs(self) -> Tensor:  # [B, T, K] full-softmax log-probs on the support
         assert self.support_logits is not None
@@ -83,8 +122,9 @@ class Scores:
 class Support:
     """The token set compared at each response position."""
 
-    ids: Tensor  # [B, T, K] long vocabulary ids (padding entries point at a valid id)
+    ids: Tensor  # [B, T, K] long student vocabulary ids (padding entries point at a valid id)
     valid: Tensor  # [B, T, K] bool: which entries belong to the set
+    teacher_ids: Tensor | None = None  # [B, T, K] the same entries as teacher ids (None: the same ids)
 
     @property
     def size(self) -> int:
@@ -101,6 +141,7 @@ class LossInputs:
     old_logprob: Tensor  # [B, T] student log-prob of the sampled token when the rollouts were scored
     mask: Tensor  # [B, T] bool: positions that count
     rollout: Rollout
+    view: TeacherView | None = None  # the teacher's view (chunks across tokenizers)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from opdlm.types import LossInputs, Scores
 #: file); "{jsonl}" is replaced by a generated file
 FIXTURE_OPTIONS = {
     "task": {"jsonl": {"path": "{jsonl}"}},
-    "support": {"teacher_topk": {"k": 4}, "student_topk": {"k": 4}, "teacher_topk_plus_sampled": {"k": 3},
+    "support": {"teacher_topk": {"k": 4}, "mapped_topk": {"k": 3}, "student_topk": {"k": 4}, "teacher_topk_plus_sampled": {"k": 3},
                 "teacher_top_p": {"max_k": 4},
                 "union": {"first": {"name": "teacher_topk", "k": 2}, "second": {"name": "student_topk", "k": 2}}},
     "sampler": {"top_p": {"max_new_tokens": 12}},
@@ -84,12 +84,23 @@ def test_sampler_contract(name, world):
 def test_aligner_contract(name, world):
     a = build(ALIGNERS, name, world, "aligner")
     ro = world["rollout"]
-    v = a.align(ro)
+    plan = world["plan"]
+    t_prompts = [plan.teacher.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] for ex in ro.examples]
+    v = a.align(ro, t_prompts if a.uses_teacher_prompt else None)
     B, T = ro.response_mask.shape
     assert v.pred_columns.shape == v.targets.shape == v.aligned.shape == (B, T)
     assert v.aligned.dtype == torch.bool
-    assert torch.all(v.pred_columns[v.aligned] >= 0)
-    assert torch.all(v.pred_columns[v.aligned] < v.input_ids.shape[1])
+    starts = v.positions("start")
+    assert torch.all(v.pred_columns[starts] >= 0)
+    assert torch.all(v.pred_columns[starts] < v.input_ids.shape[1])
+    assert not (v.positions("token") & ~starts).any() and not (starts & ~v.aligned).any()
+    assert not (v.aligned & ~ro.response_mask).any()
+    # one tokenizer, valid text: every response token is aligned up to the first control token
+    # that has no role on the teacher's side (the random fixture student samples <pad>)
+    tok = plan.student.tokenizer
+    unmapped = torch.tensor([i in tok.all_special_ids and i != tok.eos_token_id for i in range(len(tok))])
+    stop = (unmapped[ro.targets] & ro.response_mask).long().cumsum(-1) > 0
+    assert torch.equal(v.aligned, ro.response_mask & ~stop) or v.chunk is None
 
 
 @pytest.mark.parametrize("name", SUPPORTS.names())
@@ -100,11 +111,14 @@ def test_support_contract(name, world):
     if s.teacher_topk > teacher.topk_ids.shape[-1]:
         pytest.skip("fixture teacher top-k too small")
     student = world["module"].score_student(ro, None, topk=s.student_topk) if s.student_topk else None
-    sup = s.select(teacher, student, ro)
+    view = world["view"]
+    sup = s.select(teacher, student, ro, view)
     B, T = ro.response_mask.shape
     assert sup.ids.shape[:2] == (B, T) and sup.ids.shape == sup.valid.shape
     assert sup.ids.shape[-1] <= s.size
-    assert sup.valid.dtype == torch.bool and sup.valid.any(-1).all()
+    assert sup.valid.dtype == torch.bool and sup.valid.any(-1)[view.positions("token")].all()
+    if sup.teacher_ids is not None:
+        assert sup.teacher_ids.shape == sup.ids.shape
     assert sup.ids.min() >= 0 and sup.ids.max() < world["plan"].teacher.vocab_rows
 
 
@@ -125,15 +139,20 @@ def test_loss_contract(name, world):
         sup = full_support(ro.targets, len(world["plan"].student.tokenizer))
     loss.check_support(SUPPORTS.build({"name": "teacher_topk", "k": 4}), "support")
     module.student.zero_grad()
-    student = module.score_student(ro, sup.ids)
+    student = module.score_student(ro, sup.ids, first_byte=loss.needs_first_byte)
     t = world["teacher"]
     with torch.no_grad():
-        t_sup = module.score_student(ro, sup.ids)  # any fixed logits on the support will do
+        t_sup = module.score_student(ro, sup.ids, first_byte=loss.needs_first_byte)  # any fixed values will do
+    t_bytes = None
+    if t_sup.byte_logprobs is not None:
+        t_bytes = torch.log_softmax(t_sup.byte_logprobs + 0.3 * torch.randn_like(t_sup.byte_logprobs), -1)
     teacher = Scores(token_logprob=t.token_logprob, lse=t.lse, support_logits=t_sup.support_logits.detach() + 0.3,
-                     topk_ids=t.topk_ids, topk_logits=t.topk_logits, entropy=t.entropy)
+                     topk_ids=t.topk_ids, topk_logits=t.topk_logits, entropy=t.entropy,
+                     chunk_logprob=t.token_logprob, byte_logprobs=t_bytes)
     mask = ro.response_mask
     out = loss.compute(LossInputs(student=student, teacher=teacher, support=sup,
-                                  old_logprob=student.token_logprob.detach(), mask=mask, rollout=ro))
+                                  old_logprob=student.token_logprob.detach(), mask=mask, rollout=ro,
+                                  view=world["view"]))
     assert out.token_loss.shape == mask.shape
     assert torch.isfinite(out.token_loss[mask]).all()
     total = (out.token_loss * mask).sum() / mask.sum()

@@ -33,6 +33,20 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     position_ids: Tensor, pred_columns: Tensor) -> tuple[Tensor, nn.Linear | None]:
     """Hidden states [B, T, H] at the columns that predict each response token, and the head that
     maps them to logits. Falls back to full logits (head None) when the model cannot be split."""
+    feats, head = model_hidden(model, input_ids, attention_mask, position_ids)
+    return gather_columns(feats, pred_columns), head
+
+
+def gather_columns(feats: Tensor, columns: Tensor) -> Tensor:
+    """feats [B, L, H] at ``columns`` [B, T] (negative columns read column 0; mask them)."""
+    idx = columns.clamp_min(0)
+    return torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
+
+
+def model_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                 position_ids: Tensor) -> tuple[Tensor, nn.Linear | None]:
+    """Last hidden states [B, L, H] and the LM head, or the logits [B, L, V] and None when the head
+    cannot be separated from the body."""
     split = split_model(model)
     if split is None:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -43,9 +57,19 @@ def response_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
         body, head = split
         feats = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
-    idx = pred_columns.clamp_min(0)
-    feats = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
     return feats, head
+
+
+def bucket_logsumexp(logits: Tensor, buckets: Tensor, n_buckets: int) -> Tensor:
+    """[N, n_buckets]: log Σ_{v: buckets[v] = b} exp(logits[:, v]) (-inf for an empty bucket).
+    Each bucket is shifted by its own (detached) maximum, so no bucket underflows."""
+    N, V = logits.shape
+    idx = buckets[:V].unsqueeze(0).expand(N, V)
+    with torch.no_grad():
+        top = logits.new_full((N, n_buckets), float("-inf")).scatter_reduce(1, idx, logits, "amax")
+        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    sums = logits.new_zeros(N, n_buckets).index_add(1, buckets[:V], (logits - shift.gather(1, idx)).exp())
+    return sums.log() + shift
 
 
 def _logits(feats: Tensor, head: nn.Linear | None, temperature: float) -> Tensor:
@@ -57,12 +81,15 @@ def _logits(feats: Tensor, head: nn.Linear | None, temperature: float) -> Tensor
 
 def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, temperature: float = 1.0,
                 support_ids: Tensor | None = None, topk: int = 0, entropy: bool = True,
-                vocab_rows: int | None = None, chunk_size: int | None = None) -> Scores:
+                vocab_rows: int | None = None, chunk_size: int | None = None,
+                buckets: Tensor | None = None, n_buckets: int = 0) -> Scores:
     """Scores at every position of ``feats`` [B, T, H] (or logits, when ``head`` is None).
 
     targets [B, T] sampled ids (negative = none); support_ids [B, T, K]; topk: how many of the
     model's own top ids to return; vocab_rows: logits past this row (tokenizer padding rows) are
-    excluded from everything; chunk_size: positions per chunk (None = all at once).
+    excluded from everything; chunk_size: positions per chunk (None = all at once); buckets [V]
+    long: a partition of the ids into n_buckets bins whose log-probabilities are returned as
+    Scores.byte_logprobs (the first-byte marginal).
     """
     B, T = targets.shape
     n = B * T
@@ -70,7 +97,7 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
     tgt = targets.reshape(n).clamp_min(0)
     sup = support_ids.reshape(n, -1) if support_ids is not None else None
     step = max(1, chunk_size or n)
-    tok, lse, sl, ti, tl, ent = [], [], [], [], [], []
+    tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
     for s in range(0, n, step):
         logits = _logits(f[s : s + step], head, temperature)
         if vocab_rows is not None and vocab_rows < logits.shape[-1]:
@@ -84,6 +111,8 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
             v, i = logits.topk(topk, dim=-1)
             ti.append(i)
             tl.append(v)
+        if buckets is not None:
+            bk.append(bucket_logsumexp(logits, buckets, n_buckets) - z.unsqueeze(-1))
         if entropy:  # a diagnostic: no graph is kept for it
             logp = (logits - z.unsqueeze(-1)).detach()
             ent.append(-(logp.exp() * logp).sum(-1))
@@ -96,4 +125,5 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
         topk_ids=cat(ti, topk) if topk else None,
         topk_logits=cat(tl, topk) if topk else None,
         entropy=cat(ent) if entropy else None,
+        byte_logprobs=cat(bk, n_buckets) if buckets is not None else None,
     )

@@ -9,11 +9,17 @@
 
 ℓ_t = Σ_i w_i ℓ^i_t. Options: terms (non-empty list of loss nodes; weight >= 0, default 1).
 Every term sees the same support; its stats are logged as "<i>_<name>/<stat>" plus its mean loss.
+Terms may read different positions (across tokenizers: chunk_pg every aligned token, first_byte
+chunk starts, support losses same-token positions): the sum reads the widest set, and each term
+counts only on its own positions (0 elsewhere), all over one global token mean.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+import torch
 
 from opdlm.plugin_api import Context, Loss, SupportSelector
 from opdlm.registry import LOSSES, ConfigError
@@ -42,6 +48,11 @@ class WeightedSum(Loss):
         if len({t[1].full_vocabulary for t in self.terms}) > 1:
             raise ConfigError("terms: full-vocabulary losses (reverse_kl, forward_kl) cannot be mixed with support losses")
         self.full_vocabulary = self.terms[0][1].full_vocabulary
+        kinds = {t[1].positions for t in self.terms}
+        self.positions = next(k for k in ("chunk", "start", "token") if k in kinds)
+        self.needs_entropy = any(t[1].needs_entropy for t in self.terms)
+        self.needs_chunk_logprob = any(t[1].needs_chunk_logprob for t in self.terms)
+        self.needs_first_byte = any(t[1].needs_first_byte for t in self.terms)
 
     def bind(self, ctx: Context) -> None:
         for _, loss, _ in self.terms:
@@ -55,9 +66,13 @@ class WeightedSum(Loss):
         total = None
         stats = {}
         for w, loss, tag in self.terms:
-            out = loss.compute(inputs)
-            total = w * out.token_loss if total is None else total + w * out.token_loss
-            stats[f"{tag}/loss"] = masked_mean(out.token_loss.detach(), inputs.mask)
+            x = inputs
+            if loss.positions != self.positions and inputs.view is not None:
+                x = dataclasses.replace(inputs, mask=inputs.mask & inputs.view.positions(loss.positions))
+            out = loss.compute(x)
+            term = torch.where(x.mask, out.token_loss, torch.zeros_like(out.token_loss))
+            total = w * term if total is None else total + w * term
+            stats[f"{tag}/loss"] = masked_mean(out.token_loss.detach(), x.mask)
             stats.update({f"{tag}/{k}": v for k, v in out.stats.items()})
         assert total is not None
         return LossOutput(token_loss=total, stats=stats)

@@ -1,7 +1,10 @@
 """Special-token masking of the LSM paper: in each response, drop from the loss the first
 occurrence of each configured token. The tokens are given as strings and resolved through the
 student tokenizer; each must encode to exactly one id (else a ConfigError before training).
-Option: tokens (list of strings; the paper's Qwen default is ["<", "think", "<|im_end|>"]).
+Options: tokens (list of strings; the paper's Qwen default is ["<", "think", "<|im_end|>"]);
+teacher_tokens (list of strings resolved through the teacher tokenizer, default []): across
+tokenizers, the chunk holding the first occurrence of each in the teacher's re-tokenised completion
+is dropped too (e.g. a Qwen teacher's one-token "<think>" that a Llama student spells in three).
 Output [B, T] bool (False at the dropped positions)."""
 
 from __future__ import annotations
@@ -40,30 +43,46 @@ def first_occurrences(targets: Tensor, ids: Tensor, allowed: Tensor) -> Tensor:
 class SpecialTokens(Masker):
     """Drops the first occurrence per response of each configured token string."""
 
-    def __init__(self, *, tokens: list[str] | None = None) -> None:
+    def __init__(self, *, tokens: list[str] | None = None, teacher_tokens: list[str] | None = None) -> None:
         self.tokens = list(tokens) if tokens is not None else ["<", "think", "<|im_end|>"]
-        if not all(isinstance(t, str) and t for t in self.tokens):
-            raise ConfigError(f"tokens: must be non-empty strings, got {self.tokens!r}")
+        self.teacher_tokens = list(teacher_tokens or [])
+        for key, vals in (("tokens", self.tokens), ("teacher_tokens", self.teacher_tokens)):
+            if not all(isinstance(t, str) and t for t in vals):
+                raise ConfigError(f"{key}: must be non-empty strings, got {vals!r}")
         self.ids: Tensor | None = None
+        self.teacher_ids: Tensor | None = None
 
-    def bind(self, ctx: Context) -> None:
+    @staticmethod
+    def _resolve(tok, strings: list[str], key: str, side: str) -> Tensor:  # noqa: ANN001 - an HF tokenizer
         ids = []
-        for t in self.tokens:
-            i = single_token_id(ctx.student_tokenizer, t)
+        for t in strings:
+            i = single_token_id(tok, t)
             if i is None:
-                tok = ctx.student_tokenizer
                 enc = tok(t, add_special_tokens=False)["input_ids"]
                 how = ("contains characters it does not know" if tok.unk_token_id in enc
                        else f"encodes to {len(enc)} ids {enc[:8]}")
                 raise ConfigError(
-                    f"tokens: '{t}' is not a single token of the student tokenizer (it {how}); "
+                    f"{key}: '{t}' is not a single token of the {side} tokenizer (it {how}); "
                     f"list strings the tokenizer has as one token"
                 )
             ids.append(i)
-        self.ids = torch.tensor(sorted(set(ids)), dtype=torch.long)
+        return torch.tensor(sorted(set(ids)), dtype=torch.long)
+
+    def bind(self, ctx: Context) -> None:
+        self.ids = self._resolve(ctx.student_tokenizer, self.tokens, "tokens", "student")
+        self.teacher_ids = self._resolve(ctx.teacher_tokenizer, self.teacher_tokens, "teacher_tokens", "teacher")
 
     def mask(self, rollout: Rollout, view: TeacherView) -> Tensor:
-        if self.ids is None:
+        if self.ids is None or self.teacher_ids is None:
             raise RuntimeError("special_tokens masker used before bind()")
         drop = first_occurrences(rollout.targets, self.ids.to(rollout.targets.device), rollout.response_mask)
+        if len(self.teacher_ids):
+            if view.teacher_targets is None or view.teacher_chunk is None:  # one tokenizer: same ids
+                drop |= first_occurrences(rollout.targets, self.teacher_ids.to(drop.device), rollout.response_mask)
+            else:
+                t_ok = view.teacher_targets >= 0
+                t_first = first_occurrences(view.teacher_targets, self.teacher_ids.to(drop.device), t_ok)
+                hit_chunks = torch.where(t_first, view.teacher_chunk, torch.full_like(view.teacher_chunk, -2))
+                chunk = view.chunk_ids()
+                drop |= (chunk.unsqueeze(-1) == hit_chunks.unsqueeze(-2)).any(-1) & (chunk >= 0)
         return ~drop

@@ -6,7 +6,7 @@ import torch
 
 from opdlm.plugin_api import SupportSelector
 from opdlm.registry import SUPPORTS
-from opdlm.types import Rollout, Scores, Support
+from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("sampled_token")
@@ -20,6 +20,7 @@ class SampledToken(SupportSelector):
     def size(self) -> int:
         return 1
 
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
         ids = rollout.targets.unsqueeze(-1)
         return Support(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool))

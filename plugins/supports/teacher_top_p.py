@@ -9,7 +9,7 @@ import torch
 
 from opdlm.plugin_api import Context, SupportSelector, check_support_size
 from opdlm.registry import SUPPORTS, ConfigError
-from opdlm.types import Rollout, Scores, Support
+from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("teacher_top_p")
@@ -33,7 +33,8 @@ class TeacherTopP(SupportSelector):
     def bind(self, ctx: Context) -> None:
         check_support_size("max_k", self.max_k, ctx.teacher_tokenizer, "teacher")
 
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
         assert teacher.topk_ids is not None and teacher.topk_logits is not None
         ids = teacher.topk_ids[..., : self.max_k]
         probs = (teacher.topk_logits[..., : self.max_k] - teacher.lse.unsqueeze(-1)).exp()

@@ -7,7 +7,7 @@ import torch
 
 from opdlm.plugin_api import Context, SupportSelector, check_support_size
 from opdlm.registry import SUPPORTS
-from opdlm.types import Rollout, Scores, Support
+from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("teacher_topk")
@@ -26,7 +26,8 @@ class TeacherTopK(SupportSelector):
     def bind(self, ctx: Context) -> None:
         check_support_size("k", self.k, ctx.teacher_tokenizer, "teacher")
 
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
         assert teacher.topk_ids is not None and teacher.topk_ids.shape[-1] >= self.k
         ids = teacher.topk_ids[..., : self.k]
         return Support(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool))

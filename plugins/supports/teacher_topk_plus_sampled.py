@@ -9,7 +9,7 @@ import torch
 
 from opdlm.plugin_api import Context, SupportSelector, check_support_size
 from opdlm.registry import SUPPORTS
-from opdlm.types import Rollout, Scores, Support
+from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("teacher_topk_plus_sampled")
@@ -28,7 +28,8 @@ class TeacherTopKPlusSampled(SupportSelector):
     def bind(self, ctx: Context) -> None:
         check_support_size("k", self.k, ctx.teacher_tokenizer, "teacher")
 
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
         assert teacher.topk_ids is not None and teacher.topk_ids.shape[-1] >= self.k
         top = teacher.topk_ids[..., : self.k]
         sampled = rollout.targets.unsqueeze(-1)

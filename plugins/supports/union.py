@@ -10,7 +10,7 @@ import torch
 
 from opdlm.plugin_api import Context, SupportSelector
 from opdlm.registry import SUPPORTS, ConfigError
-from opdlm.types import Rollout, Scores, Support
+from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("union")
@@ -35,8 +35,9 @@ class Union(SupportSelector):
         self.first.bind(ctx)
         self.second.bind(ctx)
 
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout) -> Support:
-        a = self.first.select(teacher, student, rollout)
-        b = self.second.select(teacher, student, rollout)
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
+        a = self.first.select(teacher, student, rollout, view)
+        b = self.second.select(teacher, student, rollout, view)
         dup = ((b.ids.unsqueeze(-1) == a.ids.unsqueeze(-2)) & a.valid.unsqueeze(-2)).any(-1)
         return Support(ids=torch.cat([a.ids, b.ids], -1), valid=torch.cat([a.valid, b.valid & ~dup], -1))

@@ -1,0 +1,54 @@
+"""Chunk-level sampled-path OPD (cross-tokenizer variant A of the README): a policy gradient whose
+advantage is the teacher-student log-ratio of the whole chunk holding each student token.
+
+For chunk c (a span of bytes both tokenizers cut at the same boundaries):
+lp_S(c) = Σ_{t∈c} log π_old(y_t), lp_T(c) = Σ of the teacher's log-probs of its own tokens of c,
+A_c = sg(lp_T(c) - lp_S(c)), credited to every student token of c through the PPO surrogate of
+sampled_token (ratio π_θ/π_old per token, clip ε, dual clip c). Σ_c A_c = log p_T(y) - log p_S(y):
+no part of the sequence is lost, whatever the segmentation. With one tokenizer every token is its
+own chunk and this is exactly sampled_token. Options: clip_eps, dual_clip (as sampled_token).
+Reads Scores.chunk_logprob (teacher) and token_logprob (student); output token_loss [B, T].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opdlm.ops.pg import check_clip_options, ppo_token_loss
+from opdlm.plugin_api import Loss
+from opdlm.registry import LOSSES
+from opdlm.types import LossInputs, LossOutput, masked_mean
+
+
+def chunk_sums(values: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """[B, T]: Σ of ``values`` over the chunk of each position (0 where chunk < 0)."""
+    ok = chunk >= 0
+    idx = chunk.clamp_min(0)
+    sums = values.new_zeros(values.shape[0], values.shape[1] + 1)
+    sums.scatter_add_(1, idx, torch.where(ok, values, torch.zeros_like(values)))
+    return torch.where(ok, sums.gather(1, idx), torch.zeros_like(values))
+
+
+@LOSSES.register("chunk_pg")
+class ChunkPG(Loss):
+    """PPO-clipped policy gradient with the chunk log-ratio lp_T(c) - lp_S(c) as advantage."""
+
+    positions = "chunk"
+    needs_chunk_logprob = True
+
+    def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
+        check_clip_options(clip_eps, dual_clip)
+        self.clip_eps, self.dual_clip = clip_eps, dual_clip
+
+    def compute(self, inputs: LossInputs) -> LossOutput:
+        assert inputs.teacher.chunk_logprob is not None, "the engine fills chunk_logprob for chunk_pg"
+        old = inputs.old_logprob.detach()
+        chunk = inputs.view.chunk_ids() if inputs.view is not None else torch.arange(
+            old.shape[1], device=old.device).expand_as(old)
+        adv = (inputs.teacher.chunk_logprob - chunk_sums(old, chunk)).detach()
+        loss, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        m = inputs.mask
+        return LossOutput(token_loss=loss, stats={
+            "clip_frac": masked_mean(clipped.float(), m).detach(),
+            "advantage": masked_mean(adv, m),
+        })
