@@ -94,11 +94,14 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
     corpus = None
     if not cfg["teacher"]["path"] or not cfg["student"]["path"]:
         corpus = list(task.corpus())
-    teacher = ModelSpec(cfg["teacher"], "teacher", corpus)
+    train_texts = None
+    if any(not cfg[r]["path"] and cfg[r]["tiny_tokenizer"] == "bpe" for r in ("teacher", "student")):
+        train_texts = [ex.prompt + (ex.solution or "") for ex in task.examples("train")]
+    teacher = ModelSpec(cfg["teacher"], "teacher", corpus, train_texts=train_texts)
     tiny_keys = ("path", "tokenizer_path", "tiny_tokenizer", "tiny_vocab", "tiny_digits")
     same_tiny = all(cfg["teacher"][k] == cfg["student"][k] for k in tiny_keys)
     shared = teacher.tokenizer if not cfg["teacher"]["path"] and not cfg["teacher"]["tokenizer_path"] and same_tiny else None
-    student = ModelSpec(cfg["student"], "student", corpus, shared_tokenizer=shared)
+    student = ModelSpec(cfg["student"], "student", corpus, shared_tokenizer=shared, train_texts=train_texts)
     ctx = Context(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer,
                   student_vocab_rows=student.vocab_rows, teacher_vocab_rows=teacher.vocab_rows, task=task)
     sampler = SAMPLERS.build(cfg["sampler"], "sampler")

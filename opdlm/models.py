@@ -75,8 +75,10 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_digits: int) -> Pre
     return fast
 
 
-def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str) -> PreTrainedTokenizerBase:
-    """The tokenizer of a tiny model, built from the task's text as the node asks."""
+def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str,
+                   train_texts: list[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a tiny model, built from the task's text as the node asks: characters from
+    ``texts`` (the task's character inventory), BPE merges learnt on ``train_texts`` + ``texts``."""
     kind = node["tiny_tokenizer"]
     if kind == "char":
         return char_tokenizer(texts)
@@ -85,7 +87,7 @@ def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str) -> PreTr
             raise ConfigError(f"{key}.tiny_vocab: a byte-level BPE needs >= 300 ids (258 bytes and specials), got {node['tiny_vocab']}")
         if node["tiny_digits"] < 1:
             raise ConfigError(f"{key}.tiny_digits: must be >= 1, got {node['tiny_digits']}")
-        return bpe_tokenizer(texts, node["tiny_vocab"], node["tiny_digits"])
+        return bpe_tokenizer([*(train_texts or []), *texts], node["tiny_vocab"], node["tiny_digits"])
     raise ConfigError(f"{key}.tiny_tokenizer: unknown kind '{kind}'; choices: {', '.join(TINY_TOKENIZERS)}")
 
 
@@ -144,7 +146,8 @@ class ModelSpec:
     output rows, and how to materialise it."""
 
     def __init__(self, node: Mapping[str, Any], key: str, task_texts: Iterable[str] | None,
-                 shared_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+                 shared_tokenizer: PreTrainedTokenizerBase | None = None,
+                 train_texts: list[str] | None = None) -> None:
         self.node = dict(node)
         self.key = key
         self.path = node["path"]
@@ -164,7 +167,7 @@ class ModelSpec:
             else:
                 if task_texts is None:
                     raise ConfigError(f"{key}: a tiny model needs a tokenizer_path or a task to build one from")
-                self.tokenizer = tiny_tokenizer(node, list(task_texts), key)
+                self.tokenizer = tiny_tokenizer(node, list(task_texts), key, train_texts)
             self.vocab_rows = len(self.tokenizer)
             try:
                 self.hf_config = tiny_config(node, self.vocab_rows, self.tokenizer)

@@ -242,10 +242,16 @@ class OPDModule(GenerationEval):
                            buckets=self._bins("student", first_byte), n_buckets=N_BINS)
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
+        plan = self.plan
+        prompts = [render_prompt(plan.student.tokenizer, ex.prompt, self.chat_template) for ex in batch]
+        rollout = plan.sampler.sample(self.student, plan.student.tokenizer, prompts, batch)   # 1. sample
+        view, teacher, support, mask = self.prepare(rollout)                                  # 2.-5.
+        self._update(rollout, view, teacher, support, mask)                                  # 6. loss + step
+
+    def prepare(self, rollout: Rollout) -> tuple[TeacherView, Scores, Support, Tensor]:
+        """Align, score the teacher, select the support and mask: everything the loss reads besides
+        the student's own scores."""
         plan, st = self.plan, self.stage
-        tok = plan.student.tokenizer
-        prompts = [render_prompt(tok, ex.prompt, self.chat_template) for ex in batch]
-        rollout = plan.sampler.sample(self.student, tok, prompts, batch)                  # 1. sample
         t_prompts = [render_prompt(plan.teacher.tokenizer, ex.prompt, plan.teacher.node["chat_template"])
                      for ex in rollout.examples]
         view = plan.aligner.align(rollout, t_prompts)                                    # 2. align
@@ -266,7 +272,7 @@ class OPDModule(GenerationEval):
         mask = rollout.response_mask & view.positions(plan.loss.positions)                # 5. mask
         for m in plan.maskers:
             mask &= m.mask(rollout, view)
-        self._update(rollout, view, teacher, support, mask)                                # 6. loss + step
+        return view, teacher, support, mask
 
     def _update(self, rollout: Rollout, view: TeacherView, teacher: Scores, support: Support, mask: Tensor) -> None:
         st = self.stage
@@ -326,7 +332,8 @@ class OPDModule(GenerationEval):
         }
         if x.teacher.topk_ids is not None and x.teacher.topk_logits is not None:
             mass = (x.teacher.topk_logits - x.teacher.lse.unsqueeze(-1)).exp().sum(-1)
-            inside = (x.teacher.topk_ids == x.rollout.targets.unsqueeze(-1)).any(-1)
+            sampled = x.rollout.targets if x.view is None else x.view.targets  # as a teacher id
+            inside = (x.teacher.topk_ids == sampled.unsqueeze(-1)).any(-1)
             out["teacher_topk_mass"] = masked_mean(mass, m)
             out["sampled_outside_topk"] = masked_mean((~inside).float(), m)
         out.update({k: v.detach() for k, v in stats.items()})

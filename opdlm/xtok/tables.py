@@ -217,7 +217,14 @@ def pair_tables(student_tok: Any, teacher_tok: Any, student_rows: int, teacher_r
     for si, ti in role_ids.items():
         t2s[ti] = si
         s2t[si] = ti
-    safe = ~s.control & ~s.added & ~s.digit & (s2t >= 0)
+    # digits and added tokens mean different things in different vocabularies (Llama "4" ends a
+    # number sooner than Qwen "4"); with one vocabulary on both sides every shared token is safe
+    same_vocab = s.pieces == t.pieces and bool((s.control == t.control).all())
+    safe = ~s.control & (s2t >= 0)
+    if not same_vocab:
+        safe &= ~s.added & ~s.digit
+    for si in role_ids:  # the end-of-turn pair: both models' probability of ending here
+        safe[si] = True
     # first-byte bins: a byte only one side can start a token with goes to the shared control bin
     both = np.zeros(N_BINS, dtype=bool)
     both[np.unique(s.first)] = True
