@@ -150,11 +150,11 @@ def test_normaliser_changes_are_flagged_not_crashed(pairs):
 
 
 def test_literal_special_token_text_stays_text(pairs):
-    for (s, t), (st, tt, tables, enc) in pairs.items():
+    for st, tt, tables, enc in pairs.values():
         lit = tt.eos_token  # the teacher's control token typed by the student as text
         text = f"so the answer is {lit} 42"
         ids = np.array(student_ids(st, text) + [st.eos_token_id])
-        assert st.convert_tokens_to_ids(lit) not in ids[:-1].tolist() or lit != st.eos_token
+        assert not tables.student.control[ids[:-1]].any(), "the student spelled it as text"
         res = align_rows([ids], tables, enc)[0]
         assert res.teacher_ids[:-1].tolist().count(tt.eos_token_id) == 0, "no control token from text"
         assert res.teacher_ids[-1] == tt.eos_token_id and (res.status == OK).all()
