@@ -110,12 +110,36 @@ def _plan_row(ids: np.ndarray, tables: PairTables) -> tuple[list[_Segment], list
     return segments, controls, len(ids)
 
 
+def _common_prefix(a: bytes, b: bytes) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # binary search on slice equality (memcmp speed)
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _matching_blocks(sd: bytes, td: bytes) -> list[tuple[int, int, int]]:
+    """difflib's matching blocks, with the common prefix and suffix taken out first (normaliser
+    changes are local, so difflib only sees the span between the first and last difference)."""
+    p = _common_prefix(sd, td)
+    q = _common_prefix(sd[p:][::-1], td[p:][::-1])
+    ms, mt = sd[p : len(sd) - q], td[p : len(td) - q]
+    blocks = [(0, 0, p)] if p else []
+    sm = difflib.SequenceMatcher(None, ms, mt, autojunk=False)
+    blocks += [(a + p, b + p, n) for a, b, n in sm.get_matching_blocks() if n]
+    if q:
+        blocks.append((len(sd) - q, len(td) - q, q))
+    return blocks
+
+
 def _match_boundaries(sd: bytes, td: bytes, s_ends: np.ndarray, t_ends: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Common boundaries (student end, teacher end) when the byte strings differ, and whether the
     chunk ending at each holds equal bytes on both sides."""
-    sm = difflib.SequenceMatcher(None, sd, td, autojunk=False)
-    blocks = sm.get_matching_blocks()
+    blocks = _matching_blocks(sd, td)
     t_set = set(t_ends.tolist())
     pairs = [(0, 0)]
     for e in s_ends.tolist():

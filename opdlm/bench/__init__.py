@@ -1,0 +1,1 @@
+"""Benchmarks (python bench.py --help)."""
