@@ -194,3 +194,15 @@ def test_bad_tokenizers_and_roles_are_config_errors(real_tokenizers, tmp_path):
         pair_tables(ll, q, 128256, 151936, {"<|eot_id|>": "<think>"})
     with pytest.raises(ConfigError, match=r"the model has 1000 output rows, but id 1000 \('.*'\) is a text token past them"):
         token_bytes(q, 1000, "teacher")
+
+
+def test_invalid_bytes_inside_the_text_are_read_as_teacher_byte_tokens(pairs):
+    for st, tt, tables, enc in pairs.values():
+        lone = tables.student.pieces.index(b"\xc3")  # a lead byte with no continuation
+        ids = np.array(student_ids(st, "ab") + [lone] + student_ids(st, " cd") + [st.eos_token_id])
+        res = align_rows([ids], tables, enc)[0]
+        assert (res.status == OK).all() and res.chunk_equal.all()
+        assert tables.teacher.pieces[tables.byte_ids[0xC3]] == b"\xc3"
+        assert tables.byte_ids[0xC3] in res.teacher_ids.tolist()
+        s_join, t_join = check_partition(ids, res, tables, b"ab\xc3 cd", b"ab\xc3 cd")
+        assert s_join == t_join == b"ab\xc3 cd"

@@ -311,6 +311,30 @@ def test_alignment_metrics_count_broken_utf8(xworld):
     assert 0 < float(stats["xtok/topk_eligible_frac"]) < float(stats["xtok/one_to_one_frac"]) <= 1
 
 
+def test_characters_the_teacher_cannot_read_are_scored_as_its_unknown_token(xworld):
+    _, plan, module = xworld
+    st, tt = plan.student.tokenizer, plan.teacher.tokenizer
+    ex, comp = solutions(plan, 2)
+    y = st.convert_tokens_to_ids("Y")  # a byte the task never uses: the character teacher has no "Y"
+    bad = st.convert_tokens_to_ids("Ã")  # a lone lead byte: invalid UTF-8 inside the text
+    comp[0] = comp[0][:3] + [y] + comp[0][3:]
+    comp[1] = comp[1][:4] + [bad] + comp[1][4:]
+    ro = forced_rollout(st, ex, comp)
+    view, teacher, _, mask = module.prepare(ro)
+    assert view.aligned.equal(ro.response_mask), "nothing is left unaligned (no place to hide)"
+    assert view.mismatched[0].nonzero().flatten().tolist() == [3]
+    assert view.mismatched[1].nonzero().flatten().tolist() == [4]
+    assert (view.teacher_targets == tt.unk_token_id).sum() == 2
+    assert not view.same_token[0, 3] and mask[0, 3], "scored by the chunk losses, not compared token by token"
+    # the chunk's teacher log-prob is the teacher's log-prob of <unk> there (independent forward)
+    tp = render_prompt(tt, ex[0].prompt, False)
+    t_comp = tt(st.decode(comp[0][:3]), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = module.teacher(input_ids=torch.tensor([tp + t_comp])).logits[0, -1, : plan.teacher.output_ids]
+    ref = float(torch.log_softmax(logits.double(), -1)[tt.unk_token_id])
+    assert float(teacher.chunk_logprob[0, 3]) == pytest.approx(ref, abs=1e-4)
+
+
 def test_config_errors_across_tokenizers():
     from opdlm.registry import ConfigError
     with pytest.raises(ConfigError, match="aligner: 'identity' needs one vocabulary"):

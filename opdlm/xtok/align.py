@@ -2,15 +2,20 @@
 
 Per completion (numpy, no per-token Python work beyond joining byte strings):
 1. The student's bytes come from the ids it sampled (never from re-tokenising its decoded text).
-   Control tokens split the completion into text segments; a role-mapped control token (end of
-   turn) becomes a one-to-one chunk with the teacher's role token; an unmapped one stops alignment.
-2. Each segment keeps its longest valid UTF-8 prefix; later tokens are unaligned (``invalid_utf8``).
-3. The prefix is re-tokenised by the teacher without BOS and with special tokens split (a literal
-   "<|im_end|>" in the text stays text).
-4. Chunks close where the running byte ends of both sides meet. When the teacher's bytes differ
-   from the student's (a normaliser such as NFC rewrote the text) the two byte strings are matched
-   with difflib and boundaries are taken only where the match maps them onto each other; chunks
-   whose bytes differ are flagged ``mismatched``.
+   Control tokens split the completion into segments; a role-mapped control token (end of turn)
+   becomes a one-to-one chunk with the teacher's role token; an unmapped one stops alignment.
+2. Each segment is split into valid UTF-8 text and runs of invalid bytes. Text is re-tokenised by
+   the teacher without BOS and with special tokens split (a literal "<|im_end|>" stays text);
+   invalid bytes are read by the teacher as its single-byte tokens (byte-level vocabularies have
+   all 256), else as its unknown token. Only a character cut at the very end of the completion (the
+   length budget ran out) is left out as an ``invalid_utf8`` tail.
+3. Chunks close where the running byte ends of both sides meet. Teacher tokens that stand for
+   bytes they do not spell (an unknown token, read through the encoder's character offsets) make
+   their chunk ``mismatched``; so does a normaliser (Qwen's NFC) that rewrote the bytes, in which
+   case the two byte strings are matched with difflib and boundaries are taken only where the match
+   maps them onto each other.
+Mismatched chunks are still scored by the teacher (its log-prob of its own reading of the text):
+masking them would let a student hide there from the loss.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class RowAlignment:
     teacher_ids: np.ndarray  # [m] int64 teacher completion ids
     student_chunk: np.ndarray  # [n] int64 chunk of each student token (-1: none)
     teacher_chunk: np.ndarray  # [m] int64 chunk of each teacher token
-    chunk_equal: np.ndarray  # [n_chunks] bool: both sides hold the same bytes
+    chunk_equal: np.ndarray  # [n_chunks] bool: both sides spell the same bytes
     status: np.ndarray  # [n] int8: OK, INVALID_UTF8 or UNALIGNED
 
 
@@ -61,53 +66,57 @@ def teacher_encoder(tokenizer: Any) -> Any:
     return enc
 
 
-def valid_utf8_prefix(data: bytes) -> int:
-    """Length of the longest prefix of ``data`` that is valid UTF-8."""
-    try:
-        data.decode("utf-8")
-        return len(data)
-    except UnicodeDecodeError as e:
-        return e.start
+def utf8_parts(data: bytes, final: bool) -> tuple[list[tuple[bool, bytes]], int]:
+    """Split ``data`` into (is_text, bytes) runs of valid UTF-8 and of invalid bytes. With ``final``
+    a character cut at the very end is not a run: the returned length stops before it."""
+    parts: list[tuple[bool, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        try:
+            data[pos:].decode("utf-8")
+            parts.append((True, data[pos:]))
+            return parts, len(data)
+        except UnicodeDecodeError as e:
+            if e.start:
+                parts.append((True, data[pos : pos + e.start]))
+            bad = pos + e.start
+            if final and e.reason == "unexpected end of data":
+                return parts, bad
+            parts.append((False, data[bad : pos + e.end]))
+            pos += e.end
+    return parts, len(data)
 
 
 @dataclass
 class _Segment:
-    text: str
-    data: bytes  # the valid prefix
-    token_idx: np.ndarray  # student token positions of the segment's text tokens
+    parts: list[tuple[bool, bytes]]
+    data: bytes  # the bytes the segment aligns (a cut final character left out)
+    token_idx: np.ndarray  # student positions of the segment's tokens
     ends: np.ndarray  # their running byte ends (relative to the segment)
-    cut: int  # valid prefix length
 
 
-def _plan_row(ids: np.ndarray, tables: PairTables) -> tuple[list[_Segment], list[tuple[int, int]], int]:
-    """Split a completion into text segments and control tokens.
-
-    Returns (segments, control [(student position, teacher id or -1)], stop): segments[i] is
-    followed by control[i] when there is one; positions >= stop are not aligned."""
+def _plan_row(ids: np.ndarray, tables: PairTables) -> tuple[list[_Segment], list[tuple[int, int]]]:
+    """Split a completion into segments and the control tokens after them: segments[i] is followed
+    by controls[i] (student position, teacher role id or -1) when there is one."""
     s = tables.student
-    ctrl_pos = np.nonzero(s.control[ids])[0]
+    ctrl_pos = np.nonzero(s.control[ids])[0].tolist()
     segments: list[_Segment] = []
     controls: list[tuple[int, int]] = []
     start = 0
-    bounds = list(ctrl_pos) + [len(ids)]
-    for c in bounds:
-        idx = np.arange(start, c)
-        pieces = s.pieces
-        data = b"".join([pieces[i] for i in ids[start:c].tolist()])
-        cut = valid_utf8_prefix(data)
-        ends = np.cumsum(s.lengths[ids[start:c]])
-        segments.append(_Segment(text=data[:cut].decode("utf-8"), data=data[:cut], token_idx=idx,
-                                 ends=ends, cut=cut))
-        if c == len(ids):
+    for c in ctrl_pos + [len(ids)]:
+        final = c == len(ids)
+        data = b"".join([s.pieces[i] for i in ids[start:c].tolist()])
+        parts, cut = utf8_parts(data, final)
+        segments.append(_Segment(parts=parts, data=data[:cut], token_idx=np.arange(start, c),
+                                 ends=np.cumsum(s.lengths[ids[start:c]])))
+        if final:
             break
-        if cut < len(data):  # a broken character before the control token: stop here
-            return segments, controls, c
         role = tables.roles.get(int(ids[c]), -1)
         controls.append((int(c), role))
         if role < 0:
-            return segments, controls, c
+            break
         start = c + 1
-    return segments, controls, len(ids)
+    return segments, controls
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -136,96 +145,139 @@ def _matching_blocks(sd: bytes, td: bytes) -> list[tuple[int, int, int]]:
 
 
 def _match_boundaries(sd: bytes, td: bytes, s_ends: np.ndarray, t_ends: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Common boundaries (student end, teacher end) when the byte strings differ, and whether the
-    chunk ending at each holds equal bytes on both sides."""
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Common boundaries (student end, teacher end) when the byte strings differ."""
     blocks = _matching_blocks(sd, td)
     t_set = set(t_ends.tolist())
     pairs = [(0, 0)]
     for e in s_ends.tolist():
         for a, b, size in blocks:
-            if a <= e <= a + size and size:
+            if a <= e <= a + size:
                 te = b + e - a
-                if te in t_set and te > pairs[-1][1]:
+                if te in t_set and te > pairs[-1][1] and e > pairs[-1][0]:
                     pairs.append((e, te))
                 break
-    if (len(sd), len(td)) != pairs[-1] and len(sd) in set(s_ends.tolist()) and len(td) in t_set:
-        pairs.append((len(sd), len(td)))  # both strings end: the last (differing) chunk closes
-    ps = np.array([p[0] for p in pairs[1:]], dtype=np.int64)
-    pt = np.array([p[1] for p in pairs[1:]], dtype=np.int64)
-    eq = np.array([sd[a0:a1] == td[b0:b1] for (a0, b0), (a1, b1) in zip(pairs[:-1], pairs[1:])], dtype=bool)
-    return ps, pt, eq
+    last = (len(sd), len(td))
+    if pairs[-1] != last and len(sd) in set(s_ends.tolist()) and len(td) in t_set:
+        pairs.append(last)  # both strings end: the last (differing) chunk closes
+    return (np.array([p[0] for p in pairs[1:]], dtype=np.int64),
+            np.array([p[1] for p in pairs[1:]], dtype=np.int64))
 
 
-def _align_segment(seg: _Segment, t_ids: np.ndarray, tables: PairTables
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
-    """(student chunk [n_seg] (-1 none, local numbering), teacher ids kept, their chunks, chunk
-    equality, whether the whole segment is aligned)."""
+def _teacher_side(seg: _Segment, encodings: list[Any], tables: PairTables
+                  ) -> tuple[np.ndarray, list[bytes], np.ndarray] | None:
+    """Teacher ids of a segment, the bytes each stands for, and which stand for bytes they do not
+    spell (unknown tokens); None when the teacher cannot read the segment at all."""
     t = tables.teacher
-    s_ends = seg.ends[seg.ends <= seg.cut]
-    known = (t_ids >= 0) & (t_ids < len(t.lengths))
-    if not known.all() or t.control[t_ids].any():  # ids past the model's rows, or without bytes
-        return np.full(len(seg.ends), -1, np.int64), t_ids[:0], t_ids[:0], np.zeros(0, bool), False
-    t_ends = np.cumsum(t.lengths[t_ids])
-    same = (t_ends[-1] if len(t_ends) else 0) == seg.cut and b"".join([t.pieces[i] for i in t_ids.tolist()]) == seg.data
-    if same:
-        common = np.intersect1d(s_ends, t_ends, assume_unique=True)
-        eq = np.ones(len(common), dtype=bool)
-        cs, ct = common, common
+    ids: list[int] = []
+    pieces: list[bytes] = []
+    unknown: list[bool] = []
+    enc_iter = iter(encodings)
+    for is_text, run in seg.parts:
+        if is_text:
+            e = next(enc_iter)
+            text = run.decode("utf-8")
+            for i, (cs, ce) in zip(e.ids, e.offsets):
+                if 0 <= i < len(t.lengths) and not t.control[i]:
+                    ids.append(i)
+                    pieces.append(t.pieces[i])
+                    unknown.append(False)
+                else:  # an unknown token (or an id past the model's rows): the characters it covers
+                    if ce <= cs or not 0 <= i < len(t.lengths):
+                        return None
+                    ids.append(i)
+                    pieces.append(text[cs:ce].encode("utf-8"))
+                    unknown.append(True)
+        else:
+            for byte in run:
+                i = int(tables.byte_ids[byte])
+                if i < 0:
+                    return None
+                ids.append(i)
+                pieces.append(bytes([byte]))
+                unknown.append(bool(t.control[i]))
+    return np.asarray(ids, dtype=np.int64), pieces, np.asarray(unknown, dtype=bool)
+
+
+def _align_segment(seg: _Segment, t_ids: np.ndarray, t_pieces: list[bytes], t_unknown: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """(student chunk per token (-1 none, local numbering), teacher ids kept, their chunks, chunk
+    equality, whether the whole segment is aligned)."""
+    cut = len(seg.data)
+    t_len = np.fromiter((len(p) for p in t_pieces), dtype=np.int64, count=len(t_pieces))
+    t_ends = np.cumsum(t_len)
+    s_ends = seg.ends[seg.ends <= cut]
+    td = b"".join(t_pieces)
+    if td == seg.data:
+        cs = ct = np.intersect1d(s_ends, t_ends, assume_unique=True)
     else:
-        td = b"".join([t.pieces[i] for i in t_ids.tolist()])
-        cs, ct, eq = _match_boundaries(seg.data, td, s_ends, t_ends)
-    last_s = cs[-1] if len(cs) else 0
-    last_t = ct[-1] if len(ct) else 0
+        cs, ct = _match_boundaries(seg.data, td, s_ends, t_ends)
+    last_s = int(cs[-1]) if len(cs) else 0
+    last_t = int(ct[-1]) if len(ct) else 0
     s_chunk = np.searchsorted(cs, seg.ends, side="left").astype(np.int64)
     s_chunk[seg.ends > last_s] = -1
     keep = t_ends <= last_t
     t_chunk = np.searchsorted(ct, t_ends[keep], side="left").astype(np.int64)
-    whole = len(seg.ends) == 0 or (seg.cut == seg.ends[-1] and last_s == seg.cut)
-    return s_chunk, t_ids[keep], t_chunk, eq, bool(whole and last_t == (t_ends[-1] if len(t_ends) else 0))
+    if td == seg.data:
+        eq = np.ones(len(cs), dtype=bool)
+    else:
+        starts_s, starts_t = np.r_[0, cs[:-1]].tolist(), np.r_[0, ct[:-1]].tolist()
+        eq = np.array([seg.data[a0:a1] == td[b0:b1]
+                       for a0, a1, b0, b1 in zip(starts_s, cs.tolist(), starts_t, ct.tolist())], dtype=bool)
+    if t_unknown[keep].any():
+        eq[np.unique(t_chunk[t_unknown[keep]])] = False
+    whole = (len(seg.ends) == 0 or (cut == seg.ends[-1] and last_s == cut)) and last_t == (t_ends[-1] if len(t_ends) else 0)
+    return s_chunk, t_ids[keep], t_chunk, eq, bool(whole)
 
 
 def align_rows(rows: list[np.ndarray], tables: PairTables, encoder: Any) -> list[RowAlignment]:
     """Align each student completion (its sampled ids, up to and including EOS)."""
     plans = [_plan_row(ids, tables) for ids in rows]
-    texts = [seg.text for segs, _, _ in plans for seg in segs]
+    texts = [run.decode("utf-8") for segs, _ in plans for seg in segs for is_text, run in seg.parts if is_text]
     encoded = encoder.encode_batch(texts, add_special_tokens=False) if texts else []
-    enc_iter = iter(encoded)
+    pos = 0
     out = []
-    for ids, (segs, controls, stop) in zip(rows, plans):
+    for ids, (segs, controls) in zip(rows, plans):
         n = len(ids)
         s_chunk = np.full(n, -1, dtype=np.int64)
         status = np.full(n, UNALIGNED, dtype=np.int8)
         t_parts, tc_parts, eq_parts = [], [], []
         n_chunks = 0
-        aligned_so_far = True
+        going = True
         for i, seg in enumerate(segs):
-            t_ids = np.asarray(next(enc_iter).ids, dtype=np.int64)
-            if not aligned_so_far:
+            k = sum(1 for is_text, _ in seg.parts if is_text)
+            encs = encoded[pos : pos + k]
+            pos += k
+            if not going:
                 continue
-            sc, tk, tc, eq, whole = _align_segment(seg, t_ids, tables)
+            side = _teacher_side(seg, encs, tables)
+            if side is None:
+                going = False
+                continue
+            sc, tk, tc, eq, whole = _align_segment(seg, *side)
             idx = seg.token_idx
             hit = sc >= 0
             s_chunk[idx[hit]] = sc[hit] + n_chunks
             status[idx[hit]] = OK
-            status[idx[(~hit) & (seg.ends > seg.cut)]] = INVALID_UTF8
+            status[idx[(~hit) & (seg.ends > len(seg.data))]] = INVALID_UTF8
             t_parts.append(tk)
             tc_parts.append(tc + n_chunks)
             eq_parts.append(eq)
             n_chunks += len(eq)
             if i < len(controls) and whole and controls[i][1] >= 0:
-                pos, role = controls[i]
-                s_chunk[pos] = n_chunks
-                status[pos] = OK
+                c_pos, role = controls[i]
+                s_chunk[c_pos] = n_chunks
+                status[c_pos] = OK
                 t_parts.append(np.array([role], dtype=np.int64))
                 tc_parts.append(np.array([n_chunks], dtype=np.int64))
                 eq_parts.append(np.ones(1, dtype=bool))
                 n_chunks += 1
             else:
-                aligned_so_far = False
-        del stop
+                going = False
+
         def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
             return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
         out.append(RowAlignment(teacher_ids=cat(t_parts, np.int64), student_chunk=s_chunk,
                                 teacher_chunk=cat(tc_parts, np.int64), chunk_equal=cat(eq_parts, bool),
                                 status=status))

@@ -181,6 +181,7 @@ class PairTables:
     t2s: np.ndarray  # [teacher rows] int64: student id with the same bytes (or role), -1: none
     s2t: np.ndarray  # [student rows] int64: the inverse map, -1: none
     roles: dict[int, int]  # student control id -> teacher control id
+    byte_ids: np.ndarray  # [256] int64 teacher id that reads one raw byte (its byte token, else its unknown token; -1 none)
     safe: np.ndarray  # [student rows] bool: may be compared token against token
     s_bins: np.ndarray  # [student rows] int64 first-byte bin
     t_bins: np.ndarray  # [teacher rows] int64 first-byte bin
@@ -191,12 +192,10 @@ _PAIR_CACHE: dict[tuple, tuple[Any, Any, PairTables]] = {}
 
 def pair_tables(student_tok: Any, teacher_tok: Any, student_rows: int, teacher_rows: int,
                 roles: dict[str, str] | None = None) -> PairTables:
-    """Tables of a tokenizer pair (cached per pair, rows and role map). ``roles`` maps student
-    control-token strings to teacher ones; None maps the two end-of-sequence tokens."""
-    if roles is None:
-        roles = {}
-        if student_tok.eos_token and teacher_tok.eos_token:
-            roles[student_tok.eos_token] = teacher_tok.eos_token
+    """Tables of a tokenizer pair (cached per pair, rows and role map). The role map always holds
+    end of sequence <-> end of sequence and the control tokens spelled alike on both sides (<pad>
+    <-> <pad>); ``roles`` adds pairs of student -> teacher control-token strings (and wins)."""
+    roles = dict(roles or {})
     key = (id(student_tok), id(teacher_tok), student_rows, teacher_rows, tuple(sorted(roles.items())))
     hit = _PAIR_CACHE.get(key)
     if hit is not None and hit[0] is student_tok and hit[1] is teacher_tok:
@@ -204,8 +203,23 @@ def pair_tables(student_tok: Any, teacher_tok: Any, student_rows: int, teacher_r
     s = token_bytes(student_tok, student_rows, "student")
     t = token_bytes(teacher_tok, teacher_rows, "teacher")
     role_ids: dict[int, int] = {}
+    t_vocab = teacher_tok.get_vocab()
+    for text, i in student_tok.get_vocab().items():  # control tokens spelled alike
+        j = t_vocab.get(text)
+        if j is not None and i < len(s.control) and j < len(t.control) and s.control[i] and t.control[j]:
+            role_ids[int(i)] = int(j)
+    if student_tok.eos_token_id is not None and teacher_tok.eos_token_id is not None:
+        role_ids[int(student_tok.eos_token_id)] = int(teacher_tok.eos_token_id)
     for sv, tv in roles.items():
         role_ids[control_id(student_tok, sv, s, "student")] = control_id(teacher_tok, tv, t, "teacher")
+    # a raw byte (invalid UTF-8 in the student's text) is read by the teacher's one-byte token
+    t_by_bytes: dict[bytes, int] = {}
+    for i, p in enumerate(t.pieces):
+        if len(p) == 1 and p not in t_by_bytes:
+            t_by_bytes[p] = i
+    unk = teacher_tok.unk_token_id
+    unk = int(unk) if unk is not None and unk < len(t.pieces) else -1
+    byte_ids = np.array([t_by_bytes.get(bytes([b]), unk) for b in range(256)], dtype=np.int64)
     by_bytes: dict[bytes, int] = {}
     for i, p in enumerate(s.pieces):
         if p and p not in by_bytes:
@@ -234,7 +248,8 @@ def pair_tables(student_tok: Any, teacher_tok: Any, student_rows: int, teacher_r
     both[CONTROL_BIN] = True
     s_bins = np.where(both[s.first], s.first, CONTROL_BIN)
     t_bins = np.where(both[t.first], t.first, CONTROL_BIN)
-    pt = PairTables(student=s, teacher=t, t2s=t2s, s2t=s2t, roles=role_ids, safe=safe, s_bins=s_bins, t_bins=t_bins)
+    pt = PairTables(student=s, teacher=t, t2s=t2s, s2t=s2t, roles=role_ids, byte_ids=byte_ids, safe=safe,
+                    s_bins=s_bins, t_bins=t_bins)
     _PAIR_CACHE[key] = (student_tok, teacher_tok, pt)
     return pt
 

@@ -6,8 +6,9 @@ The teacher sequence per rollout: teacher prompt (left-padded to P') + teacher c
 (right-padded to U). Output: a TeacherView with pred_columns/targets at chunk starts, chunk ids for
 both sides, and the position sets aligned ⊇ starts ⊇ same_token.
 Option: roles (mapping student control token -> teacher control token, e.g.
-{"<|eot_id|>": "<|im_end|>"}; null maps the two end-of-sequence tokens). Role tokens must exist and
-be control tokens on both sides. Byte tables are built once per tokenizer pair and cached.
+{"<|end_of_text|>": "<|endoftext|>"}), added to the pairs that always hold: end of sequence <->
+end of sequence, and control tokens spelled alike on both sides. Role tokens must exist and be
+control tokens on both sides. Byte tables are built once per tokenizer pair and cached.
 """
 
 from __future__ import annotations

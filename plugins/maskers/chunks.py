@@ -1,8 +1,11 @@
-"""Cross-tokenizer chunk masker: drops student tokens whose chunk the two sides do not hold alike.
-Tokens outside any chunk (past a broken UTF-8 prefix, after an unmapped control token) never count:
-the engine masks them through TeacherView.aligned. This masker adds the policy choices:
-- mismatched (default true): drop chunks whose bytes differ between the sides (a normaliser such as
-  Qwen's NFC rewrote the text), so the teacher is never asked about text it did not read;
+"""Cross-tokenizer chunk masker: policy on which chunks count. Tokens outside any chunk (a
+character cut by the length budget, anything after a control token the teacher has no role for)
+never count: the engine masks them through TeacherView.aligned. The options:
+- mismatched (default false): drop chunks whose bytes differ between the sides (a normaliser such
+  as Qwen's NFC rewrote them, or the teacher read characters it does not know as its unknown
+  token). Off by default: the teacher still scores its own reading of that text, and a masked
+  region is a place where the student escapes the loss (the cross-tokenizer demo collapsed into
+  characters the teacher could not read when they were masked);
 - one_to_one (default false): keep only chunks that are one token on both sides;
 - max_tokens (default 0 = no limit): drop chunks longer than this many student tokens.
 With one tokenizer nothing is dropped. Output [B, T] bool."""
@@ -21,7 +24,7 @@ from opdlm.types import Rollout, TeacherView
 class Chunks(Masker):
     """Drops mismatched (and optionally multi-token or long) cross-tokenizer chunks."""
 
-    def __init__(self, *, mismatched: bool = True, one_to_one: bool = False, max_tokens: int = 0) -> None:
+    def __init__(self, *, mismatched: bool = False, one_to_one: bool = False, max_tokens: int = 0) -> None:
         if max_tokens < 0:
             raise ConfigError(f"max_tokens: must be >= 0 (0 = no limit), got {max_tokens}")
         self.drop_mismatched, self.one_to_one, self.max_tokens = mismatched, one_to_one, max_tokens
