@@ -197,7 +197,7 @@ def test_bad_tokenizers_and_roles_are_config_errors(real_tokenizers, tmp_path):
 
 
 def test_invalid_bytes_inside_the_text_are_read_as_teacher_byte_tokens(pairs):
-    for st, tt, tables, enc in pairs.values():
+    for st, _, tables, enc in pairs.values():
         lone = tables.student.pieces.index(b"\xc3")  # a lead byte with no continuation
         ids = np.array(student_ids(st, "ab") + [lone] + student_ids(st, " cd") + [st.eos_token_id])
         res = align_rows([ids], tables, enc)[0]

@@ -73,7 +73,7 @@ def run(args: Any) -> None:
         rows = [np.asarray(st(x, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                            + [st.eos_token_id]) for x in corpus]
         n = sum(len(r) for r in rows)
-        texts = [x for x in corpus]
+        texts = list(corpus)
         best = best_tok = float("inf")
         res = None
         for _ in range(args.repeats):
@@ -90,4 +90,4 @@ def run(args: Any) -> None:
               f"| {st_all['one_to_one']:.1%} | {st_all['topk_eligible']:.1%} | {st_all['mismatched']:.2%} "
               f"| {st_all['tokens_per_chunk']:.2f} | {st_num['one_to_one']:.1%} | {st_num['topk_eligible']:.1%} |")
     print()
-    print(f"target: >= 200,000 student tokens/s including teacher re-tokenisation (one thread)")
+    print("target: >= 200,000 student tokens/s including teacher re-tokenisation (one thread)")
