@@ -69,6 +69,9 @@ def check_values(cfg: Mapping[str, Any]) -> None:
                 need(st[key] >= 1, f"{k}.{key}", ">= 1", st[key])
         if "chunk_size" in st:
             need(st["chunk_size"] >= 0, f"{k}.chunk_size", ">= 0 (0 = no chunking)", st["chunk_size"])
+        if "head" in st:
+            need(st["head"] in ("naive", "lean"), f"{k}.head", "naive or lean", st["head"])
+            need(st["head_chunk"] >= 1, f"{k}.head_chunk", ">= 1", st["head_chunk"])
     ev = cfg["eval"]
     need(ev["batch_size"] >= 1, "eval.batch_size", ">= 1", ev["batch_size"])
     need(ev["val_prompts"] >= 0, "eval.val_prompts", ">= 0", ev["val_prompts"])

@@ -21,6 +21,7 @@ from opdlm.build import Plan
 from opdlm.models import render_prompt
 from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.head import gather_columns, head_scores, model_hidden, response_hidden
+from opdlm.ops.lean import lean_backward
 from opdlm.plugin_api import Task
 from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
 from opdlm.xtok.tables import N_BINS
@@ -293,14 +294,9 @@ class OPDModule(GenerationEval):
             for micro in _chunks_of(mb, st["micro_batches"]):
                 ro = take(rollout, micro)
                 sup = take(support, micro)
-                student = self.score_student(ro, sup.ids)
-                old = old_logprob[micro] if old_logprob is not None else student.token_logprob.detach()
-                inputs = LossInputs(student=student, teacher=take(teacher, micro), support=sup,
-                                    old_logprob=old, mask=mask[micro], rollout=ro, view=take(view, micro))
-                out = self.plan.loss.compute(inputs)
-                m = mask[micro].to(out.token_loss.dtype)
-                loss = (out.token_loss * m).sum() / n_tokens * self.trainer.world_size
-                self.manual_backward(loss)
+                old = old_logprob[micro] if old_logprob is not None else None
+                inputs, out = self._loss_backward(ro, sup, take(teacher, micro), old, mask[micro],
+                                                  take(view, micro), n_tokens)
                 for k, v in self._diagnostics(inputs, out.token_loss, out.stats).items():
                     logs.setdefault(k, []).append(v)
             gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), st["max_grad_norm"] or float("inf"))
@@ -317,6 +313,64 @@ class OPDModule(GenerationEval):
         for k, vs in logs.items():
             self.log(f"train/{k}", torch.stack([v.float().detach().cpu() for v in vs]).mean(),
                      prog_bar=k in ("loss", "grad_norm"), batch_size=B)
+
+    def _loss_backward(self, ro: Rollout, sup: Support, teacher: Scores, old: Tensor | None, mask: Tensor,
+                       view: TeacherView, n_tokens: Tensor) -> tuple[LossInputs, Any]:
+        """Student scores, loss and backward for one micro-batch, on the naive or the lean head path.
+        Returns the loss inputs and output (for diagnostics; detached on the lean path)."""
+        loss_fn = self.plan.loss
+        world = self.trainer.world_size if self._trainer is not None else 1
+
+        def inputs_for(student: Scores) -> LossInputs:
+            o = old if old is not None else student.token_logprob.detach()
+            return LossInputs(student=student, teacher=teacher, support=sup, old_logprob=o, mask=mask,
+                              rollout=ro, view=view)
+
+        lean = self.stage["head"] == "lean"
+        if lean:
+            cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
+            feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids,
+                                          cols.expand(ro.input_ids.shape[0], -1))
+            if head is None:
+                self._warn_no_split()
+                lean = False
+        if not lean:
+            inputs = inputs_for(self.score_student(ro, sup.ids))
+            out = loss_fn.compute(inputs)
+            m = mask.to(out.token_loss.dtype)
+            self._backward((out.token_loss * m).sum() / n_tokens * world)
+            return inputs, out
+
+        def objective(student: Scores, span: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+            o = loss_fn.compute(inputs_for(student))
+            tl = o.token_loss * mask.to(o.token_loss.dtype)
+            if span is not None:
+                tl = tl.reshape(-1)[span[0] : span[1]]
+            return tl.sum() / n_tokens * world, o.token_loss
+
+        student = lean_backward(feats, head, ro.targets, sup.ids, objective, chunk_size=self.stage["head_chunk"],
+                                positionwise=loss_fn.positionwise, backward=self._backward,
+                                temperature=self.temperature, vocab_rows=self.plan.student.output_ids,
+                                buckets=self._bins("student"), n_buckets=N_BINS, entropy=True)
+        inputs = inputs_for(student)
+        with torch.no_grad():
+            out = loss_fn.compute(inputs)
+        return inputs, out
+
+    def _backward(self, t: Tensor, grad: Tensor | None = None) -> None:
+        """Lightning's manual_backward inside a fit; plain autograd when called directly (tests)."""
+        if self._trainer is not None:
+            self.manual_backward(t, grad) if grad is not None else self.manual_backward(t)
+        else:
+            t.backward(grad)
+
+    def _warn_no_split(self) -> None:
+        if not getattr(self, "_warned_split", False):
+            import warnings
+            warnings.warn("stages.opd.head=lean: the student's output head cannot be separated from its body "
+                          f"({type(self.student).__name__}: logit scaling or soft-capping, or an unknown layout); "
+                          "using the naive head path", stacklevel=2)
+            self._warned_split = True
 
     @torch.no_grad()
     def _diagnostics(self, x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -335,6 +335,25 @@ def test_characters_the_teacher_cannot_read_are_scored_as_its_unknown_token(xwor
     assert float(teacher.chunk_logprob[0, 3]) == pytest.approx(ref, abs=1e-4)
 
 
+def test_special_token_rule_on_the_teacher_side_drops_the_whole_chunk(xworld):
+    """A student that spells <think> in seven byte tokens: the teacher's first <think> is one token,
+    and its chunk (all seven student tokens) is dropped; the second <think> is kept."""
+    from opdlm.registry import MASKERS
+    _, plan, module = xworld
+    st = plan.student.tokenizer
+    ex, comp = solutions(plan, 1)
+    spelled = [st.convert_tokens_to_ids(c) for c in "<think>"]
+    body = st(" 1+1=2", add_special_tokens=False)["input_ids"]
+    comp = [spelled + body + spelled + body + [st.eos_token_id]]
+    ro = forced_rollout(st, ex, comp)
+    view, _, _, _ = module.prepare(ro)
+    m = MASKERS.build({"name": "special_tokens", "tokens": [], "teacher_tokens": ["<think>"]}, "maskers.0")
+    m.bind(plan.ctx)
+    keep = m.mask(ro, view)[0, : len(comp[0])]
+    assert keep.tolist() == [False] * 7 + [True] * (len(comp[0]) - 7)
+    assert int((view.teacher_targets[0] == plan.teacher.tokenizer.convert_tokens_to_ids("<think>")).sum()) == 2
+
+
 def test_config_errors_across_tokenizers():
     from opdlm.registry import ConfigError
     with pytest.raises(ConfigError, match="aligner: 'identity' needs one vocabulary"):

@@ -14,6 +14,8 @@ from opdlm.types import LossInputs, LossOutput
 class ForwardKL(Loss):
     """Forward KL(q ‖ π) over the full vocabulary."""
 
+    positionwise = True
+
     full_vocabulary = True
 
     def __init__(self) -> None:

@@ -14,6 +14,8 @@ from opdlm.types import LossInputs, LossOutput
 class LSMUnnormalised(Loss):
     """Truncated reverse KL on the support with full-softmax probabilities (no renormalisation)."""
 
+    positionwise = True
+
     def __init__(self) -> None:
         pass
 

@@ -15,6 +15,8 @@ from opdlm.types import LossInputs, LossOutput
 class ReverseKL(Loss):
     """Reverse KL(π ‖ q) over the full vocabulary."""
 
+    positionwise = True
+
     full_vocabulary = True
 
     def __init__(self) -> None:

@@ -1,0 +1,90 @@
+"""The memory-lean head path gives the naive path's loss values and gradients (fp32 tolerance), for
+every registered loss, with several chunks (the last one partial), on one tokenizer and across two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, demo_cfg
+from test_contracts import FIXTURE_OPTIONS
+
+from opdlm.build import build_plan
+from opdlm.module import OPDModule
+from opdlm.registry import LOSSES
+from opdlm.types import Example
+
+XTOK = ["teacher.tiny_tokenizer=char", "student.tiny_tokenizer=bpe", "student.tiny_vocab=320",
+        "aligner.name=byte_span", "support.name=mapped_topk", "support.k=4", "maskers=[{name: response}]"]
+
+
+def grads_for(loss_node: dict, head: str, extra: list[str], chunk: int = 7):
+    torch.manual_seed(0)
+    cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", *extra,
+                   f"stages.opd.head={head}", f"stages.opd.head_chunk={chunk}")
+    cfg["loss"] = loss_node
+    plan = build_plan(cfg)
+    module = OPDModule(cfg, plan=plan)
+    tok = plan.student.tokenizer
+    ex = plan.task.examples("train")[:3]
+    torch.manual_seed(1)
+    ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
+    view, teacher, support, mask = module.prepare(ro)
+    module.student.zero_grad()
+    inputs, out = module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+    g = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+    return out.token_loss.detach(), mask, g, out.stats
+
+
+def loss_nodes():
+    out = []
+    for name in LOSSES.names():
+        node = {"name": name, **FIXTURE_OPTIONS.get("loss", {}).get(name, {})}
+        out.append(pytest.param(node, id=name))
+    return out
+
+
+def compare(node, extra):
+    l1, m1, g1, s1 = grads_for(node, "naive", extra)
+    l2, m2, g2, s2 = grads_for(node, "lean", extra)
+    assert torch.equal(m1, m2) and m1.sum() > 2
+    torch.testing.assert_close(l2[m2], l1[m1], atol=1e-5, rtol=1e-4)
+    assert g1.keys() == g2.keys() and g1
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=1e-6, rtol=1e-4, msg=k)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("node", loss_nodes())
+def test_lean_equals_naive_one_tokenizer(node):
+    compare(node, [])
+
+
+@pytest.mark.parametrize("node", [pytest.param({"name": n}, id=n) for n in ("chunk_pg", "tail_aware", "first_byte")]
+                         + [pytest.param({"name": "weighted_sum", "terms": [{"name": "chunk_pg"}, {"name": "tail_aware"},
+                                                                         {"name": "first_byte"}]}, id="abc")])
+def test_lean_equals_naive_across_tokenizers(node):
+    compare(node, XTOK)
+
+
+def test_lean_path_config_errors():
+    from opdlm.registry import ConfigError
+    with pytest.raises(ConfigError, match=r"stages.opd.head_chunk: must be >= 1, got 0"):
+        build_plan(demo_cfg(*TINY, "stages.opd.head=lean", "stages.opd.head_chunk=0"))
+    with pytest.raises(ConfigError, match=r"stages.opd.head: must be naive or lean, got 'fast'"):
+        build_plan(demo_cfg(*TINY, "stages.opd.head=fast"))
+
+
+def test_unsplittable_head_falls_back_with_a_warning():
+    cfg = demo_cfg(*TINY, "stages.opd.head=lean")
+    plan = build_plan(cfg)
+    module = OPDModule(cfg, plan=plan)
+    module.student.config.final_logit_softcapping = 30.0  # the head can no longer be split off
+    tok = plan.student.tokenizer
+    ex = plan.task.examples("train")[:2]
+    ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=1)
+    view, teacher, support, mask = module.prepare(ro)
+    with pytest.warns(UserWarning, match="cannot be separated from its body.*using the naive head path"):
+        module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+    assert any(p.grad is not None for p in module.student.parameters())
+    assert Example
