@@ -87,6 +87,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
             for key in ("hidden_size", "intermediate_size", "layers", "heads", "max_positions"):
                 need(node[key] >= 1, f"{role}.{key}", ">= 1", node[key])
             need(node["kv_heads"] >= 0, f"{role}.kv_heads", ">= 0 (0 = heads)", node["kv_heads"])
+            need(node["tiny_rows"] >= 0, f"{role}.tiny_rows", ">= 0 (0 = the tokenizer's ids)", node["tiny_rows"])
 
 
 def build_plan(cfg: Mapping[str, Any]) -> Plan:

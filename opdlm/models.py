@@ -168,7 +168,7 @@ class ModelSpec:
                 if task_texts is None:
                     raise ConfigError(f"{key}: a tiny model needs a tokenizer_path or a task to build one from")
                 self.tokenizer = tiny_tokenizer(node, list(task_texts), key, train_texts)
-            self.vocab_rows = len(self.tokenizer)
+            self.vocab_rows = node["tiny_rows"] or len(self.tokenizer)
             try:
                 self.hf_config = tiny_config(node, self.vocab_rows, self.tokenizer)
             except ConfigError as e:

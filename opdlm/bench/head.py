@@ -1,0 +1,163 @@
+"""One OPD step with the naive and the lean student head, timed by phase, with the peak extra
+memory of the loss path.
+
+Each case runs in a fresh process (so the allocator's high-water mark belongs to that case alone):
+a real OPD step of the engine on a 1-layer Qwen2 student and teacher with hidden size H and V
+output rows (the real Qwen tokenizer, rows padded to 151,936 as in Qwen models), LSM on the
+teacher's top-K. Phases: rollout (top-p sampling with the KV cache), teacher (alignment, teacher
+forward, top-K, support gather), student forward + backward (body, head, backward; loss time taken
+out), loss (the loss plugin's own compute). Peak extra memory of the loss path: the process's
+peak resident memory during the student forward + loss + backward, minus its resident memory just
+before (Linux /proc high-water mark, reset before the phase).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
+    import torch
+
+    from opdlm.build import build_plan
+    from opdlm.config import compose
+    from opdlm.discovery import discover
+    from opdlm.models import render_prompt
+    from opdlm.module import OPDModule
+
+    discover()
+    torch.manual_seed(0)
+    T = args.seq
+    if args.demo:
+        over = [f"stages.opd.head={mode}", "trainer.progress_bar=false"]
+        confs = [str(Path(__file__).resolve().parents[2] / "conf" / "demo.yaml")]
+    else:
+        B = max(1, tokens // T)
+        model = [f"hidden_size={args.hidden}", f"intermediate_size={2 * args.hidden}", "layers=1",
+                 "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}"]
+        over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
+                f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={T}",
+                f"stages.opd.prompts_per_step={B}", f"stages.opd.head={mode}",
+                f"stages.opd.head_chunk={args.chunk}", f"stages.opd.chunk_size={args.chunk}",
+                "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
+        confs = [str(Path(__file__).resolve().parents[2] / "conf" / "base.yaml")]
+    cfg = compose(confs, over)
+    plan = build_plan(cfg)
+    module = OPDModule(cfg, plan=plan)
+    cuda = args.device == "cuda"
+    if cuda:
+        module.to("cuda")
+    autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=args.bf16)
+    tok = plan.student.tokenizer
+    n = cfg["stages"]["opd"]["prompts_per_step"]
+    ex = plan.task.examples("train")[:n]
+    prompts = [render_prompt(tok, e.prompt, False) for e in ex]
+    out: dict[str, Any] = {"mode": mode, "rows": plan.student.vocab_rows, "hidden": cfg["student"]["hidden_size"]}
+    loss_time = [0.0]
+    compute = plan.loss.compute
+
+    def timed(inputs):  # noqa: ANN001, ANN202
+        t0 = time.perf_counter()
+        r = compute(inputs)
+        loss_time[0] += time.perf_counter() - t0
+        return r
+
+    plan.loss.compute = timed
+    for rep in range(args.repeats + args.warmup):  # warm-up steps first
+        loss_time[0] = 0.0
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        t0 = time.perf_counter()
+        with torch.no_grad(), autocast:
+            ro = plan.sampler.sample(module.student, tok, prompts, ex)
+        sync()
+        t1 = time.perf_counter()
+        with autocast:
+            view, teacher, support, mask = module.prepare(ro)
+        sync()
+        t2 = time.perf_counter()
+        module.student.zero_grad(set_to_none=True)
+        if cuda:
+            base = torch.cuda.memory_allocated() // 1024
+            torch.cuda.reset_peak_memory_stats()
+            ok = True
+        else:
+            base = _rss_kb("VmRSS")
+            ok = _reset_peak()
+        with autocast:
+            module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        sync()
+        t3 = time.perf_counter()
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() // 1024
+        else:
+            peak = _rss_kb("VmHWM") if ok else 0
+        if rep < args.warmup:
+            continue
+        step = {
+            "tokens": int(ro.response_mask.sum()), "positions": int(ro.targets.numel()),
+            "rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_s": t3 - t2 - loss_time[0], "loss_s": loss_time[0],
+            "peak_extra_mb": (peak - base) / 1024 if ok else float("nan"),
+        }
+        for k, v in step.items():
+            out.setdefault(k, []).append(v)
+    return {k: (min(v) if isinstance(v, list) and k.endswith("_s") else (max(v) if isinstance(v, list) else v))
+            for k, v in out.items()}
+
+
+def run(args: Any) -> None:
+    """Spawn one process per case and print the table."""
+    cases = [(m, t) for t in args.tokens for m in ("naive", "lean") if not (m == "naive" and t > args.naive_max)]
+    print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; "
+          f"V = {args.rows:,} rows, H = {args.hidden}, K = {args.k}, sequence length {args.seq}, head/teacher "
+          f"chunk {args.chunk} positions, {args.repeats} timed step(s) after {args.warmup} warm-up step(s) (best kept), "
+          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    rows = []
+    for mode, tokens in cases + ([("naive", 0), ("lean", 0)] if args.with_demo else []):
+        cmd = [sys.executable, "-c", "import sys, json; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
+               "head", "--case", f"{mode}:{tokens}", *args.passthrough]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        line = [x for x in res.stdout.splitlines() if x.startswith("{")]
+        if res.returncode or not line:
+            print(f"case {mode} {tokens}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        r = json.loads(line[-1])
+        r["label"] = "demo models" if tokens == 0 else f"B·T = {r['positions']:,}"
+        rows.append(r)
+    print()
+    print("| case | head | rollout s | rollout tok/s | teacher s | student fwd+bwd s | loss s | step s | peak extra memory of the loss path |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        step = r["rollout_s"] + r["teacher_s"] + r["student_s"] + r["loss_s"]
+        print(f"| {r['label']} | {r['mode']} | {r['rollout_s']:.2f} | {r['tokens'] / r['rollout_s']:,.0f} | "
+              f"{r['teacher_s']:.2f} | {r['student_s']:.2f} | {r['loss_s']:.3f} | {step:.2f} | {r['peak_extra_mb']:,.0f} MB |")
+    print()
+    by = {(r["mode"], r["label"]): r for r in rows}
+    for r in rows:
+        if r["mode"] != "lean" or ("naive", r["label"]) not in by:
+            continue
+        nv = by[("naive", r["label"])]
+        t_lean = r["student_s"] + r["loss_s"]
+        t_naive = nv["student_s"] + nv["loss_s"]
+        print(f"{r['label']}: lean / naive peak memory {r['peak_extra_mb'] / nv['peak_extra_mb']:.3f} "
+              f"(target <= 0.125), student step time {t_lean / t_naive:.2f}x (target <= 1.15x)")

@@ -1,0 +1,24 @@
+"""The benchmark commands run and print their tables (tiny sizes; no timing is asserted)."""
+
+from __future__ import annotations
+
+from opdlm.bench.cli import main
+
+
+def test_align_benchmark_prints_its_table(capsys):
+    assert main(["align", "--texts", "30", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| llama -> qwen |" in out and "| qwen -> llama |" in out and "target: >= 200,000" in out
+
+
+def test_head_benchmark_runs_naive_and_lean(capsys):
+    assert main(["head", "--tokens", "64", "--hidden", "64", "--seq", "32", "--k", "4", "--chunk", "16",
+                 "--warmup", "0", "--no-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "| B·T = 64 | naive |" in out and "| B·T = 64 | lean |" in out
+    assert "lean / naive peak memory" in out
+
+
+def test_bench_reports_a_missing_tokenizer_folder(tmp_path, capsys):
+    assert main(["align", "--qwen", str(tmp_path)]) == 2
+    assert "--qwen: no tokenizer.json" in capsys.readouterr().err
