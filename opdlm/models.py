@@ -57,18 +57,21 @@ BPE_EOS = "<|eot_id|>"
 TINY_TOKENIZERS = ("char", "bpe")
 
 
-def bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_digits: int) -> PreTrainedTokenizerFast:
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_digits: int, all_bytes: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts`` in the style of Llama 3: digits are grouped
     up to ``max_digits`` from the left before merging, <think> tags are ordinary merged text, and the
-    end of turn is the control token <|eot_id|> (padding <pad>). Deterministic for the same texts."""
+    end of turn is the control token <|eot_id|> (padding <pad>). Its alphabet is the bytes of
+    ``texts`` (all 256 bytes with ``all_bytes``). Deterministic for the same texts."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(rf"\d{{1,{max_digits}}}"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BPE_EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # the alphabet is the bytes the texts use (not all 256): a tiny model never learns what the
+    # other bytes mean, and sampling them would only produce text no teacher can read
+    extra = {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()} if all_bytes else {}
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BPE_EOS], show_progress=False, **extra)
     tok.train_from_iterator(list(texts), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=BPE_EOS)
     fast.padding_side = "left"
@@ -83,8 +86,8 @@ def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str,
     if kind == "char":
         return char_tokenizer(texts)
     if kind == "bpe":
-        if node["tiny_vocab"] < 300:
-            raise ConfigError(f"{key}.tiny_vocab: a byte-level BPE needs >= 300 ids (258 bytes and specials), got {node['tiny_vocab']}")
+        if node["tiny_vocab"] < 64:
+            raise ConfigError(f"{key}.tiny_vocab: must be >= 64, got {node['tiny_vocab']}")
         if node["tiny_digits"] < 1:
             raise ConfigError(f"{key}.tiny_digits: must be >= 1, got {node['tiny_digits']}")
         return bpe_tokenizer([*(train_texts or []), *texts], node["tiny_vocab"], node["tiny_digits"])

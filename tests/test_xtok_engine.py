@@ -62,9 +62,23 @@ def seq_logprob(model, ids: list[int], n_prompt: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def xworld():
+def bytes_bpe(tmp_path_factory):
+    """A byte-level BPE student tokenizer with all 256 bytes (it can write broken UTF-8 and
+    characters the task never uses), saved as a tokenizer folder."""
+    from opdlm.models import bpe_tokenizer
+    from opdlm.registry import TASKS
+    task = TASKS.build(demo_cfg(*TINY)["task"], "task")
+    texts = [e.prompt + e.solution for e in task.examples("train")]
+    tok = bpe_tokenizer(texts, 320, 3, all_bytes=True)
+    d = tmp_path_factory.mktemp("bpe")
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def xworld(bytes_bpe):
     torch.manual_seed(0)
-    cfg = demo_cfg(*TINY, *XTOK, "loss.name=chunk_pg")
+    cfg = demo_cfg(*TINY, *XTOK, "loss.name=chunk_pg", f"student.tokenizer_path={bytes_bpe}")
     plan = build_plan(cfg)
     return cfg, plan, OPDModule(cfg, plan=plan)
 
@@ -364,8 +378,8 @@ def test_config_errors_across_tokenizers():
         build_plan(demo_cfg(*TINY, *XTOK, "loss.name=reverse_kl"))
     with pytest.raises(ConfigError, match=r"aligner.roles: '<\|eot\|>' is not a token of the student tokenizer"):
         build_plan(demo_cfg(*TINY, *XTOK, 'aligner.roles={"<|eot|>": "<|im_end|>"}'))
-    with pytest.raises(ConfigError, match=r"student.tiny_vocab: a byte-level BPE needs >= 300 ids"):
-        build_plan(demo_cfg(*TINY, *XTOK, "student.tiny_vocab=100"))
+    with pytest.raises(ConfigError, match=r"student.tiny_vocab: must be >= 64, got 10"):
+        build_plan(demo_cfg(*TINY, *XTOK, "student.tiny_vocab=10"))
 
 
 def test_demo_xtok_runs_end_to_end(tmp_path):
