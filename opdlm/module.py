@@ -411,6 +411,9 @@ def alignment_stats(rollout: Rollout, view: TeacherView) -> dict[str, Tensor]:
         "xtok/unaligned_frac": frac(~view.aligned),
         "xtok/mean_chunk_len": (view.aligned & resp).sum().float() / view.positions("start").sum().float().clamp_min(1.0),
     }
+    if view.teacher_chunk is not None:  # teacher tokens per chunk (the other side's granularity)
+        out["xtok/teacher_tokens_per_chunk"] = ((view.teacher_chunk >= 0).sum().float()
+                                                / view.positions("start").sum().float().clamp_min(1.0))
     if view.mismatched is not None:
         out["xtok/mismatched_frac"] = frac(view.mismatched)
     if view.invalid_utf8 is not None:

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: peak memory from torch.cuda.max_memory_allocated")
     h.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has it)")
+    h.add_argument("--compare", action="store_true", help="first compare the two paths' gradients on one rollout")
     h.add_argument("--case", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.name == "align":

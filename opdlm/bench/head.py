@@ -49,8 +49,9 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     discover()
     torch.manual_seed(0)
     T = args.seq
+    head_mode = "naive" if mode == "compare" else mode
     if args.demo:
-        over = [f"stages.opd.head={mode}", "trainer.progress_bar=false"]
+        over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
         confs = [str(Path(__file__).resolve().parents[2] / "conf" / "demo.yaml")]
     else:
         B = max(1, tokens // T)
@@ -58,7 +59,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
                  "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}"]
         over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
                 f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={T}",
-                f"stages.opd.prompts_per_step={B}", f"stages.opd.head={mode}",
+                f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}",
                 f"stages.opd.head_chunk={args.chunk}", f"stages.opd.chunk_size={args.chunk}",
                 "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
         confs = [str(Path(__file__).resolve().parents[2] / "conf" / "base.yaml")]
@@ -84,6 +85,20 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         return r
 
     plan.loss.compute = timed
+    if mode == "compare":  # the two paths on one rollout: relative gradient difference
+        with torch.no_grad(), autocast:
+            ro = plan.sampler.sample(module.student, tok, prompts, ex)
+        with autocast:
+            view, teacher, support, mask = module.prepare(ro)
+        grads = {}
+        for head in ("naive", "lean"):
+            module.stage["head"] = head
+            module.student.zero_grad(set_to_none=True)
+            with autocast:
+                module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+            grads[head] = torch.cat([p.grad.flatten().float() for p in module.student.parameters() if p.grad is not None])
+        d = (grads["lean"] - grads["naive"]).abs().max() / grads["naive"].abs().max()
+        return {"mode": mode, "positions": int(ro.targets.numel()), "max_rel_grad_diff": float(d)}
     for rep in range(args.repeats + args.warmup):  # warm-up steps first
         loss_time[0] = 0.0
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -133,6 +148,18 @@ def run(args: Any) -> None:
           f"chunk {args.chunk} positions, {args.repeats} timed step(s) after {args.warmup} warm-up step(s) (best kept), "
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     rows = []
+    if args.compare:
+        for tokens in args.tokens[:1]:
+            cmd = [sys.executable, "-c", "import sys; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
+                   "head", "--case", f"compare:{tokens}", *args.passthrough]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            line = [x for x in res.stdout.splitlines() if x.startswith("{")]
+            if line:
+                r = json.loads(line[-1])
+                print(f"lean vs naive on one rollout, B·T = {r['positions']:,}: max |g_lean - g_naive| / max |g_naive| "
+                      f"= {r['max_rel_grad_diff']:.2e}")
+            else:
+                print(f"compare failed\n{res.stderr[-2000:]}", file=sys.stderr)
     for mode, tokens in cases + ([("naive", 0), ("lean", 0)] if args.with_demo else []):
         cmd = [sys.executable, "-c", "import sys, json; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
                "head", "--case", f"{mode}:{tokens}", *args.passthrough]

@@ -113,9 +113,11 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
             tl.append(v)
         if buckets is not None:
             bk.append(bucket_logsumexp(logits, buckets, n_buckets) - z.unsqueeze(-1))
-        if entropy:  # a diagnostic: no graph is kept for it
-            logp = (logits - z.unsqueeze(-1)).detach()
-            ent.append(-(logp.exp() * logp).sum(-1))
+        if entropy:  # a diagnostic: no graph is kept for it; H = lse - Σ p z
+            with torch.no_grad():
+                p = torch.softmax(logits, -1)
+                ent.append(z.detach() - (p * logits).sum(-1))
+                del p
     def cat(xs: list[Tensor], *tail: int) -> Tensor:
         return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)
     return Scores(
