@@ -35,7 +35,7 @@ def test_unknown_framework_key():
     assert err("stages.opd.step=3") == (
         "command line: stages.opd.step: unknown key (did you mean 'steps'?); valid keys here: steps, "
         "prompts_per_step, mini_batches, micro_batches, lr, weight_decay, warmup_steps, schedule, "
-        "max_grad_norm, chunk_size, val_every"
+        "max_grad_norm, chunk_size, head, head_chunk, val_every"
     )
 
 
