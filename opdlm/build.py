@@ -78,6 +78,10 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
     need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
     need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
+    devices = cfg["trainer"]["devices"]
+    need(cfg["stages"]["opd"]["head"] != "lean" or devices in (1, "1"), "stages.opd.head",
+         "naive with trainer.devices != 1 (the lean head accumulates the head's gradient outside "
+         "autograd, which data-parallel gradient sync does not see yet)", cfg["stages"]["opd"]["head"])
     need(str(cfg["trainer"]["precision"]) not in ("16-mixed", "16"), "trainer.precision",
          "32-true, bf16-mixed or bf16-true (fp16 loss scaling is not supported by the OPD stage's manual "
          "optimisation)", cfg["trainer"]["precision"])

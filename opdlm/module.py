@@ -326,36 +326,51 @@ class OPDModule(GenerationEval):
             return LossInputs(student=student, teacher=teacher, support=sup, old_logprob=o, mask=mask,
                               rollout=ro, view=view)
 
+        cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
+        feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids,
+                                      cols.expand(ro.input_ids.shape[0], -1))
         lean = self.stage["head"] == "lean"
+        if lean and head is None:
+            self._warn_no_split()
+            lean = False
+        kw = dict(temperature=self.temperature, vocab_rows=self.plan.student.output_ids,
+                  buckets=self._bins("student"), n_buckets=N_BINS, entropy=True)
+        self._phase("loss_path_start")
         if lean:
-            cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
-            feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids,
-                                          cols.expand(ro.input_ids.shape[0], -1))
-            if head is None:
-                self._warn_no_split()
-                lean = False
-        if not lean:
-            inputs = inputs_for(self.score_student(ro, sup.ids))
-            out = loss_fn.compute(inputs)
-            m = mask.to(out.token_loss.dtype)
-            self._backward((out.token_loss * m).sum() / n_tokens * world)
-            return inputs, out
+            def objective(student: Scores, span: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
+                o = loss_fn.compute(inputs_for(student))
+                tl = o.token_loss * mask.to(o.token_loss.dtype)
+                if span is not None:
+                    tl = tl.reshape(-1)[span[0] : span[1]]
+                return tl.sum() / n_tokens * world, o.token_loss
 
-        def objective(student: Scores, span: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
-            o = loss_fn.compute(inputs_for(student))
-            tl = o.token_loss * mask.to(o.token_loss.dtype)
-            if span is not None:
-                tl = tl.reshape(-1)[span[0] : span[1]]
-            return tl.sum() / n_tokens * world, o.token_loss
-
-        student = lean_backward(feats, head, ro.targets, sup.ids, objective, chunk_size=self.stage["head_chunk"],
-                                positionwise=loss_fn.positionwise, backward=self._backward,
-                                temperature=self.temperature, vocab_rows=self.plan.student.output_ids,
-                                buckets=self._bins("student"), n_buckets=N_BINS, entropy=True)
-        inputs = inputs_for(student)
-        with torch.no_grad():
+            student, grad_feats = lean_backward(feats, head, ro.targets, sup.ids, objective,
+                                                chunk_size=self.stage["head_chunk"],
+                                                positionwise=loss_fn.positionwise, **kw)
+            inputs = inputs_for(student)
+            with torch.no_grad():
+                out = loss_fn.compute(inputs)
+        else:  # naive: autograd over the full [B, T, V] logits
+            # one device: stop at the hidden states first, so the loss path is measurable on its
+            # own; data-parallel: one backward call, as DDP's gradient hooks expect
+            split = world == 1
+            leaf = feats.detach().requires_grad_(True) if split else feats
+            inputs = inputs_for(head_scores(leaf, head, ro.targets, support_ids=sup.ids, **kw))
             out = loss_fn.compute(inputs)
+            self._backward((out.token_loss * mask.to(out.token_loss.dtype)).sum() / n_tokens * world)
+            if not split:
+                self._phase("loss_path_end")
+                return inputs, out
+            grad_feats = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        self._phase("loss_path_end")
+        self._backward(feats, grad_feats)  # through the body
         return inputs, out
+
+    def _phase(self, name: str) -> None:
+        """A hook for benchmarks (memory and time per phase); does nothing by default."""
+        hook = getattr(self, "phase_hook", None)
+        if hook is not None:
+            hook(name)
 
     def _backward(self, t: Tensor, grad: Tensor | None = None) -> None:
         """Lightning's manual_backward inside a fit; plain autograd when called directly (tests)."""

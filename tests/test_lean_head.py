@@ -88,3 +88,27 @@ def test_unsplittable_head_falls_back_with_a_warning():
         module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     assert any(p.grad is not None for p in module.student.parameters())
     assert Example
+
+
+def test_lean_equals_naive_under_bf16_autocast():
+    """bf16 autocast (CPU here; the same code path as on a GPU): both paths agree to bf16 precision."""
+    outs = []
+    for head in ("naive", "lean"):
+        torch.manual_seed(0)
+        cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", f"stages.opd.head={head}",
+                       "stages.opd.head_chunk=7")
+        plan = build_plan(cfg)
+        module = OPDModule(cfg, plan=plan)
+        tok = plan.student.tokenizer
+        ex = plan.task.examples("train")[:3]
+        torch.manual_seed(1)
+        ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            view, teacher, support, mask = module.prepare(ro)
+            module.student.zero_grad()
+            module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        g = torch.cat([p.grad.flatten().float() for p in module.student.parameters() if p.grad is not None])
+        assert torch.isfinite(g).all()
+        outs.append(g)
+    rel = (outs[1] - outs[0]).abs().max() / outs[0].abs().max()
+    assert rel < 3e-2, rel

