@@ -1,154 +1,27 @@
-"""The LightningModules: supervised cold start (SFT) and on-policy distillation (OPD).
-
-Both evaluate the same way (generate answers for held-out prompts with the configured sampler,
-greedy and/or sampled, and score them with the task's verifier). The OPD ``training_step`` reads
-like the algorithm: sample, align, score the teacher, select the support, mask, compute the loss,
-step, log. It never branches on a plugin's name.
+"""The on-policy distillation LightningModule (the SFT one is in opdlm/sft.py; both evaluate the
+same way). The OPD ``training_step`` reads like the algorithm: sample, align, score the teacher,
+select the support, mask, compute the loss, step, log. It never branches on a plugin's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from opdlm.build import Plan
 from opdlm.models import render_prompt
+from opdlm.ops.batch import _chunks, _chunks_of, alignment_stats, full_support, take
 from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.head import gather_columns, head_scores, model_hidden, response_hidden
 from opdlm.ops.lean import lean_backward
-from opdlm.plugin_api import Task
+from opdlm.sft import GenerationEval, SFTModule, eval_modes, load_or_build, make_optimizer
 from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
 from opdlm.xtok.tables import N_BINS
 
-
-def lr_lambda(warmup: int, total: int, schedule: str):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine" and total > warmup:
-            frac = (step - warmup) / max(1, total - warmup)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        return 1.0
-    return f
-
-
-def make_optimizer(module: L.LightningModule, params: Any, st: dict[str, Any]) -> Any:
-    opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st["warmup_steps"], st["steps"], st["schedule"]))
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-
-class GenerationEval(L.LightningModule):
-    """Validation/test: generate responses for prompt batches and log verifier accuracy."""
-
-    MODES = ("greedy", "sampled")
-
-    def setup_eval(self, plan: Plan, modes: list[str], chat_template: bool) -> None:
-        self.plan = plan
-        self.eval_modes = modes
-        self.chat_template = chat_template
-        self.metrics = nn.ModuleDict({
-            f"{split}_{what}_{mode}": MeanMetric()
-            for split in ("val", "test") for mode in modes for what in ("acc", "len", "trunc")
-        })
-
-    @property
-    def eval_model(self) -> nn.Module:
-        raise NotImplementedError
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, list):  # prompt batches: Examples stay on the host
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    @property
-    def eval_tokenizer(self) -> Any:
-        raise NotImplementedError
-
-    def _generate_eval(self, batch: list[Example], split: str) -> None:
-        task: Task = self.plan.task
-        tok = self.eval_tokenizer
-        prompts = [render_prompt(tok, ex.prompt, self.chat_template) for ex in batch]
-        for mode in self.eval_modes:
-            ro = self.plan.sampler.sample(self.eval_model, tok, prompts, batch, greedy=mode == "greedy", n=1)
-            correct = torch.tensor([float(task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)])
-            for what, val in (("acc", correct), ("len", ro.lengths.float().cpu()), ("trunc", ro.truncated.float().cpu())):
-                m = self.metrics[f"{split}_{what}_{mode}"]
-                m.update(val.to(self.device))
-                self.log(f"{split}/{what}_{mode}", m, on_step=False, on_epoch=True, batch_size=len(batch),
-                         prog_bar=(what == "acc" and split == "val"))
-
-    def validation_step(self, batch: list[Example], batch_idx: int) -> None:
-        self._generate_eval(batch, "val")
-
-    def test_step(self, batch: list[Example], batch_idx: int) -> None:
-        self._generate_eval(batch, "test")
-
-
-class SFTModule(GenerationEval):
-    """Cross-entropy on reference solutions (prompt tokens are not learned)."""
-
-    def __init__(self, config: dict[str, Any], role: str, init: str | None = None, *,
-                 plan: Plan | None = None, model: nn.Module | None = None) -> None:
-        super().__init__()
-        self.save_hyperparameters({"config": config, "role": role, "init": init})
-        if plan is None:
-            from opdlm.build import build_plan
-            plan = build_plan(config)
-        self.spec = plan.teacher if role == "teacher" else plan.student
-        self.model = model if model is not None else load_or_build(self.spec, init, config["run"]["seed"])
-        self.stage = config["stages"][f"{role}_sft"]
-        self.setup_eval(plan, eval_modes(config), self.spec.node["chat_template"])
-
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.model
-
-    @property
-    def eval_tokenizer(self) -> Any:
-        return self.spec.tokenizer
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], use_cache=False)
-        n = (batch["labels"] != -100).sum()
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=int(n))
-        return out.loss
-
-    def configure_optimizers(self) -> Any:
-        return make_optimizer(self, self.model.parameters(), self.stage)
-
-
-def load_or_build(spec: Any, init: str | None, seed: int) -> nn.Module:
-    if init:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True,
-                                                     dtype=getattr(torch, spec.node["dtype"]))
-        model.generation_config.pad_token_id = spec.tokenizer.pad_token_id
-        model.generation_config.eos_token_id = spec.tokenizer.eos_token_id
-        return model
-    return spec.build(seed)
-
-
-def eval_modes(config: dict[str, Any]) -> list[str]:
-    return [m for m in GenerationEval.MODES if config["eval"][m]]
-
-
-def take(x: Any, rows: slice) -> Any:
-    """Rows of a batch-first dataclass (tensors and lists sliced, scalars kept)."""
-    if isinstance(x, Tensor):
-        return x[rows]
-    if isinstance(x, list):
-        return x[rows]
-    if hasattr(x, "__dataclass_fields__"):
-        return type(x)(**{k: take(getattr(x, k), rows) for k in x.__dataclass_fields__})
-    return x
+__all__ = ["OPDModule", "SFTModule", "alignment_stats", "full_support", "load_or_build"]
 
 
 class OPDModule(GenerationEval):
@@ -238,9 +111,11 @@ class OPDModule(GenerationEval):
         cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
         cols = cols.expand(ro.input_ids.shape[0], -1)
         feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids, cols)
+        # without gradients (old log-probs, the student's own top-k) the lean setting chunks here too
+        chunk = self.stage["head_chunk"] if self.stage["head"] == "lean" and not torch.is_grad_enabled() else None
         return head_scores(feats, head, ro.targets, temperature=self.temperature, support_ids=support_ids,
                            topk=topk, entropy=True, vocab_rows=self.plan.student.output_ids,
-                           buckets=self._bins("student", first_byte), n_buckets=N_BINS)
+                           buckets=self._bins("student", first_byte), n_buckets=N_BINS, chunk_size=chunk)
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
         plan = self.plan
@@ -408,47 +283,3 @@ class OPDModule(GenerationEval):
             out["sampled_outside_topk"] = masked_mean((~inside).float(), m)
         out.update({k: v.detach() for k, v in stats.items()})
         return {k: v for k, v in out.items() if v is not None}
-
-
-@torch.no_grad()
-def alignment_stats(rollout: Rollout, view: TeacherView) -> dict[str, Tensor]:
-    """Cross-tokenizer alignment diagnostics (empty with one tokenizer): fractions of response
-    tokens in one-to-one chunks, eligible for token-level (top-K) comparison, not aligned, in
-    mismatched chunks, past a broken UTF-8 prefix, and student tokens per chunk."""
-    if view.chunk is None:
-        return {}
-    resp = rollout.response_mask
-    n = resp.sum().float().clamp_min(1.0)
-    frac = lambda x: (x & resp).sum().float() / n  # noqa: E731
-    out = {
-        "xtok/one_to_one_frac": frac(view.one_to_one if view.one_to_one is not None else view.aligned),
-        "xtok/topk_eligible_frac": frac(view.positions("token")),
-        "xtok/unaligned_frac": frac(~view.aligned),
-        "xtok/mean_chunk_len": (view.aligned & resp).sum().float() / view.positions("start").sum().float().clamp_min(1.0),
-    }
-    if view.teacher_chunk is not None:  # teacher tokens per chunk (the other side's granularity)
-        out["xtok/teacher_tokens_per_chunk"] = ((view.teacher_chunk >= 0).sum().float()
-                                                / view.positions("start").sum().float().clamp_min(1.0))
-    if view.mismatched is not None:
-        out["xtok/mismatched_frac"] = frac(view.mismatched)
-    if view.invalid_utf8 is not None:
-        out["xtok/invalid_utf8_frac"] = frac(view.invalid_utf8)
-    return {k: v.cpu() for k, v in out.items()}
-
-
-def full_support(targets: Tensor, vocab: int) -> Support:
-    """Every id at every position: [B, T, V] (for losses over the full vocabulary)."""
-    ids = torch.arange(vocab, device=targets.device).expand(*targets.shape, vocab)
-    return Support(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool))
-
-
-def _chunks(n: int, parts: int) -> list[slice]:
-    """Exactly min(parts, n) consecutive, near-equal slices of range(n)."""
-    parts = max(1, min(parts, n))
-    bounds = [i * n // parts for i in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def _chunks_of(rows: slice, parts: int) -> list[slice]:
-    n = rows.stop - rows.start
-    return [slice(rows.start + s.start, rows.start + s.stop) for s in _chunks(n, max(1, min(parts, n)))]

@@ -112,3 +112,8 @@ def test_lean_equals_naive_under_bf16_autocast():
         outs.append(g)
     rel = (outs[1] - outs[0]).abs().max() / outs[0].abs().max()
     assert rel < 3e-2, rel
+
+
+def test_lean_equals_naive_with_the_students_own_topk_support():
+    """student_topk scores the student without gradients first (chunked on the lean setting)."""
+    compare({"name": "lsm"}, ["support.name=student_topk", "support.k=4"])
