@@ -206,3 +206,26 @@ def test_invalid_bytes_inside_the_text_are_read_as_teacher_byte_tokens(pairs):
         assert tables.byte_ids[0xC3] in res.teacher_ids.tolist()
         s_join, t_join = check_partition(ids, res, tables, b"ab\xc3 cd", b"ab\xc3 cd")
         assert s_join == t_join == b"ab\xc3 cd"
+
+
+def test_mapped_topk_never_maps_digits_across_vocabularies(pairs):
+    from opdlm.plugin_api import Context
+    from opdlm.registry import SUPPORTS
+
+    st, tt, tables, _ = pairs[("llama", "qwen")]
+    sup = SUPPORTS.build({"name": "mapped_topk", "k": 4}, "support")
+    sup.bind(Context(st, tt, ROWS["llama"], ROWS["qwen"], vocab_map=tables))
+    for text in ("1", "7", "0"):
+        assert int(sup.t2s[tt.convert_tokens_to_ids(text)]) == -1, "Qwen's digit starts a number; Llama's ends one"
+    the = tt.convert_tokens_to_ids("Ġthe")
+    assert int(sup.t2s[the]) == st.convert_tokens_to_ids("Ġthe")
+
+
+def test_teacher_reads_without_saved_padding_or_truncation(real_tokenizers):
+    from conftest import qwen_tokenizer_dir
+    from transformers import PreTrainedTokenizerFast
+
+    q = PreTrainedTokenizerFast(tokenizer_file=qwen_tokenizer_dir() + "/tokenizer.json", pad_token="<|endoftext|>")
+    q(["a", "a much longer text here"], padding=True, truncation=True, max_length=4)  # leaves both set
+    enc = teacher_encoder(q).encode_batch(["a", "a much longer text here"], add_special_tokens=False)
+    assert [len(e.ids) for e in enc] == [1, len(q("a much longer text here", add_special_tokens=False)["input_ids"])]

@@ -71,7 +71,8 @@ def _head_logits(h: Tensor, head: nn.Linear) -> Tensor:
 
 def _head_grads(dz: Tensor, h: Tensor, head: nn.Linear) -> Tensor:
     """Accumulate the head's parameter gradients from the logits' gradient dz [n, V] in place (no
-    [V, H] temporary) and return the gradient of the hidden states [n, H]."""
+    [V, H] temporary) and return the gradient of the hidden states [n, H]. The sum is kept in the
+    gradient's dtype: with bf16 weights (bf16-true) it is rounded once per chunk, not once."""
     w = head.weight
     with torch.no_grad():
         if w.grad is None:

@@ -50,6 +50,8 @@ def _splitting_backend(tokenizer_json: str) -> Any:
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True  # special tokens typed as text stay text
+    tok.no_padding()  # a saved tokenizer may carry padding or truncation settings from its last use
+    tok.no_truncation()
     return tok
 
 

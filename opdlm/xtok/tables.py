@@ -233,7 +233,9 @@ def pair_tables(student_tok: Any, teacher_tok: Any, student_rows: int, teacher_r
         s2t[si] = ti
     # digits and added tokens mean different things in different vocabularies (Llama "4" ends a
     # number sooner than Qwen "4"); with one vocabulary on both sides every shared token is safe
-    same_vocab = s.pieces == t.pieces and bool((s.control == t.control).all())
+    n_ids = min(s.ids, t.ids, len(s.pieces), len(t.pieces))  # the models may pad their rows differently
+    same_vocab = (s.ids == t.ids and s.pieces[:n_ids] == t.pieces[:n_ids]
+                  and bool((s.control[:n_ids] == t.control[:n_ids]).all()))
     safe = ~s.control & (s2t >= 0)
     if not same_vocab:
         safe &= ~s.added & ~s.digit

@@ -47,7 +47,9 @@ class ByteSpan(Aligner):
             raise ConfigError(f"roles: {msg}" if msg.startswith("'") else msg) from None
         self.encoder = teacher_encoder(ctx.teacher_tokenizer)
         pad = ctx.teacher_tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else 0)
+        if pad is None or pad >= ctx.teacher_vocab_rows:  # e.g. an id past the model's rows
+            pad = ctx.teacher_tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None and pad < ctx.teacher_vocab_rows else 0
         ctx.vocab_map = self.tables
 
     def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:

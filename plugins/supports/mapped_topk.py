@@ -1,7 +1,8 @@
 """Teacher top-K mapped into the student's vocabulary (cross-tokenizer support, variant B of the
 README's cross-tokenizer section): at each same-token position the teacher's K most likely ids are
-mapped to student ids with the exact byte-string map (ids without a student twin are dropped and
-their mass falls into the tail class of a tail-aware loss), and the sampled token is added. Other
+mapped to student ids with the exact byte-string map (ids without a safe student twin, digits
+included, are dropped and their mass falls into the tail class of a tail-aware loss), and the
+sampled token is added. Other
 positions get an empty support. Duplicates (two teacher ids with one student twin) count once.
 Never renormalise over the mapped ids alone and never match sorted probabilities (ULD): use
 ``tail_aware`` on this support. Options: k (>= 1), add_sampled (bool).
@@ -10,6 +11,7 @@ Output ids [B, T, K(+1)] (student ids) with teacher_ids [B, T, K(+1)]; works wit
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from opdlm.plugin_api import Context, SupportSelector, check_support_size
@@ -37,7 +39,12 @@ class MappedTopK(SupportSelector):
 
     def bind(self, ctx: Context) -> None:
         check_support_size("k", self.k, ctx.teacher_tokenizer, "teacher")
-        self.t2s = torch.from_numpy(tables_for(ctx).t2s.copy())
+        tables = tables_for(ctx)
+        # a teacher id maps only onto a safe student id: digits and added tokens mean different
+        # things in different vocabularies (Qwen "1" starts a number, Llama "1" is a whole one), so
+        # their mass goes to the tail class instead
+        safe = tables.safe[np.clip(tables.t2s, 0, None)] & (tables.t2s >= 0)
+        self.t2s = torch.from_numpy(np.where(safe, tables.t2s, -1))
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:
