@@ -219,6 +219,9 @@ def test_mapped_topk_never_maps_digits_across_vocabularies(pairs):
         assert int(sup.t2s[tt.convert_tokens_to_ids(text)]) == -1, "Qwen's digit starts a number; Llama's ends one"
     the = tt.convert_tokens_to_ids("Ġthe")
     assert int(sup.t2s[the]) == st.convert_tokens_to_ids("Ġthe")
+    loose = SUPPORTS.build({"name": "mapped_topk", "k": 4, "map_unsafe": True}, "support")
+    loose.bind(Context(st, tt, ROWS["llama"], ROWS["qwen"], vocab_map=tables))
+    assert int(loose.t2s[tt.convert_tokens_to_ids("1")]) == st.convert_tokens_to_ids("1")
 
 
 def test_teacher_reads_without_saved_padding_or_truncation(real_tokenizers):

@@ -5,7 +5,8 @@ included, are dropped and their mass falls into the tail class of a tail-aware l
 sampled token is added. Other
 positions get an empty support. Duplicates (two teacher ids with one student twin) count once.
 Never renormalise over the mapped ids alone and never match sorted probabilities (ULD): use
-``tail_aware`` on this support. Options: k (>= 1), add_sampled (bool).
+``tail_aware`` on this support. Options: k (>= 1), add_sampled (bool), map_unsafe (bool, default
+false: also map onto digits and added tokens, an ablation of the safe rule).
 Output ids [B, T, K(+1)] (student ids) with teacher_ids [B, T, K(+1)]; works with one tokenizer too.
 """
 
@@ -26,10 +27,11 @@ class MappedTopK(SupportSelector):
 
     cross_vocabulary = True
 
-    def __init__(self, *, k: int = 32, add_sampled: bool = True) -> None:
+    def __init__(self, *, k: int = 32, add_sampled: bool = True, map_unsafe: bool = False) -> None:
         check_support_size("k", k)
         self.k = k
         self.add_sampled = add_sampled
+        self.map_unsafe = map_unsafe
         self.teacher_topk = k
         self.t2s: torch.Tensor | None = None
 
@@ -43,7 +45,7 @@ class MappedTopK(SupportSelector):
         # a teacher id maps only onto a safe student id: digits and added tokens mean different
         # things in different vocabularies (Qwen "1" starts a number, Llama "1" is a whole one), so
         # their mass goes to the tail class instead
-        safe = tables.safe[np.clip(tables.t2s, 0, None)] & (tables.t2s >= 0)
+        safe = (tables.safe[np.clip(tables.t2s, 0, None)] | self.map_unsafe) & (tables.t2s >= 0)
         self.t2s = torch.from_numpy(np.where(safe, tables.t2s, -1))
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
