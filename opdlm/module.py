@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from opdlm.build import Plan
 from opdlm.models import render_prompt
-from opdlm.ops.batch import _chunks, _chunks_of, alignment_stats, full_support, take
+from opdlm.ops.batch import _chunks, _chunks_of, alignment_stats, full_support, per_chunk_sum, take
 from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.head import gather_columns, head_scores, model_hidden, response_hidden
 from opdlm.ops.lean import lean_backward
@@ -100,8 +100,7 @@ class OPDModule(GenerationEval):
                                   temperature=self.temperature, entropy=False, vocab_rows=spec.output_ids,
                                   chunk_size=chunk).token_logprob
                 tc = view.teacher_chunk
-                sums = tok.new_zeros(tc.shape[0], max(tc.shape[1], view.targets.shape[1]) + 1)
-                sums.scatter_add_(1, tc.clamp_min(0), torch.where(tc >= 0, tok, torch.zeros_like(tok)))
+                sums = per_chunk_sum(tok, tc, max(tc.shape[1], view.targets.shape[1]) + 1)
                 chunk_lp = sums.gather(1, view.chunk_ids().clamp_min(0))
             scores = dataclasses.replace(scores, chunk_logprob=chunk_lp)
         return feats, head, scores

@@ -18,25 +18,15 @@ os.environ["RAYON_NUM_THREADS"] = "1"
 
 
 def _stats(rows: list, res: list, tables: Any) -> dict[str, float]:
-    import numpy as np
-
     n = sum(len(r) for r in rows)
     one = same = mism = chunks = aligned = 0
     for ids, r in zip(rows, res):
-        sc = r.student_chunk
-        hit = sc >= 0
-        aligned += int(hit.sum())
-        k = len(r.chunk_equal)
-        chunks += k
-        if not k:
-            continue
-        s_count = np.bincount(sc[hit], minlength=k)
-        t_count = np.bincount(r.teacher_chunk, minlength=k)
-        cc = np.where(hit, sc, 0)
-        o2o = hit & (s_count[cc] == 1) & (t_count[cc] == 1)
+        aligned += int((r.student_chunk >= 0).sum())
+        chunks += len(r.chunk_equal)
+        _, o2o, eligible, mismatched = r.token_flags(tables.safe[ids])
         one += int(o2o.sum())
-        same += int((o2o & r.chunk_equal[cc] & tables.safe[ids]).sum())
-        mism += int((hit & ~r.chunk_equal[cc]).sum())
+        same += int(eligible.sum())
+        mism += int(mismatched.sum())
     return {"one_to_one": one / n, "topk_eligible": same / n, "unaligned": 1 - aligned / n,
             "mismatched": mism / n, "tokens_per_chunk": aligned / max(1, chunks)}
 

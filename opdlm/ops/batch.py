@@ -48,6 +48,13 @@ def alignment_stats(rollout: Rollout, view: TeacherView) -> dict[str, Tensor]:
     return {k: v.cpu() for k, v in out.items()}
 
 
+def per_chunk_sum(values: Tensor, chunk: Tensor, width: int) -> Tensor:
+    """[B, width]: Σ of ``values`` [B, N] by chunk index ``chunk`` [B, N] (negative: left out)."""
+    sums = values.new_zeros(values.shape[0], width)
+    ok = chunk >= 0
+    return sums.scatter_add_(1, chunk.clamp_min(0), torch.where(ok, values, torch.zeros_like(values)))
+
+
 def full_support(targets: Tensor, vocab: int) -> Support:
     """Every id at every position: [B, T, V] (for losses over the full vocabulary)."""
     ids = torch.arange(vocab, device=targets.device).expand(*targets.shape, vocab)

@@ -43,6 +43,20 @@ class RowAlignment:
     chunk_equal: np.ndarray  # [n_chunks] bool: both sides spell the same bytes
     status: np.ndarray  # [n] int8: OK, INVALID_UTF8 or UNALIGNED
 
+    def token_flags(self, safe_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per student token [n] bool: (starts its chunk, one-to-one chunk, same safe token on both
+        sides, mismatched chunk); ``safe_tokens`` [n] is the safe flag of each student token."""
+        sc = self.student_chunk
+        hit = sc >= 0
+        k = len(self.chunk_equal)
+        starts = hit & np.r_[True, sc[1:] != sc[:-1]] if len(sc) else hit
+        s_count = np.bincount(sc[hit], minlength=k)
+        t_count = np.bincount(self.teacher_chunk, minlength=k)
+        cc = np.where(hit, sc, 0)
+        equal = self.chunk_equal[cc] if k else np.zeros_like(hit)
+        one = hit & (s_count[cc] == 1) & (t_count[cc] == 1) if k else np.zeros_like(hit)
+        return starts, one, one & equal & safe_tokens, hit & ~equal
+
 
 @lru_cache(maxsize=8)
 def _splitting_backend(tokenizer_json: str) -> Any:

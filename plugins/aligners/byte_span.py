@@ -90,23 +90,14 @@ class ByteSpan(Aligner):
             sc = r.student_chunk
             chunk[b, :n] = sc
             bad[b, :n] = r.status == INVALID_UTF8
-            hit = sc >= 0
-            if not hit.any():
+            if not (sc >= 0).any():
                 continue
-            st = hit & np.r_[True, sc[1:] != sc[:-1]]
+            st, one[b, :n], same[b, :n], mism[b, :n] = r.token_flags(tb.safe[rows[b]])
             starts[b, :n] = st
-            n_chunks = len(r.chunk_equal)
-            first_u = np.searchsorted(r.teacher_chunk, np.arange(n_chunks))  # teacher chunks ascend
+            first_u = np.searchsorted(r.teacher_chunk, np.arange(len(r.chunk_equal)))  # teacher chunks ascend
             c = sc[st]
             pred[b, :n][st] = P + first_u[c] - 1
             tgt[b, :n][st] = r.teacher_ids[first_u[c]]
-            s_count = np.bincount(sc[hit], minlength=n_chunks)
-            t_count = np.bincount(r.teacher_chunk, minlength=n_chunks)
-            cc = np.where(hit, sc, 0)
-            o2o = hit & (s_count[cc] == 1) & (t_count[cc] == 1)
-            one[b, :n] = o2o
-            mism[b, :n] = hit & ~r.chunk_equal[cc]
-            same[b, :n] = o2o & r.chunk_equal[cc] & tb.safe[rows[b]]
         pos = np.clip(np.cumsum(attn, -1) - 1, 0, None)
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         resp = rollout.response_mask

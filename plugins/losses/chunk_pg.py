@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from opdlm.ops.batch import per_chunk_sum
 from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.registry import LOSSES
@@ -22,11 +23,8 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 
 def chunk_sums(values: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
     """[B, T]: Σ of ``values`` over the chunk of each position (0 where chunk < 0)."""
-    ok = chunk >= 0
-    idx = chunk.clamp_min(0)
-    sums = values.new_zeros(values.shape[0], values.shape[1] + 1)
-    sums.scatter_add_(1, idx, torch.where(ok, values, torch.zeros_like(values)))
-    return torch.where(ok, sums.gather(1, idx), torch.zeros_like(values))
+    sums = per_chunk_sum(values, chunk, values.shape[1] + 1)
+    return torch.where(chunk >= 0, sums.gather(1, chunk.clamp_min(0)), torch.zeros_like(values))
 
 
 @LOSSES.register("chunk_pg")

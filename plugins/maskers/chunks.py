@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opdlm.ops.batch import per_chunk_sum
 from opdlm.plugin_api import Masker
 from opdlm.registry import MASKERS, ConfigError
 from opdlm.types import Rollout, TeacherView
@@ -38,8 +39,7 @@ class Chunks(Masker):
         if self.one_to_one and view.one_to_one is not None:
             keep &= view.one_to_one
         if self.max_tokens:
-            c = view.chunk.clamp_min(0)
-            counts = torch.zeros(c.shape[0], c.shape[1] + 1, dtype=torch.long, device=c.device)
-            counts.scatter_add_(1, c, (view.chunk >= 0).long())
-            keep &= counts.gather(1, c) <= self.max_tokens
+            ones = torch.ones_like(view.chunk)
+            counts = per_chunk_sum(ones, view.chunk, view.chunk.shape[1] + 1)
+            keep &= counts.gather(1, view.chunk.clamp_min(0)) <= self.max_tokens
         return keep
