@@ -19,11 +19,13 @@ from opdlm.registry import (
     ConfigError,
     plugin_options,
 )
+from opdlm.trainer import check_trainer
 
 
 @dataclass
 class Plan:
     cfg: dict[str, Any]
+    world: int  # processes of the run (devices x nodes)
     task: Task
     teacher: ModelSpec
     student: ModelSpec
@@ -78,10 +80,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
     need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
     need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
-    devices = cfg["trainer"]["devices"]
-    need(cfg["stages"]["opd"]["head"] != "lean" or devices in (1, "1"), "stages.opd.head",
-         "naive with trainer.devices != 1 (the lean head accumulates the head's gradient outside "
-         "autograd, which data-parallel gradient sync does not see yet)", cfg["stages"]["opd"]["head"])
+    need(cfg["run"]["checkpoint_every"] >= 1, "run.checkpoint_every", ">= 1", cfg["run"]["checkpoint_every"])
     need(str(cfg["trainer"]["precision"]) not in ("16-mixed", "16"), "trainer.precision",
          "32-true, bf16-mixed or bf16-true (fp16 loss scaling is not supported by the OPD stage's manual "
          "optimisation)", cfg["trainer"]["precision"])
@@ -94,10 +93,21 @@ def check_values(cfg: Mapping[str, Any]) -> None:
             need(node["tiny_rows"] >= 0, f"{role}.tiny_rows", ">= 0 (0 = the tokenizer's ids)", node["tiny_rows"])
 
 
+def check_world(cfg: Mapping[str, Any], world: int) -> None:
+    """Global batch sizes must split evenly over the processes."""
+    for stage, st in cfg["stages"].items():
+        key = "prompts_per_step" if "prompts_per_step" in st else "batch_size"
+        if st[key] % world:
+            raise ConfigError(f"stages.{stage}.{key}: {st[key]} is the batch over all processes and must split "
+                              f"evenly over the {world} processes of trainer.devices x trainer.num_nodes")
+
+
 def build_plan(cfg: Mapping[str, Any]) -> Plan:
     """Construct and cross-check every plugin of a composed config (see opdlm.config.compose)."""
     cfg = dict(cfg)
     check_values(cfg)
+    world = check_trainer(cfg["trainer"])
+    check_world(cfg, world)
     task = TASKS.build(cfg["task"], "task")
     corpus = None
     if not cfg["teacher"]["path"] or not cfg["student"]["path"]:
@@ -142,5 +152,5 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
             f"tokens, so teacher.chat_template ({cfg['teacher']['chat_template']}) must equal "
             f"student.chat_template ({cfg['student']['chat_template']})"
         )
-    return Plan(cfg=cfg, task=task, teacher=teacher, student=student, sampler=sampler,
+    return Plan(cfg=cfg, world=world, task=task, teacher=teacher, student=student, sampler=sampler,
                 aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx)

@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# ok: {', '.join(confs)} composes and every plugin builds", file=sys.stderr)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from opdlm.pipeline import Runner
+    from opdlm import dist
+    from opdlm.pipeline import Runner, quiet_libraries
+    quiet_libraries()
+    dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
+    quiet_libraries()  # again: now it knows the rank
     try:
         Runner(cfg, plan).run()
     except ConfigError as e:

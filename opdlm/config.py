@@ -199,6 +199,12 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
         path = f"{prefix}{k}"
         if _slot_kind(path):
             continue
+        if prefix == "trainer." and k not in _trainer_own_keys():
+            from opdlm.trainer import check_key
+            why = check_key(k)
+            if why:
+                raise where.err(path, why)
+            continue  # any other lightning.Trainer argument: Lightning checks its value
         if k not in base:
             raise where.err(path, f"unknown key{did_you_mean(k, base)}; valid keys here: {', '.join(base)}")
         ref = base[k]
@@ -223,6 +229,11 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
         elif isinstance(ref, list):
             if not isinstance(v, list):
                 raise where.err(path, f"expected a list, got {v!r} ({type(v).__name__})")
+
+
+def _trainer_own_keys() -> tuple[str, ...]:
+    from opdlm.trainer import OWN_KEYS
+    return OWN_KEYS
 
 
 def _check_plugins(cfg: dict[str, Any], where: Where) -> None:

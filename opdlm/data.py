@@ -1,29 +1,29 @@
 """Lightning DataModule over a task plugin: tokenised reference solutions for the SFT stage,
-prompts for the OPD stage, and held-out prompts for validation and test."""
+prompts for the OPD stage, and held-out prompts for validation and test.
+
+Training batches are global: step s takes the s-th ``batch_size`` items of a stream of
+reshuffles of the train split (one permutation per pass, drawn from a generator seeded with the
+run's seed), whatever the number of processes. With W processes, rank r gets the r-th of W equal
+consecutive slices of that global batch, so no item appears twice in one global step and the
+ranks' slices, concatenated in rank order, are the batch one process would get. A stream resumed
+at step s (after a kill) continues with batch s.
+
+Evaluation batches are numbered; rank r takes batches r, r + W, ... (sharded, nothing repeated or
+padded) and the metrics are summed over ranks.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from opdlm.models import render_prompt
 from opdlm.plugin_api import Task
 from opdlm.registry import ConfigError
 from opdlm.types import Example
-
-
-class ListDataset(Dataset):
-    def __init__(self, items: list[Any]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.items[i]
 
 
 def sft_collate(tokenizer: Any, chat_template: bool, max_len: int | None = None):
@@ -62,31 +62,87 @@ def list_collate(batch: list[Example]) -> list[Example]:
     return list(batch)
 
 
+def global_batch(n_items: int, batch_size: int, step: int, seed: int, _cache: dict | None = None) -> list[int]:
+    """Indices of global batch ``step``: items [step·b, (step+1)·b) of the concatenation of
+    permutations of range(n_items) drawn one after another from a generator seeded with ``seed``
+    (the order torch's RandomSampler without replacement gives)."""
+    cache = _cache if _cache is not None else {}
+    gen, perms = cache.setdefault("gen", torch.Generator().manual_seed(seed)), cache.setdefault("perms", [])
+    start, stop = step * batch_size, (step + 1) * batch_size
+    while len(perms) * n_items < stop:
+        perms.append(torch.randperm(n_items, generator=gen).tolist())
+    return [perms[i // n_items][i % n_items] for i in range(start, stop)]
+
+
+class StepBatches:
+    """The training batches of one rank for steps [start, steps): an iterable Lightning fetches
+    from (not a torch DataLoader, so no sampler is replaced or padded). ``start`` is read when
+    iteration begins (after a checkpoint was restored)."""
+
+    def __init__(self, items: list[Any], *, batch_size: int, steps: int, seed: int, rank: int, world: int,
+                 collate: Callable[[list[Any]], Any], start: Callable[[], int] = lambda: 0) -> None:
+        if batch_size % world:
+            raise ConfigError(f"batch of {batch_size} cannot be split evenly over {world} processes")
+        self.items, self.batch_size, self.steps, self.seed = items, batch_size, steps, seed
+        self.rank, self.world, self.collate, self.start = rank, world, collate, start
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def rows(self, step: int) -> list[int]:
+        """Item indices of this rank's slice of global batch ``step``."""
+        idx = global_batch(len(self.items), self.batch_size, step, self.seed, self._cache)
+        per = self.batch_size // self.world
+        return idx[self.rank * per : (self.rank + 1) * per]
+
+    def __iter__(self) -> Iterator[Any]:
+        self._cache: dict = {}
+        for step in range(self.start(), self.steps):
+            yield self.collate([self.items[i] for i in self.rows(step)])
+
+
+class EvalBatches:
+    """Numbered evaluation batches of one rank: (global batch index, examples) for batch indices
+    rank, rank + world, ..."""
+
+    def __init__(self, items: list[Example], batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.items, self.batch_size, self.rank, self.world = items, batch_size, rank, world
+
+    def __len__(self) -> int:
+        n = -(-len(self.items) // self.batch_size)
+        return len(range(self.rank, n, self.world))
+
+    def __iter__(self) -> Iterator[tuple[int, list[Example]]]:
+        n = -(-len(self.items) // self.batch_size)
+        for b in range(self.rank, n, self.world):
+            yield b, self.items[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def eval_items(task: Task, split: str, n: int) -> list[Example]:
+    items = task.examples(split)
+    return items[:n] if n > 0 else items
+
+
 class TaskData(L.LightningDataModule):
-    """Train batches (SFT token batches or OPD prompt batches) drawn with replacement-free
-    reshuffles for ``steps`` optimizer steps; val/test prompt batches in order."""
+    """Train batches (SFT token batches or OPD prompt batches, global ``batch_size`` split over
+    the processes) for ``steps`` steps; val/test prompt batches sharded over the processes."""
 
     def __init__(self, task: Task, *, mode: str, batch_size: int, steps: int, seed: int,
                  eval_batch_size: int, val_prompts: int, test_prompts: int,
-                 tokenizer: Any = None, chat_template: bool = False) -> None:
+                 tokenizer: Any = None, chat_template: bool = False,
+                 start: Callable[[], int] = lambda: 0) -> None:
         super().__init__()
         self.task, self.mode, self.batch_size, self.steps, self.seed = task, mode, batch_size, steps, seed
         self.eval_batch_size, self.val_prompts, self.test_prompts = eval_batch_size, val_prompts, test_prompts
-        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self.tokenizer, self.chat_template, self.start = tokenizer, chat_template, start
 
-    def train_dataloader(self) -> DataLoader:
-        ds = ListDataset(self.task.examples("train"))
-        gen = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(ds, replacement=False, num_samples=self.steps * self.batch_size, generator=gen)
+    def _ranks(self) -> tuple[int, int]:
+        t = self.trainer
+        return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    def train_dataloader(self) -> StepBatches:
+        rank, world = self._ranks()
         collate = sft_collate(self.tokenizer, self.chat_template) if self.mode == "sft" else list_collate
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+        return StepBatches(self.task.examples("train"), batch_size=self.batch_size, steps=self.steps,
+                           seed=self.seed, rank=rank, world=world, collate=collate, start=self.start)
 
-    def _eval(self, split: str, n: int) -> DataLoader:
-        items = self.task.examples(split)[:n] if n > 0 else self.task.examples(split)
-        return DataLoader(ListDataset(items), batch_size=self.eval_batch_size, shuffle=False, collate_fn=list_collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval("val", self.val_prompts)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval("test", self.test_prompts)

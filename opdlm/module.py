@@ -1,6 +1,13 @@
 """The on-policy distillation LightningModule (the SFT one is in opdlm/sft.py; both evaluate the
 same way). The OPD ``training_step`` reads like the algorithm: sample, align, score the teacher,
-select the support, mask, compute the loss, step, log. It never branches on a plugin's name.
+select the support, mask, loss and backward, optimizer step, log. It never branches on a plugin's
+name.
+
+On several processes each rank samples and scores its own rollouts; the loss of an optimizer step
+is the token mean over the tokens of every rank (the count is summed over ranks, and the loss is
+scaled by the world size because data-parallel strategies average gradients). The teacher is not
+a submodule: it is moved and cast with the module, but no strategy wraps, shards or checkpoints it,
+and no optimizer sees it.
 """
 
 from __future__ import annotations
@@ -11,12 +18,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from opdlm import dist
 from opdlm.build import Plan
 from opdlm.models import render_prompt
-from opdlm.ops.batch import _chunks, _chunks_of, alignment_stats, full_support, per_chunk_sum, take
+from opdlm.ops.batch import (
+    alignment_stats,
+    full_support,
+    micro_batch_rows,
+    mini_batch_rows,
+    per_chunk_sum,
+    take,
+)
 from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.head import gather_columns, head_scores, model_hidden, response_hidden
-from opdlm.ops.lean import lean_backward
+from opdlm.ops.lean import lean_scores
 from opdlm.sft import GenerationEval, SFTModule, eval_modes, load_or_build, make_optimizer
 from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
 from opdlm.xtok.tables import N_BINS
@@ -37,17 +52,22 @@ class OPDModule(GenerationEval):
             plan = build_plan(config)
         seed = config["run"]["seed"]
         self.student = student if student is not None else load_or_build(plan.student, student_init, seed)
-        self.teacher = teacher if teacher is not None else load_or_build(plan.teacher, teacher_init, seed + 1)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        teacher = teacher if teacher is not None else load_or_build(plan.teacher, teacher_init, seed + 1)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule (see the module docstring)
         self.stage = config["stages"]["opd"]
+        self.seed = seed
         self.temperature = plan.sampler.temperature
         self.automatic_optimization = False
         self._bin_cache: dict[str, Tensor] = {}
-        self.strict_loading = False  # checkpoints leave the frozen teacher out
-        self.setup_eval(plan, eval_modes(config), plan.student.node["chat_template"])
+        self.setup_eval(plan, eval_modes(config), plan.student.node["chat_template"], self.stage["val_every"])
 
     # -- plumbing -------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher
+
     @property
     def eval_model(self) -> nn.Module:
         return self.student
@@ -56,18 +76,19 @@ class OPDModule(GenerationEval):
     def eval_tokenizer(self) -> Any:
         return self.plan.student.tokenizer
 
-    def train(self, mode: bool = True) -> OPDModule:
-        super().train(mode)
-        self.teacher.eval()  # the teacher never leaves eval mode
+    def _apply(self, fn: Any, recurse: bool = True) -> OPDModule:
+        super()._apply(fn, recurse)
+        self._teacher._apply(fn, recurse)  # .to(device), .double(), precision plugins' casts
         return self
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        sd = checkpoint["state_dict"]
-        for k in [k for k in sd if k.startswith("teacher.")]:
-            del sd[k]
+    def on_fit_start(self) -> None:
+        self._teacher.to(self.device)
 
     def configure_optimizers(self) -> Any:
         return make_optimizer(self, self.student.parameters(), self.stage)
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
 
     # -- the algorithm ----------------------------------------------------------------------------
     def _bins(self, side: str, need: bool | None = None) -> Tensor | None:
@@ -117,89 +138,102 @@ class OPDModule(GenerationEval):
                            buckets=self._bins("student", first_byte), n_buckets=N_BINS, chunk_size=chunk)
 
     def training_step(self, batch: list[Example], batch_idx: int) -> None:
-        plan = self.plan
-        prompts = [render_prompt(plan.student.tokenizer, ex.prompt, self.chat_template) for ex in batch]
-        rollout = plan.sampler.sample(self.student, plan.student.tokenizer, prompts, batch)   # 1. sample
-        view, teacher, support, mask = self.prepare(rollout)                                  # 2.-5.
-        self._update(rollout, view, teacher, support, mask)                                  # 6. loss + step
+        torch.manual_seed(dist.step_seed(self.seed, 3, self.batches_done, self.global_rank))  # this rank's stream
+        rollout = self.sample(batch)                                                        # 1. sample
+        view = self.align(rollout)                                                          # 2. align
+        teacher, t_feats, t_head = self.score_teacher_full(view)                           # 3. score the teacher
+        support, teacher = self.select_support(rollout, view, teacher, t_feats, t_head)    # 4. select the support
+        mask = self.mask(rollout, view)                                                     # 5. mask
+        logs = self.update(rollout, view, teacher, support, mask)                          # 6.-7. loss, backward, step
+        self.batches_done += 1
+        self.log_step(logs, rollout, view)                                                  # 8. log
 
-    def prepare(self, rollout: Rollout) -> tuple[TeacherView, Scores, Support, Tensor]:
-        """Align, score the teacher, select the support and mask: everything the loss reads besides
-        the student's own scores."""
-        plan, st = self.plan, self.stage
+    def sample(self, batch: list[Example]) -> Rollout:
+        prompts = [render_prompt(self.plan.student.tokenizer, ex.prompt, self.chat_template) for ex in batch]
+        return self.plan.sampler.sample(self.student, self.plan.student.tokenizer, prompts, batch)
+
+    def align(self, rollout: Rollout) -> TeacherView:
+        plan = self.plan
         t_prompts = [render_prompt(plan.teacher.tokenizer, ex.prompt, plan.teacher.node["chat_template"])
                      for ex in rollout.examples]
-        view = plan.aligner.align(rollout, t_prompts)                                    # 2. align
-        t_feats, t_head, teacher = self.score_teacher(view)                               # 3. teacher
+        return plan.aligner.align(rollout, t_prompts)
+
+    def score_teacher_full(self, view: TeacherView) -> tuple[Scores, Tensor, Any]:
+        feats, head, scores = self.score_teacher(view)
+        return scores, feats, head
+
+    def select_support(self, rollout: Rollout, view: TeacherView, teacher: Scores, t_feats: Tensor,
+                       t_head: Any) -> tuple[Support, Scores]:
+        """The support, and the teacher's Scores with its logits on the support."""
+        plan = self.plan
         student_top = None
         if plan.support.student_topk:
             with torch.no_grad():
                 student_top = self.score_student(rollout, None, topk=plan.support.student_topk)
-        support = plan.support.select(teacher, student_top, rollout, view)                # 4. support
+        support = plan.support.select(teacher, student_top, rollout, view)
         if plan.loss.full_vocabulary:
             support = full_support(rollout.targets, plan.student.output_ids)
         with torch.no_grad():
             t_ids = support.teacher_ids if support.teacher_ids is not None else support.ids
             t_sup = head_scores(t_feats, t_head, view.targets, temperature=self.temperature,
                                 support_ids=t_ids, entropy=False,
-                                vocab_rows=plan.teacher.output_ids, chunk_size=st["chunk_size"])
-        teacher = dataclasses.replace(teacher, support_logits=t_sup.support_logits)
-        mask = rollout.response_mask & view.positions(plan.loss.positions)                # 5. mask
-        for m in plan.maskers:
-            mask &= m.mask(rollout, view)
-        return view, teacher, support, mask
+                                vocab_rows=plan.teacher.output_ids, chunk_size=self.stage["chunk_size"])
+        return support, dataclasses.replace(teacher, support_logits=t_sup.support_logits)
 
-    def _update(self, rollout: Rollout, view: TeacherView, teacher: Scores, support: Support, mask: Tensor) -> None:
+    def mask(self, rollout: Rollout, view: TeacherView) -> Tensor:
+        mask = rollout.response_mask & view.positions(self.plan.loss.positions)
+        for m in self.plan.maskers:
+            mask &= m.mask(rollout, view)
+        return mask
+
+    def prepare(self, rollout: Rollout) -> tuple[TeacherView, Scores, Support, Tensor]:
+        """Align, score the teacher, select the support and mask: everything the loss reads besides
+        the student's own scores."""
+        view = self.align(rollout)
+        teacher, t_feats, t_head = self.score_teacher_full(view)
+        support, teacher = self.select_support(rollout, view, teacher, t_feats, t_head)
+        return view, teacher, support, self.mask(rollout, view)
+
+    def update(self, rollout: Rollout, view: TeacherView, teacher: Scores, support: Support, mask: Tensor,
+               optimizer: Any = None, scheduler: Any = None) -> dict[str, list[Tensor]]:
+        """Loss, backward and optimizer step(s) on one rollout batch: ``mini_batches`` optimizer
+        steps (strided row sets; later ones are off-policy against π_old), each accumulating
+        ``micro_batches`` backward passes, each normalised by the tokens of the whole mini-batch on
+        every rank. Outside a fit, pass the optimizer (and optionally the scheduler)."""
         st = self.stage
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
+        opt = optimizer if optimizer is not None else self.optimizers()
+        sched = scheduler if scheduler is not None or optimizer is not None else self.lr_schedulers()
+        world = self._world()
         B = rollout.input_ids.shape[0]
-        mini = max(1, min(st["mini_batches"], B))
         old_logprob = None
-        if mini > 1:  # later mini-batches are off-policy: keep π_old from before the first update
+        if st["mini_batches"] > 1:  # later mini-batches are off-policy: keep π_old from before the first update
             with torch.no_grad():
                 old_logprob = self.score_student(rollout, None).token_logprob
         logs: dict[str, list[Tensor]] = {}
-        for mb in _chunks(B, mini):
-            n_tokens = mask[mb].sum().float()
-            if self.trainer.world_size > 1:
-                n_tokens = self.all_gather(n_tokens).sum()
+        for rows in mini_batch_rows(B, st["mini_batches"]):
+            n_tokens = mask[rows.to(mask.device)].sum().float()
+            if world > 1:
+                n_tokens = dist.all_sum(n_tokens)
             n_tokens = n_tokens.clamp_min(1.0)
-            for micro in _chunks_of(mb, st["micro_batches"]):
-                ro = take(rollout, micro)
-                sup = take(support, micro)
-                old = old_logprob[micro] if old_logprob is not None else None
-                inputs, out = self._loss_backward(ro, sup, take(teacher, micro), old, mask[micro],
-                                                  take(view, micro), n_tokens)
+            for micro in micro_batch_rows(rows, st["micro_batches"]):
+                old = take(old_logprob, micro) if old_logprob is not None else None
+                inputs, out = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher, micro),
+                                                 old, take(mask, micro), take(view, micro), n_tokens * (1.0 / world))
                 for k, v in self._diagnostics(inputs, out.token_loss, out.stats).items():
                     logs.setdefault(k, []).append(v)
-            gn = torch.nn.utils.clip_grad_norm_(self.student.parameters(), st["max_grad_norm"] or float("inf"))
-            logs.setdefault("grad_norm", []).append(gn.detach())
+            logs.setdefault("grad_norm", []).append(self._clip(st["max_grad_norm"]))
             opt.step()
             opt.zero_grad(set_to_none=True)
-            sched.step()
-        logs["response_len"] = [rollout.lengths.float().mean()]
-        logs["truncated_frac"] = [rollout.truncated.float().mean()]
-        logs["repetition_frac"] = [repetition_frac(rollout.targets, rollout.lengths,
-                                                   self.plan.student.tokenizer.eos_token_id)]
-        logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
-        logs.update({k: [v] for k, v in alignment_stats(rollout, view).items()})
-        for k, vs in logs.items():
-            self.log(f"train/{k}", torch.stack([v.float().detach().cpu() for v in vs]).mean(),
-                     prog_bar=k in ("loss", "grad_norm"), batch_size=B)
+            if sched is not None:
+                sched.step()
+        if sched is not None:
+            logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
+        return logs
 
-    def _loss_backward(self, ro: Rollout, sup: Support, teacher: Scores, old: Tensor | None, mask: Tensor,
-                       view: TeacherView, n_tokens: Tensor) -> tuple[LossInputs, Any]:
-        """Student scores, loss and backward for one micro-batch, on the naive or the lean head path.
-        Returns the loss inputs and output (for diagnostics; detached on the lean path)."""
-        loss_fn = self.plan.loss
-        world = self.trainer.world_size if self._trainer is not None else 1
-
-        def inputs_for(student: Scores) -> LossInputs:
-            o = old if old is not None else student.token_logprob.detach()
-            return LossInputs(student=student, teacher=teacher, support=sup, old_logprob=o, mask=mask,
-                              rollout=ro, view=view)
-
+    def loss_backward(self, ro: Rollout, sup: Support, teacher: Scores, old: Tensor | None, mask: Tensor,
+                      view: TeacherView, denominator: Tensor) -> tuple[LossInputs, Any]:
+        """Student scores (naive or lean head), the loss Σ mask·ℓ / ``denominator``, and one backward
+        pass through head and body. Returns the loss inputs and output (for diagnostics)."""
         cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1, device=ro.input_ids.device)
         feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids,
                                       cols.expand(ro.input_ids.shape[0], -1))
@@ -211,34 +245,42 @@ class OPDModule(GenerationEval):
                   buckets=self._bins("student"), n_buckets=N_BINS, entropy=True)
         self._phase("loss_path_start")
         if lean:
-            def objective(student: Scores, span: tuple[int, int] | None) -> tuple[Tensor, Tensor]:
-                o = loss_fn.compute(inputs_for(student))
-                tl = o.token_loss * mask.to(o.token_loss.dtype)
-                if span is not None:
-                    tl = tl.reshape(-1)[span[0] : span[1]]
-                return tl.sum() / n_tokens * world, o.token_loss
-
-            student, grad_feats = lean_backward(feats, head, ro.targets, sup.ids, objective,
-                                                chunk_size=self.stage["head_chunk"],
-                                                positionwise=loss_fn.positionwise, **kw)
-            inputs = inputs_for(student)
-            with torch.no_grad():
-                out = loss_fn.compute(inputs)
-        else:  # naive: autograd over the full [B, T, V] logits
-            # one device: stop at the hidden states first, so the loss path is measurable on its
-            # own; data-parallel: one backward call, as DDP's gradient hooks expect
-            split = world == 1
-            leaf = feats.detach().requires_grad_(True) if split else feats
-            inputs = inputs_for(head_scores(leaf, head, ro.targets, support_ids=sup.ids, **kw))
-            out = loss_fn.compute(inputs)
-            self._backward((out.token_loss * mask.to(out.token_loss.dtype)).sum() / n_tokens * world)
-            if not split:
-                self._phase("loss_path_end")
-                return inputs, out
-            grad_feats = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            student = lean_scores(feats, head, ro.targets, support_ids=sup.ids, chunk_size=self.stage["head_chunk"], **kw)
+        else:
+            student = head_scores(feats, head, ro.targets, support_ids=sup.ids, **kw)
+        inputs = LossInputs(student=student, teacher=teacher, support=sup,
+                            old_logprob=old if old is not None else student.token_logprob.detach(),
+                            mask=mask, rollout=ro, view=view)
+        out = self.plan.loss.compute(inputs)
+        self._backward((out.token_loss * mask.to(out.token_loss.dtype)).sum() / denominator)
         self._phase("loss_path_end")
-        self._backward(feats, grad_feats)  # through the body
         return inputs, out
+
+    def _clip(self, max_norm: float | None) -> Tensor:
+        """Clip the student's gradient norm (over every rank's shard where parameters are sharded)
+        and return the norm before clipping."""
+        limit = max_norm or float("inf")
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        if wrapped is not None and hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over all shards
+            return wrapped.clip_grad_norm_(limit).detach()
+        return torch.nn.utils.clip_grad_norm_(self.student.parameters(), limit).detach()
+
+    def log_step(self, logs: dict[str, list[Tensor]], rollout: Rollout, view: TeacherView) -> None:
+        """Log the step's diagnostics (means over micro-batches; on several processes, the mean of
+        the ranks' values, except ``tokens``, the sum over ranks)."""
+        logs["response_len"] = [rollout.lengths.float().mean()]
+        logs["truncated_frac"] = [rollout.truncated.float().mean()]
+        logs["repetition_frac"] = [repetition_frac(rollout.targets, rollout.lengths,
+                                                   self.plan.student.tokenizer.eos_token_id)]
+        logs.update({k: [v] for k, v in alignment_stats(rollout, view).items()})
+        world = self._world()
+        for k, vs in logs.items():
+            v = torch.stack([x.float().detach().to(self.device) for x in vs])
+            v = v.sum() if k == "tokens" else v.mean()
+            if k == "tokens" and world > 1:
+                v = dist.all_sum(v)
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "grad_norm"), batch_size=rollout.input_ids.shape[0],
+                     sync_dist=world > 1 and k != "tokens")
 
     def _phase(self, name: str) -> None:
         """A hook for benchmarks (memory and time per phase); does nothing by default."""
@@ -246,19 +288,19 @@ class OPDModule(GenerationEval):
         if hook is not None:
             hook(name)
 
-    def _backward(self, t: Tensor, grad: Tensor | None = None) -> None:
-        """Lightning's manual_backward inside a fit; plain autograd when called directly (tests)."""
+    def _backward(self, t: Tensor) -> None:
+        """Lightning's manual_backward inside a fit (strategies hook it); plain autograd outside."""
         if self._trainer is not None:
-            self.manual_backward(t, grad) if grad is not None else self.manual_backward(t)
+            self.manual_backward(t)
         else:
-            t.backward(grad)
+            t.backward()
 
     def _warn_no_split(self) -> None:
         if not getattr(self, "_warned_split", False):
-            import warnings
-            warnings.warn("stages.opd.head=lean: the student's output head cannot be separated from its body "
+            from lightning.pytorch.utilities import rank_zero_warn
+            rank_zero_warn("stages.opd.head=lean: the student's output head cannot be separated from its body "
                           f"({type(self.student).__name__}: logit scaling or soft-capping, or an unknown layout); "
-                          "using the naive head path", stacklevel=2)
+                          "using the naive head path")
             self._warned_split = True
 
     @torch.no_grad()

@@ -2,17 +2,26 @@
 
 teacher SFT -> student SFT (cold start) -> on-policy distillation -> test evaluation of the
 teacher, the student before OPD and the student after OPD. Each finished stage leaves a Hugging
-Face folder and a ``stage.json`` (config fingerprint + test metrics); a re-run with the same
-stage config skips it and says so.
+Face folder and a ``stage.json`` (fingerprint of config and code, test metrics); a re-run with the
+same fingerprint skips it and says so.
+
+Nothing is trusted that a kill could have left half-written: a stage folder is written under a
+temporary name and renamed into place once complete, and an interrupted stage resumes from its last
+Lightning checkpoint (``checkpoints/<stage>/last.ckpt``) when that checkpoint carries the stage's
+fingerprint; any other checkpoint is reported and set aside.
+
+On several processes (see opdlm.dist) every rank runs this pipeline in lockstep: rank 0 decides
+from the cache and broadcasts the decision, writes every file and prints; the others wait at the
+barriers and read what it wrote. Test evaluation is sharded over the ranks and summed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +29,19 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
+from opdlm import dist
 from opdlm.build import Plan, build_plan
 from opdlm.config import to_yaml
 from opdlm.data import TaskData
+from opdlm.fingerprint import STAGES, fingerprint, vocab_digest
 from opdlm.models import n_params, save_hf
 from opdlm.module import OPDModule, SFTModule, load_or_build
+from opdlm.sft import evaluate
+from opdlm.trainer import trainer_kwargs
 
-STAGES = ("teacher_sft", "student_sft", "opd")
-
-
-def vocab_digest(tokenizer: Any) -> str:
-    blob = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def fingerprint(cfg: dict[str, Any], stage: str, plan: Plan) -> str:
-    """Hash of the config parts a stage's result depends on (earlier stages included), and of
-    the tokenizers' vocabularies."""
-    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "teacher": cfg["teacher"],
-                             "teacher_vocab": vocab_digest(plan.teacher.tokenizer),
-                             "teacher_sft": cfg["stages"]["teacher_sft"], "eval": cfg["eval"],
-                             "precision": cfg["trainer"]["precision"]}
-    if stage in ("student_sft", "opd"):
-        parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"],
-                     student_vocab=vocab_digest(plan.student.tokenizer))
-    if stage == "opd":
-        parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
-        parts["opd"] = cfg["stages"]["opd"]
-    blob = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+__all__ = ["STAGES", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]
 
 
 def _loggers(cfg: dict[str, Any], run_dir: Path, stage: str) -> list[Any]:
@@ -64,62 +56,81 @@ def _loggers(cfg: dict[str, Any], run_dir: Path, stage: str) -> list[Any]:
     return loggers
 
 
-def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, val_every: int) -> L.Trainer:
+def checkpoint_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / "checkpoints" / stage
+
+
+def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, every: int | None = None) -> L.Trainer:
+    """The stage's Trainer: the trainer node's arguments plus what opdlm sets from its own keys.
+    ``every``: optimizer steps between checkpoints (default run.checkpoint_every)."""
     tr = cfg["trainer"]
-    shutil.rmtree(run_dir / "logs" / stage, ignore_errors=True)  # this stage is being recomputed
     callbacks: list[Any] = [TQDMProgressBar()] if tr["progress_bar"] else []
     if cfg["run"]["checkpoints"]:
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints" / stage), save_last=True,
-                                         save_top_k=0, every_n_train_steps=max(1, val_every or steps)))
-    return L.Trainer(
-        accelerator=tr["accelerator"], devices=tr["devices"], strategy=tr["strategy"],
-        precision=tr["precision"], max_steps=steps, max_epochs=-1,
-        val_check_interval=val_every if val_every and val_every < steps else None,
-        check_val_every_n_epoch=None if val_every and val_every < steps else 1,
-        num_sanity_val_steps=0, limit_val_batches=1.0 if val_every else 0,
-        log_every_n_steps=tr["log_every_n_steps"], enable_progress_bar=tr["progress_bar"],
-        enable_model_summary=False, logger=_loggers(cfg, run_dir, stage), callbacks=callbacks,
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir, stage)), save_last=True,
+                                         save_top_k=0, every_n_train_steps=every or cfg["run"]["checkpoint_every"],
+                                         enable_version_counter=False))
+    kw: dict[str, Any] = dict(enable_model_summary=False)
+    kw.update(trainer_kwargs(tr))
+    return L.Trainer(  # validation is the module's own (GenerationEval), not Lightning's loop
+        **kw, max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_progress_bar=tr["progress_bar"], logger=_loggers(cfg, run_dir, stage), callbacks=callbacks,
         gradient_clip_val=cfg["stages"][stage]["max_grad_norm"] if stage != "opd" else None,
         default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
+        use_distributed_sampler=False,
     )
 
 
-def _data(plan: Plan, cfg: dict[str, Any], stage: str, spec: Any) -> TaskData:
+def _data(plan: Plan, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
     st = cfg["stages"][stage]
     ev = cfg["eval"]
+    steps = -(-st["steps"] // st["mini_batches"]) if stage == "opd" else st["steps"]  # rollout batches
     return TaskData(plan.task, mode="opd" if stage == "opd" else "sft",
                     batch_size=st["prompts_per_step"] if stage == "opd" else st["batch_size"],
-                    steps=st["steps"], seed=cfg["run"]["seed"], eval_batch_size=ev["batch_size"],
+                    steps=steps, seed=cfg["run"]["seed"], eval_batch_size=ev["batch_size"],
                     val_prompts=ev["val_prompts"], test_prompts=ev["test_prompts"],
-                    tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"])
-
-
-def _test(cfg: dict[str, Any], module: L.LightningModule, data: TaskData) -> dict[str, float]:
-    """Test-split metrics (kept in stage.json and results.json, not in the training logs)."""
-    tr = cfg["trainer"]
-    trainer = L.Trainer(accelerator=tr["accelerator"], devices=1, precision=tr["precision"], logger=False,
-                        enable_progress_bar=tr["progress_bar"], enable_model_summary=False,
-                        callbacks=[TQDMProgressBar()] if tr["progress_bar"] else [],
-                        enable_checkpointing=False)
-    res = trainer.test(module, datamodule=data, verbose=False)
-    return {k: float(v) for k, v in (res[0] if res else {}).items()}
+                    tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start)
 
 
 def quiet_libraries() -> None:
     """Keep the console for opdlm's own lines, the progress bar and real warnings: drop library
-    banners, per-file loading bars and warnings that do not apply to how opdlm drives Lightning."""
+    banners, per-file loading bars and warnings that do not apply to how opdlm drives Lightning.
+    Ranks other than 0 print no warnings at all (rank 0 prints the same ones)."""
     import logging
 
     import transformers
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.distributed", "lightning.pytorch.utilities.distributed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for msg in (".*does not have many workers.*", ".*`training_step` returns `None`.*",
                 ".*ModelCheckpoint with manual optimization.*", ".*module\\(s\\) in eval mode.*",
                 ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
-                ".*smaller than the logging interval.*", ".*Found keys that are in the model state dict but not in the checkpoint.*"):
+                ".*smaller than the logging interval.*", ".*Found keys that are in the model state dict but not in the checkpoint.*",
+                ".*Experiment logs directory .* exists and is not empty.*",
+                ".*Checkpoint directory .* exists and is not empty.*",
+                ".*could not determine the length of.*", ".*is an invalid value for `sync_dist`.*",
+                ".*`use_distributed_sampler=False`.*"):
         warnings.filterwarnings("ignore", message=msg)
+    if not dist.is_main():
+        warnings.simplefilter("ignore")
+
+
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the complete ``tmp`` folder to ``folder`` (replacing an older one): a kill at any moment
+    leaves either the old folder, no folder, or the new one; never a partial one under that name."""
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    """Whether the trained parameters live in shards across processes (FSDP, DeepSpeed)."""
+    name = type(trainer.strategy).__name__.lower()
+    return any(w in name for w in ("fsdp", "deepspeed", "modelparallel"))
 
 
 class Runner:
@@ -127,93 +138,164 @@ class Runner:
         self.cfg = cfg
         self.plan = plan or build_plan(cfg)
         self.run_dir = Path(cfg["run"]["out_dir"]) / cfg["run"]["name"]
-        self.log = print
+        self.main = dist.is_main()
+        self.log: Callable[[str], None] = print if self.main else (lambda _msg: None)
 
     def _seed(self, stage: str) -> None:
         """Each stage starts from its own seed, so a stage gives the same result whether the
         stages before it ran now or came from the cache."""
         L.seed_everything(self.cfg["run"]["seed"] + 1000 * STAGES.index(stage), workers=True, verbose=False)
 
-    def _cached(self, stage: str, folder: Path) -> dict[str, Any] | None:
+    # -- decisions rank 0 takes ----------------------------------------------------------------
+    def _cached(self, stage: str, folder: Path, fp: str) -> dict[str, Any] | None:
         marker = folder / "stage.json"
         if not marker.is_file():
             return None
-        info = json.loads(marker.read_text())
-        if info.get("fingerprint") == fingerprint(self.cfg, stage, self.plan):
-            self.log(f"[opdlm] stage {stage}: cached in {folder} (same config), skipping")
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            self.log(f"[opdlm] stage {stage}: {marker} is unreadable ({type(e).__name__}), running the stage again")
+            return None
+        if info.get("fingerprint") == fp:
+            self.log(f"[opdlm] stage {stage}: cached in {folder} (same config and code), skipping")
             return info
-        self.log(f"[opdlm] stage {stage}: config changed since {folder} was made, running it again")
+        self.log(f"[opdlm] stage {stage}: config or code changed since {folder} was made, running it again")
         return None
 
-    def _finish(self, stage: str, folder: Path, model: Any, tokenizer: Any, metrics: dict[str, float],
-                seconds: float) -> dict[str, Any]:
-        info = {"stage": stage, "fingerprint": fingerprint(self.cfg, stage, self.plan), "test": metrics,
-                "seconds": round(seconds, 1), "params": n_params(model)}
-        save_hf(model, tokenizer, folder)
-        (folder / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-        return info
+    def _resume_point(self, stage: str, fp: str) -> str | None:
+        """The stage's last checkpoint if it was written for this fingerprint; any other is set
+        aside (renamed), with the reason."""
+        path = checkpoint_dir(self.run_dir, stage) / "last.ckpt"
+        if not self.cfg["run"]["checkpoints"] or not path.is_file():
+            return None
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            meta = ck.get("opdlm", {})
+            step = ck.get("global_step", "?")
+            del ck
+        except Exception as e:  # a damaged file: say so and start over
+            reason, meta, step = f"unreadable ({type(e).__name__})", None, None
+        else:
+            reason = None if meta.get("fingerprint") == fp else (
+                f"written for another config or code (fingerprint {meta.get('fingerprint') or 'none'}, now {fp})")
+        if reason is None:
+            self.log(f"[opdlm] stage {stage}: resuming from {path} (optimizer step {step})")
+            return str(path)
+        aside = path.with_name(f"last.ckpt.{time.strftime('%Y%m%d-%H%M%S')}.set-aside")
+        path.rename(aside)
+        self.log(f"[opdlm] stage {stage}: not resuming from {path}: {reason}; moved to {aside.name}, "
+                 f"the stage starts from step 0")
+        return None
+
+    # -- one stage ------------------------------------------------------------------------------
+    def _stage(self, stage: str, folder: Path, build: Callable[[], L.LightningModule], model_of: Callable[[Any], nn.Module],
+               spec: Any, steps: int, describe: Callable[[Any], str],
+               every: int | None = None) -> dict[str, Any]:
+        fp = fingerprint(self.cfg, stage, self.plan)
+        cached = dist.broadcast(self._cached(stage, folder, fp) if self.main else None)
+        if cached:
+            return cached | {"folder": str(folder.resolve())}
+        t0 = time.time()
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        if self.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ckpt = dist.broadcast(self._resume_point(stage, fp) if self.main else None)
+        if self.main and ckpt is None:
+            shutil.rmtree(self.run_dir / "logs" / stage, ignore_errors=True)  # this stage is computed anew
+        dist.barrier()
+        self._seed(stage)
+        module = build()
+        module.fingerprint = fp
+        data = _data(self.plan, self.cfg, stage, spec, start=lambda: module.batches_done)
+        trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every)
+        self.log(f"[opdlm] stage {stage}: {describe(module)}"
+                 + (f", on {dist.world()} processes" if dist.world() > 1 else ""))
+        if steps > 0:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0)
+        metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
+                           progress=self.cfg["trainer"]["progress_bar"])
+        info = {"stage": stage, "fingerprint": fp, "test": metrics, "seconds": round(time.time() - t0, 1),
+                "params": n_params(model), "processes": dist.world()}
+        if self.main:
+            (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+            _replace_folder(tmp, folder)
+        dist.barrier()
+        return info | {"folder": str(folder.resolve())}
+
+    def _export(self, trainer: L.Trainer, module: L.LightningModule, model: nn.Module, tokenizer: Any,
+                tmp: Path, trained: bool) -> nn.Module:
+        """Rank 0 saves the trained model as a Hugging Face folder in ``tmp``; returns the model the
+        test evaluation uses (sharded parameters are gathered and reloaded on every rank)."""
+        if not trained or not _sharded(trainer):
+            if self.main:
+                save_hf(model, tokenizer, tmp)
+            dist.barrier()
+            return model.to(trainer.strategy.root_device)
+        state = trainer.strategy.lightning_module_state_dict()  # a collective: every rank calls it
+        prefix = next(n for n, m in module.named_children() if m is model) + "."
+        if self.main:
+            from transformers import AutoModelForCausalLM
+            full = AutoModelForCausalLM.from_config(model.config)
+            full.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            full.generation_config = model.generation_config
+            save_hf(full, tokenizer, tmp)
+        dist.barrier()
+        from transformers import AutoModelForCausalLM
+        loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True)
+        return loaded.to(module.device)
 
     def sft(self, role: str, init: str | None) -> dict[str, Any]:
         stage = f"{role}_sft"
         folder = self.run_dir / role if role == "teacher" else self.run_dir / "student_sft"
         if self.cfg["run"]["stage_cache"]:  # shared between runs (sweeps): keyed by fingerprint
             folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.plan)}"
-        cached = self._cached(stage, folder)
-        if cached:
-            return cached | {"folder": str(folder.resolve())}
         spec = self.plan.teacher if role == "teacher" else self.plan.student
         st = self.cfg["stages"][stage]
-        t0 = time.time()
-        self._seed(stage)
-        module = SFTModule(self.cfg, role, init, plan=self.plan,
-                           model=load_or_build(spec, init, self.cfg["run"]["seed"] + (1 if role == "teacher" else 0)))
-        data = _data(self.plan, self.cfg, stage, spec)
-        trainer = make_trainer(self.cfg, self.run_dir, stage, st["steps"], st["val_every"])
-        self.log(f"[opdlm] stage {stage}: {n_params(module.model):,} parameters, {st['steps']} steps")
-        if st["steps"] > 0:
-            trainer.fit(module, datamodule=data)
-        metrics = _test(self.cfg, module, data)
-        info = self._finish(stage, folder, module.model, spec.tokenizer, metrics, time.time() - t0)
-        return info | {"folder": str(folder.resolve())}
+        seed = self.cfg["run"]["seed"] + (1 if role == "teacher" else 0)
+
+        def build() -> SFTModule:
+            return SFTModule(self.cfg, role, init, plan=self.plan, model=load_or_build(spec, init, seed))
+
+        return self._stage(stage, folder, build, lambda m: m.model, spec, st["steps"],
+                           lambda m: f"{n_params(m.model):,} parameters, {st['steps']} steps of {st['batch_size']} sequences")
 
     def opd(self, student_init: str, teacher_init: str) -> dict[str, Any]:
-        folder = self.run_dir / "student"
-        cached = self._cached("opd", folder)
-        if cached:
-            return cached | {"folder": str(folder.resolve())}
         st = self.cfg["stages"]["opd"]
-        t0 = time.time()
-        self._seed("opd")
-        module = OPDModule(self.cfg, student_init, teacher_init, plan=self.plan)
-        data = _data(self.plan, self.cfg, "opd", self.plan.student)
-        trainer = make_trainer(self.cfg, self.run_dir, "opd", st["steps"], st["val_every"])
-        self.log(f"[opdlm] stage opd: loss {self.cfg['loss']['name']}, support {self.cfg['support']['name']}, "
-                 f"{st['steps']} steps of {st['prompts_per_step']} prompts x {self.plan.sampler.n} rollouts")
-        if st["steps"] > 0:
-            trainer.fit(module, datamodule=data)
-        metrics = _test(self.cfg, module, data)
-        info = self._finish("opd", folder, module.student, self.plan.student.tokenizer, metrics, time.time() - t0)
-        return info | {"folder": str(folder.resolve())}
+
+        def build() -> OPDModule:
+            return OPDModule(self.cfg, student_init, teacher_init, plan=self.plan)
+
+        def describe(_m: Any) -> str:
+            return (f"loss {self.cfg['loss']['name']}, support {self.cfg['support']['name']}, {st['steps']} steps of "
+                    f"{st['prompts_per_step']} prompts x {self.plan.sampler.n} rollouts")
+
+        return self._stage("opd", self.run_dir / "student", build, lambda m: m.student, self.plan.student,
+                           st["steps"], describe, every=self.cfg["run"]["checkpoint_every"] * st["mini_batches"])
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         if cfg["trainer"]["threads"]:
             torch.set_num_threads(cfg["trainer"]["threads"])
         quiet_libraries()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        dist.barrier()
+        L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         t0 = time.time()
         teacher = self.sft("teacher", cfg["teacher"]["path"])
         student = self.sft("student", cfg["student"]["path"])
         after = self.opd(student["folder"], teacher["folder"])
         results = {"seed": cfg["run"]["seed"], "teacher": teacher, "student_before": student,
-                   "student_after": after, "seconds": round(time.time() - t0, 1)}
-        table = results_table(results, cfg)
-        (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-        (self.run_dir / "results.md").write_text(table + "\n")
-        self.log("\n" + table)
-        self.log(f"\n[opdlm] run folder: {self.run_dir}  (student exported to {after['folder']})")
+                   "student_after": after, "seconds": round(time.time() - t0, 1), "processes": dist.world()}
+        if self.main:
+            table = results_table(results, cfg)
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+            (self.run_dir / "results.md").write_text(table + "\n")
+            self.log("\n" + table)
+            self.log(f"\n[opdlm] run folder: {self.run_dir}  (student exported to {after['folder']})")
+        dist.barrier()
         return results
 
 
@@ -230,5 +312,7 @@ def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
         rows.append(f"| {label} | {accs} | {t.get(f'test/len_{m0}', float('nan')):.1f} | "
                     f"{100 * t.get(f'test/trunc_{m0}', float('nan')):.1f} % |")
     n = cfg["eval"]["test_prompts"]
-    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']} s")
+    procs = results.get("processes", 1)
+    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']} s"
+                + (f", {procs} processes" if procs > 1 else ""))
     return "\n".join(rows)

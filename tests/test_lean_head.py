@@ -31,7 +31,7 @@ def grads_for(loss_node: dict, head: str, extra: list[str], chunk: int = 7, bf16
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         view, teacher, support, mask = module.prepare(ro)
         module.student.zero_grad()
-        inputs, out = module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        inputs, out = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     g = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
     return out.token_loss.detach(), mask, g, out.stats
 
@@ -86,7 +86,7 @@ def test_unsplittable_head_falls_back_with_a_warning():
     ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=1)
     view, teacher, support, mask = module.prepare(ro)
     with pytest.warns(UserWarning, match="cannot be separated from its body.*using the naive head path"):
-        module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     assert any(p.grad is not None for p in module.student.parameters())
     assert Example
 

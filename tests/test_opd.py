@@ -65,7 +65,7 @@ def fit(cfg, steps: int, student=None, teacher=None, seed: int = 0):
     data = TaskData(plan.task, mode="opd", batch_size=cfg["stages"]["opd"]["prompts_per_step"], steps=steps,
                     seed=seed, eval_batch_size=4, val_prompts=4, test_prompts=4)
     cfg = copy.deepcopy(cfg)
-    trainer = make_trainer(cfg, __import__("pathlib").Path(cfg["run"]["out_dir"]) / "fit", "opd", steps, 0)
+    trainer = make_trainer(cfg, __import__("pathlib").Path(cfg["run"]["out_dir"]) / "fit", "opd", steps)
     trainer.fit(module, datamodule=data)
     return module, trainer
 
@@ -147,7 +147,7 @@ def test_end_to_end_demo_pipeline(tmp_path, capsys):
     # a second run skips every finished stage and says so
     Runner(cfg).run()
     out = capsys.readouterr().out
-    assert out.count("(same config), skipping") == 3
+    assert out.count("(same config and code), skipping") == 3
 
 
 def test_llama_models_train_one_step(tmp_path):

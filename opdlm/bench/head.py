@@ -95,7 +95,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             module.stage["head"] = head
             module.student.zero_grad(set_to_none=True)
             with autocast:
-                module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+                module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
             grads[head] = torch.cat([p.grad.flatten().float() for p in module.student.parameters() if p.grad is not None])
         d = (grads["lean"] - grads["naive"]).abs().max() / grads["naive"].abs().max()
         return {"mode": mode, "positions": int(ro.targets.numel()), "max_rel_grad_diff": float(d)}
@@ -137,7 +137,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             else:
                 p.grad.zero_()
         with autocast:
-            module._loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+            module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
         sync()
         t3 = time.perf_counter()
         base, peak, ok = mem["base"], mem["peak"], bool(mem["ok"])

@@ -11,12 +11,13 @@ from torch import Tensor
 from opdlm.types import Rollout, Support, TeacherView
 
 
-def take(x: Any, rows: slice) -> Any:
-    """Rows of a batch-first dataclass (tensors and lists sliced, scalars kept)."""
+def take(x: Any, rows: slice | Tensor) -> Any:
+    """Rows of a batch-first dataclass (tensors and lists sliced or indexed by a long tensor of
+    row numbers, scalars kept)."""
     if isinstance(x, Tensor):
-        return x[rows]
+        return x[rows.to(x.device) if isinstance(rows, Tensor) else rows]
     if isinstance(x, list):
-        return x[rows]
+        return [x[i] for i in rows.tolist()] if isinstance(rows, Tensor) else x[rows]
     if hasattr(x, "__dataclass_fields__"):
         return type(x)(**{k: take(getattr(x, k), rows) for k in x.__dataclass_fields__})
     return x
@@ -61,13 +62,41 @@ def full_support(targets: Tensor, vocab: int) -> Support:
     return Support(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool))
 
 
-def _chunks(n: int, parts: int) -> list[slice]:
-    """Exactly min(parts, n) consecutive, near-equal slices of range(n)."""
+def mini_batch_rows(n: int, parts: int) -> list[Tensor]:
+    """Row numbers of min(parts, n) mini-batches of range(n), strided: mini-batch m holds rows
+    m, m + parts, ... On several processes each rank splits its own rows this way, so mini-batch m
+    of the global batch (the ranks' rollouts concatenated in rank order) is the union of the ranks'
+    m-th mini-batches whenever every rank holds a multiple of ``parts`` rows."""
+    parts = max(1, min(parts, n))
+    return [torch.arange(m, n, parts) for m in range(parts)]
+
+
+def micro_batch_rows(rows: Tensor, parts: int) -> list[Tensor]:
+    """min(parts, len(rows)) consecutive, near-equal pieces of ``rows``."""
+    n = len(rows)
     parts = max(1, min(parts, n))
     bounds = [i * n // parts for i in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [rows[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _chunks_of(rows: slice, parts: int) -> list[slice]:
-    n = rows.stop - rows.start
-    return [slice(rows.start + s.start, rows.start + s.stop) for s in _chunks(n, max(1, min(parts, n)))]
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout holding the rows of several (prompts left-padded to the longest prompt,
+    responses right-padded to the longest response), as one process would hold them."""
+    P = max(r.prompt_len for r in parts)
+    T = max(r.response_mask.shape[1] for r in parts)
+
+    def pad(t: Tensor, left: int, right: int, value: float | int) -> Tensor:
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    cols: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "behaviour_logprobs")}
+    for r in parts:
+        left, right = P - r.prompt_len, T - r.response_mask.shape[1]
+        cols["input_ids"].append(pad(r.input_ids, left, right, pad_id))
+        cols["attention_mask"].append(pad(r.attention_mask, left, right, 0))
+        cols["response_mask"].append(pad(r.response_mask, 0, right, False))
+        cols["behaviour_logprobs"].append(pad(r.behaviour_logprobs, 0, right, 0.0))
+    out = {k: torch.cat(v) for k, v in cols.items()}
+    out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # as the sampler makes them
+    return Rollout(**out, prompt_len=P,
+                   truncated=torch.cat([r.truncated for r in parts]),
+                   examples=[e for r in parts for e in r.examples], texts=[t for r in parts for t in r.texts])

@@ -1,147 +1,172 @@
-"""The memory-lean student head: logits exist for one chunk of positions at a time, in the forward
-pass and in the backward pass, so the extra memory of the loss path grows with the chunk size and K,
-never with B·T·V.
+"""The memory-lean student head, as an autograd Function: the [B, T, V] logits exist for one chunk
+of positions at a time, in the forward pass and in the backward pass, so the extra memory of the
+loss path grows with the chunk size and K, never with B·T·V.
 
-Two schedules, both exact (the gradients are those of the naive path, up to float summation order):
+Forward: per chunk, logits = h Wᵀ + b (restricted to the tokenizer's rows, divided by the
+temperature), and from them the [B, T, K]-sized quantities every loss reads: the sampled token's
+log-prob, the log-sum-exp, the logits on the support, the first-byte marginals, and (without
+gradient) the entropy. Nothing of size V is kept.
 
-- fused (the loss is position-wise: ℓ_t reads the student's quantities at t only): each chunk runs
-  head → quantities → loss → backward at once, the way fused linear-cross-entropy kernels compute a
-  chunk's gradient in its forward pass. The loss sees full [B, T] tensors in which only the chunk's
-  positions carry the chunk's values and a graph; the head runs once per chunk forward and twice
-  backward (dW and dh), like the naive path. dW is accumulated in place into the weight's gradient,
-  so not even a [V, H] temporary is made per chunk.
-- recompute (any loss): the quantities of every chunk without a graph first, then the loss and its
-  gradient with respect to those [B, T, K] quantities, then each chunk again with a graph, fed that
-  gradient. One extra forward of the head.
+Backward: per chunk, the logits are recomputed and their gradient is written in closed form from
+the gradients of those quantities (p = softmax(z), e_v = one-hot):
 
-The body's hidden states are computed once; their gradient is gathered chunk by chunk and sent
-through the body in one backward call.
+    ∂ token_logprob / ∂z = e_target − p        ∂ lse / ∂z = p
+    ∂ support_logits_k / ∂z = e_{ids_k}          ∂ byte_logprob_b / ∂z_v = p_v [bucket(v) = b] / P_b − p_v
+
+then dh = dz W and dW = dzᵀ h, db = Σ dz. The Function returns the gradients of the hidden states
+and of the head's parameters, so autograd owns them: data-parallel gradient hooks (DDP's reducer),
+sharded parameters (FSDP) and gradient accumulation treat the head like any other layer, and the
+loss is computed once, over the [B, T, K] quantities.
+
+Cost: the head's matmul runs once in the forward pass and three times in the backward pass (the
+recomputation, dh and dW), against once and twice on the naive path; in exchange the backward pass
+makes two passes over each chunk's logits instead of the naive path's many over [B, T, V].
+
+Under autocast (bf16-mixed) the matmuls run in the autocast dtype, as the naive path's linear layer
+does, and the softmax statistics in fp32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import fields, replace
-
 import torch
 from torch import Tensor, nn
 
-from opdlm.ops.head import head_scores
 from opdlm.types import Scores
 
-DIFF_FIELDS = ("token_logprob", "lse", "support_logits", "byte_logprobs")
+
+def _matmul_dtype(device_type: str, weight: Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
 
 
-def _chunk_scores(h: Tensor, head: nn.Linear | None, targets: Tensor, support: Tensor | None, kw: dict) -> Scores:
-    """Scores of n positions given as hidden states [n, H] (or logits [n, V] with head None)."""
-    s = head_scores(h.unsqueeze(0), head, targets.unsqueeze(0),
-                    support_ids=support.unsqueeze(0) if support is not None else None, **kw)
-    return Scores(**{f.name: (getattr(s, f.name)[0] if getattr(s, f.name) is not None else None)
-                     for f in fields(Scores)})
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, temperature: float,
+                  dtype: torch.dtype) -> Tensor:
+    """fp32 (at least) logits [n, rows] of hidden states h [n, H], divided by the temperature."""
+    w = weight[:rows]
+    b = bias[:rows] if bias is not None else None
+    with torch.autocast(h.device.type, enabled=False):
+        z = nn.functional.linear(h.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    if temperature != 1.0:
+        z = z.div_(temperature)
+    return z
 
 
-def _assemble(parts: list[tuple[int, int, Scores]], n: int, shape: tuple[int, int], like: Scores) -> Scores:
-    """Full [B, T, ...] Scores from chunk Scores (positions outside every part are 0)."""
-    out = {}
-    for f in fields(Scores):
-        first = getattr(like, f.name)
-        if first is None:
-            out[f.name] = None
-            continue
-        tail = tuple(first.shape[1:])
-        pieces = []
-        pos = 0
-        for s, e, sc in parts:
-            if s > pos:
-                pieces.append(first.new_zeros((s - pos, *tail)))
-            pieces.append(getattr(sc, f.name))
-            pos = e
-        if pos < n:
-            pieces.append(first.new_zeros((n - pos, *tail)))
-        out[f.name] = torch.cat(pieces).reshape(*shape, *tail)
-    return Scores(**out)
+class _LeanHead(torch.autograd.Function):
+    """(feats [n, H], weight [V, H], bias [V] | None) -> token_logprob [n], lse [n],
+    support_logits [n, K] (empty without a support), byte_logprobs [n, nb] (empty without buckets),
+    entropy [n] (no gradient; empty when not asked for)."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, support: Tensor | None,
+                buckets: Tensor | None, n_buckets: int, rows: int, temperature: float, chunk: int,
+                entropy: bool) -> tuple[Tensor, ...]:
+        n = feats.shape[0]
+        dtype = _matmul_dtype(feats.device.type, weight)
+        stat = torch.promote_types(weight.dtype if dtype == weight.dtype else torch.float32, torch.float32)
+        tok = feats.new_empty(n, dtype=stat)
+        lse = feats.new_empty(n, dtype=stat)
+        sl = feats.new_empty((n, support.shape[1]) if support is not None else (0,), dtype=stat)
+        bl = feats.new_empty((n, n_buckets) if buckets is not None else (0,), dtype=stat)
+        ent = feats.new_empty(n if entropy else 0, dtype=stat)
+        tgt = targets.clamp_min(0)
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            z = _chunk_logits(feats[s:e], weight, bias, rows, temperature, dtype)
+            m = z.max(-1, keepdim=True).values
+            p = torch.sub(z, m).exp_()  # unnormalised probabilities
+            tot = p.sum(-1, keepdim=True)
+            lse_c = (tot.log() + m).squeeze(-1)
+            lse[s:e] = lse_c
+            tok[s:e] = z.gather(1, tgt[s:e, None]).squeeze(1) - lse_c
+            if support is not None:
+                sl[s:e] = z.gather(1, support[s:e])
+            if entropy:  # H = lse − Σ p z
+                ent[s:e] = lse_c - torch.linalg.vecdot(p, z) / tot.squeeze(-1)
+            if buckets is not None:
+                sums = p.new_zeros(e - s, n_buckets).index_add_(1, buckets[:rows], p)
+                bl[s:e] = sums.div_(tot).log_()
+            del z, p
+        ctx.save_for_backward(feats, weight, bias, tgt, support, buckets, lse, bl)
+        ctx.cfg = (rows, temperature, chunk, dtype, bias is not None)
+        ctx.mark_non_differentiable(ent)
+        return tok, lse, sl, bl, ent
+
+    @staticmethod
+    def backward(ctx, g_tok: Tensor | None, g_lse: Tensor | None, g_sl: Tensor | None, g_bl: Tensor | None,
+                 _g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
+        feats, weight, bias, tgt, support, buckets, lse, bl = ctx.saved_tensors
+        rows, temperature, chunk, dtype, has_bias = ctx.cfg
+        n = feats.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = has_bias and ctx.needs_input_grad[2]
+        d_h = torch.zeros_like(feats) if need_h else None
+        d_w = torch.zeros_like(weight) if need_w else None
+        d_b = torch.zeros_like(bias) if need_b else None
+        # per position: dz = p * (c + d[bucket]) + sparse terms
+        c = torch.zeros_like(lse)
+        if g_lse is not None:
+            c = c + g_lse
+        if g_tok is not None:
+            c = c - g_tok
+        d = None
+        if g_bl is not None and buckets is not None and g_bl.numel():
+            c = c - g_bl.sum(-1)
+            prob = bl.exp()
+            d = torch.where(prob > 0, g_bl / prob.clamp_min(torch.finfo(prob.dtype).tiny), torch.zeros_like(prob))
+        use_sup = g_sl is not None and support is not None and g_sl.numel() > 0
+        scale = 1.0 / temperature
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            h = feats[s:e]
+            z = _chunk_logits(h, weight, bias, rows, temperature, dtype)
+            dz = z.sub_(lse[s:e, None]).exp_()  # p, in place
+            if d is not None:
+                dz.mul_(c[s:e, None] + d[s:e].index_select(1, buckets[:rows]))
+            else:
+                dz.mul_(c[s:e, None])
+            if g_tok is not None:
+                dz.scatter_add_(1, tgt[s:e, None], g_tok[s:e, None].to(dz.dtype))
+            if use_sup:
+                dz.scatter_add_(1, support[s:e], g_sl[s:e].to(dz.dtype))
+            if scale != 1.0:
+                dz.mul_(scale)
+            dzm = dz.to(dtype)
+            with torch.autocast(h.device.type, enabled=False):
+                if need_h:
+                    d_h[s:e] = (dzm @ weight[:rows].to(dtype)).to(d_h.dtype)
+                if need_w:
+                    if dtype == d_w.dtype:
+                        d_w[:rows].addmm_(dzm.t(), h.to(dtype))
+                    else:
+                        d_w[:rows].add_((dzm.t() @ h.to(dtype)).to(d_w.dtype))
+            if need_b:
+                d_b[:rows].add_(dz.sum(0).to(d_b.dtype))
+            del z, dz, dzm
+        return d_h, d_w, d_b, None, None, None, None, None, None, None, None
 
 
-def _head_logits(h: Tensor, head: nn.Linear) -> Tensor:
-    """Logits of a chunk as a leaf that collects their gradient (no graph into the head)."""
-    with torch.no_grad():
-        z = nn.functional.linear(h, head.weight, head.bias)
-    return z.requires_grad_(True)
+def lean_scores(feats: Tensor, head: nn.Linear, targets: Tensor, *, support_ids: Tensor | None = None,
+                temperature: float = 1.0, vocab_rows: int | None = None, chunk_size: int = 1024,
+                buckets: Tensor | None = None, n_buckets: int = 0, entropy: bool = True) -> Scores:
+    """The student's Scores at every position of ``feats`` [B, T, H] through the lean head; the
+    same values as ``head_scores`` (opdlm.ops.head) and, through autograd, the same gradients.
 
-
-def _head_grads(dz: Tensor, h: Tensor, head: nn.Linear) -> Tensor:
-    """Accumulate the head's parameter gradients from the logits' gradient dz [n, V] in place (no
-    [V, H] temporary) and return the gradient of the hidden states [n, H]. The sum is kept in the
-    gradient's dtype: with bf16 weights (bf16-true) it is rounded once per chunk, not once."""
-    w = head.weight
-    with torch.no_grad():
-        if w.grad is None:
-            w.grad = torch.zeros_like(w)
-        w.grad.addmm_(dz.t().to(w.grad.dtype), h.to(w.grad.dtype))
-        if head.bias is not None:
-            if head.bias.grad is None:
-                head.bias.grad = torch.zeros_like(head.bias)
-            head.bias.grad.add_(dz.sum(0).to(head.bias.grad.dtype))
-        return dz.to(w.dtype) @ w if dz.dtype != w.dtype else dz @ w
-
-
-def lean_backward(feats: Tensor, head: nn.Linear, targets: Tensor, support_ids: Tensor | None,
-                  objective: Callable[[Scores, tuple[int, int] | None], tuple[Tensor, Tensor]], *,
-                  chunk_size: int, positionwise: bool, **kw) -> tuple[Scores, Tensor]:
-    """Backpropagate ``objective`` through the LM head chunk by chunk. Returns the student's Scores
-    (detached, for diagnostics) and the gradient of ``feats`` (to send through the body).
-
-    feats [B, T, H] hidden states; targets [B, T]; support_ids [B, T, K] or None;
-    objective(scores, span) -> (scalar to minimise over the positions in span (all when None),
-    token_loss); kw go to head_scores (temperature, vocab_rows, buckets, n_buckets, entropy).
-    The head's parameter gradients are accumulated in place."""
+    targets [B, T] sampled ids (negative = none); support_ids [B, T, K]; vocab_rows: logits past this
+    row are excluded; buckets [V] long with n_buckets bins (first-byte marginals)."""
     B, T, H = feats.shape
     n = B * T
-    h_all = feats.detach().reshape(n, H)
-    tgt = targets.reshape(n)
+    rows = min(vocab_rows or head.weight.shape[0], head.weight.shape[0])
     sup = support_ids.reshape(n, -1) if support_ids is not None else None
-    step = max(1, chunk_size)
-    bounds = [(s, min(n, s + step)) for s in range(0, n, step)]
-    grad_h = torch.zeros_like(h_all)
-    kept: list[tuple[int, int, Scores]] = []
-
-    def scores_of(z: Tensor, s: int, e: int) -> Scores:
-        return _chunk_scores(z, None, tgt[s:e], sup[s:e] if sup is not None else None, kw)
-
-    if positionwise:
-        for s, e in bounds:
-            z = _head_logits(h_all[s:e], head)
-            sc = scores_of(z, s, e)
-            total, _ = objective(_assemble([(s, e, sc)], n, (B, T), sc), (s, e))
-            total.backward()
-            if z.grad is not None:
-                grad_h[s:e] = _head_grads(z.grad, h_all[s:e], head)
-            kept.append((s, e, _detached(sc)))
-            del z, sc, total
-    else:
-        with torch.no_grad():
-            for s, e in bounds:
-                kept.append((s, e, _chunk_scores(h_all[s:e], head, tgt[s:e], sup[s:e] if sup is not None else None, kw)))
-        full = _assemble(kept, n, (B, T), kept[0][2])
-        leaves = {k: getattr(full, k).detach().requires_grad_(True) for k in DIFF_FIELDS if getattr(full, k) is not None}
-        total, _ = objective(replace(full, **leaves), None)
-        grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values()), allow_unused=True)))
-        for s, e in bounds:
-            z = _head_logits(h_all[s:e], head)
-            sc = scores_of(z, s, e)
-            outs, gs = [], []
-            for k, g in grads.items():
-                if g is not None:
-                    outs.append(getattr(sc, k))
-                    gs.append(g.reshape(n, *g.shape[2:])[s:e])
-            if outs:
-                torch.autograd.backward(outs, gs)
-                if z.grad is not None:
-                    grad_h[s:e] = _head_grads(z.grad, h_all[s:e], head)
-            del z, sc
-    return _assemble(kept, n, (B, T), kept[0][2]), grad_h.reshape(B, T, H)
-
-
-def _detached(sc: Scores) -> Scores:
-    return Scores(**{f.name: (getattr(sc, f.name).detach() if getattr(sc, f.name) is not None else None)
-                     for f in fields(Scores)})
+    tok, lse, sl, bl, ent = _LeanHead.apply(
+        feats.reshape(n, H), head.weight, head.bias, targets.reshape(n), sup,
+        buckets, n_buckets, rows, float(temperature), max(1, int(chunk_size)), entropy)
+    return Scores(
+        token_logprob=tok.reshape(B, T),
+        lse=lse.reshape(B, T),
+        support_logits=sl.reshape(B, T, -1) if sup is not None else None,
+        entropy=ent.reshape(B, T) if entropy else None,
+        byte_logprobs=bl.reshape(B, T, n_buckets) if buckets is not None else None,
+    )

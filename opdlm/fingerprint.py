@@ -1,0 +1,95 @@
+"""What a stage's cached result depends on, as one hash: the config parts the stage reads (earlier
+stages included), the tokenizers' vocabularies, and the code: the source of the opdlm package and
+of every plugin file the stage uses (the classes of its plugins and of the plugins nested in them).
+Editing a loss recomputes the OPD stage; it does not recompute the SFT stages, which use only the
+task and the sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+STAGES = ("teacher_sft", "student_sft", "opd")
+
+
+@lru_cache(maxsize=1)
+def package_digest() -> str:
+    """sha256 of the opdlm package's Python sources (benchmarks excluded)."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        rel = path.relative_to(PACKAGE_DIR)
+        if rel.parts[0] == "bench" or "__pycache__" in rel.parts:
+            continue
+        h.update(str(rel).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def plugin_files(objects: list[Any]) -> list[str]:
+    """Source files of the plugin classes in ``objects`` and of the plugins they hold (attributes,
+    lists, tuples and dicts are searched), sorted."""
+    from opdlm.plugin_api import Plugin
+
+    seen: set[int] = set()
+    files: set[str] = set()
+
+    def walk(x: Any, depth: int) -> None:
+        if depth > 6 or id(x) in seen:
+            return
+        seen.add(id(x))
+        if isinstance(x, Plugin):
+            for cls in type(x).__mro__:
+                if cls is Plugin or not issubclass(cls, Plugin) or cls.__module__.startswith("opdlm."):
+                    continue
+                try:
+                    files.add(str(Path(inspect.getsourcefile(cls) or "").resolve()))
+                except TypeError:
+                    pass
+            for v in vars(x).values():
+                walk(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, depth + 1)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, depth + 1)
+
+    for o in objects:
+        walk(o, 0)
+    return sorted(f for f in files if f)
+
+
+def code_digest(stage: str, plan: Any) -> str:
+    """Hash of the opdlm package and of the plugin files ``stage`` uses."""
+    used = [plan.task, plan.sampler]
+    if stage == "opd":
+        used += [plan.aligner, plan.support, *plan.maskers, plan.loss]
+    h = hashlib.sha256(package_digest().encode())
+    for f in plugin_files(used):
+        h.update(f.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    blob = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint(cfg: dict[str, Any], stage: str, plan: Any) -> str:
+    """Hash of everything a stage's result depends on (see the module docstring)."""
+    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "teacher": cfg["teacher"],
+                             "teacher_vocab": vocab_digest(plan.teacher.tokenizer),
+                             "teacher_sft": cfg["stages"]["teacher_sft"], "eval": cfg["eval"],
+                             "precision": cfg["trainer"]["precision"], "code": code_digest(stage, plan)}
+    if stage in ("student_sft", "opd"):
+        parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"],
+                     student_vocab=vocab_digest(plan.student.tokenizer))
+    if stage == "opd":
+        parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
+        parts["opd"] = cfg["stages"]["opd"]
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
