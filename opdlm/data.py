@@ -1,9 +1,9 @@
 """Lightning DataModule over a task plugin: tokenised reference solutions for the SFT stage,
 prompts for the OPD stage, and held-out prompts for validation and test.
 
-Training batches are global: step s takes the s-th ``batch_size`` items of a stream of
-reshuffles of the train split (one permutation per pass, drawn from a generator seeded with the
-run's seed), whatever the number of processes. With W processes, rank r gets the r-th of W equal
+Training batches are global: step s takes the s-th batch of a stream of reshuffles of the train
+split (one permutation per pass, drawn from a generator seeded with the run's seed, cut into
+batches; no item twice in one batch), whatever the number of processes. With W processes, rank r gets the r-th of W equal
 consecutive slices of that global batch, so no item appears twice in one global step and the
 ranks' slices, concatenated in rank order, are the batch one process would get. A stream resumed
 at step s (after a kill) continues with batch s.
@@ -58,20 +58,36 @@ def sft_collate(tokenizer: Any, chat_template: bool, max_len: int | None = None)
     return collate
 
 
-def list_collate(batch: list[Example]) -> list[Example]:
-    return list(batch)
+class PromptBatch:
+    """The examples of one prompt batch, in a box that Lightning's batch transfers and precision
+    casts leave alone (they walk into lists and dataclasses)."""
+
+    def __init__(self, examples: list[Example]) -> None:
+        self.examples = list(examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def list_collate(batch: list[Example]) -> PromptBatch:
+    return PromptBatch(batch)
 
 
 def global_batch(n_items: int, batch_size: int, step: int, seed: int, _cache: dict | None = None) -> list[int]:
-    """Indices of global batch ``step``: items [step·b, (step+1)·b) of the concatenation of
-    permutations of range(n_items) drawn one after another from a generator seeded with ``seed``
-    (the order torch's RandomSampler without replacement gives)."""
+    """Indices of global batch ``step``: passes over range(n_items), each a permutation drawn from
+    a generator seeded with ``seed`` (one after another, as torch's RandomSampler draws them),
+    each cut into n_items // batch_size batches (the remainder of a pass is left out, so no item
+    appears twice in one batch)."""
     cache = _cache if _cache is not None else {}
     gen, perms = cache.setdefault("gen", torch.Generator().manual_seed(seed)), cache.setdefault("perms", [])
-    start, stop = step * batch_size, (step + 1) * batch_size
-    while len(perms) * n_items < stop:
+    per_pass = n_items // batch_size
+    p, j = divmod(step, per_pass)
+    while len(perms) <= p:
         perms.append(torch.randperm(n_items, generator=gen).tolist())
-    return [perms[i // n_items][i % n_items] for i in range(start, stop)]
+    return perms[p][j * batch_size : (j + 1) * batch_size]
 
 
 class StepBatches:
@@ -83,6 +99,8 @@ class StepBatches:
                  collate: Callable[[list[Any]], Any], start: Callable[[], int] = lambda: 0) -> None:
         if batch_size % world:
             raise ConfigError(f"batch of {batch_size} cannot be split evenly over {world} processes")
+        if batch_size > len(items):
+            raise ConfigError(f"batch of {batch_size} is larger than the {len(items)} training items")
         self.items, self.batch_size, self.steps, self.seed = items, batch_size, steps, seed
         self.rank, self.world, self.collate, self.start = rank, world, collate, start
 

@@ -13,6 +13,7 @@ and no optimizer sees it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -137,7 +138,7 @@ class OPDModule(GenerationEval):
                            topk=topk, entropy=True, vocab_rows=self.plan.student.output_ids,
                            buckets=self._bins("student", first_byte), n_buckets=N_BINS, chunk_size=chunk)
 
-    def training_step(self, batch: list[Example], batch_idx: int) -> None:
+    def training_step(self, batch: Iterable[Example], batch_idx: int) -> None:
         torch.manual_seed(dist.step_seed(self.seed, 3, self.batches_done, self.global_rank))  # this rank's stream
         rollout = self.sample(batch)                                                        # 1. sample
         view = self.align(rollout)                                                          # 2. align
@@ -148,7 +149,8 @@ class OPDModule(GenerationEval):
         self.batches_done += 1
         self.log_step(logs, rollout, view)                                                  # 8. log
 
-    def sample(self, batch: list[Example]) -> Rollout:
+    def sample(self, batch: Iterable[Example]) -> Rollout:
+        batch = list(batch)
         prompts = [render_prompt(self.plan.student.tokenizer, ex.prompt, self.chat_template) for ex in batch]
         return self.plan.sampler.sample(self.student, self.plan.student.tokenizer, prompts, batch)
 

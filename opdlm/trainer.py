@@ -84,8 +84,8 @@ def check_trainer(tr: dict[str, Any]) -> int:
     for lg in quiet:  # no "GPU available: ..." banner for a check
         lg.setLevel(logging.WARNING)
     try:
-        trainer = L.Trainer(**kw, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, max_steps=1)
+        trainer = L.Trainer(**{**dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                      enable_model_summary=False, max_steps=1), **kw})
     except Exception as e:  # Lightning raises several types; each becomes one line
         msg = " ".join(str(e).split())
         raise ConfigError(f"{_key_of(msg)}: {msg}") from None

@@ -1,0 +1,99 @@
+"""Nothing is lost to a kill: a real run killed (SIGKILL) in the middle of the OPD stage and run
+again with the same command continues from its last checkpoint (same optimizer step, data order and
+random streams) and ends with the student of an uninterrupted run of the same seed, bit for bit on
+this CPU (one thread; the path is deterministic there). Also: a checkpoint of another config is
+set aside with the reason, and half-written stage folders are never trusted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from conftest import TINY
+
+from opdlm.pipeline import _replace_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 400
+
+
+def command(out: Path, *extra: str) -> list[str]:
+    over = [o for o in TINY if not o.startswith("run.checkpoints")]
+    return [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={out}", f"stages.opd.steps={STEPS}",
+            "run.checkpoint_every=5", "trainer.threads=1", *extra]
+
+
+def env() -> dict[str, str]:
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    e.pop("LOCAL_RANK", None)
+    return e
+
+
+def student(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "demo" / "student" / "model.safetensors"))
+
+
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until the OPD stage runs, let it take some steps, then kill it
+        if "[opdlm] stage opd:" in line:
+            break
+    ckpt = killed / "demo" / "checkpoints" / "opd" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "demo" / "student").exists()  # the interrupted stage left no folder to trust
+    again = subprocess.run(command(killed), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = again.stdout
+    assert out.count("(same config and code), skipping") == 2  # the two SFT stages
+    line = next(x for x in out.splitlines() if "stage opd: resuming from" in x)
+    step = int(line.rsplit("optimizer step ", 1)[1].rstrip(")"))
+    assert 0 < step < STEPS, line
+    whole = tmp_path / "whole"
+    ref = subprocess.run(command(whole), capture_output=True, text=True, env=env(), cwd=ROOT, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    a, b = student(killed), student(whole)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_checkpoint_of_another_config_is_set_aside(tmp_path):
+    run = subprocess.run(command(tmp_path, "stages.opd.steps=10"), capture_output=True, text=True, env=env(),
+                         cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt_dir = tmp_path / "demo" / "checkpoints" / "opd"
+    assert (ckpt_dir / "last.ckpt").is_file()
+    import shutil
+    shutil.rmtree(tmp_path / "demo" / "student")  # as if killed after the last checkpoint
+    other = subprocess.run(command(tmp_path, "stages.opd.steps=10", "stages.opd.lr=1.0e-4"), capture_output=True,
+                           text=True, env=env(), cwd=ROOT, timeout=600)
+    assert other.returncode == 0, other.stderr[-3000:]
+    line = next(x for x in other.stdout.splitlines() if "stage opd: not resuming from" in x)
+    assert "written for another config or code" in line and "the stage starts from step 0" in line
+    assert list(ckpt_dir.glob("last.ckpt.*.set-aside"))
+
+
+def test_half_written_folders_are_not_trusted(tmp_path):
+    folder, tmp = tmp_path / "student", tmp_path / ".student.tmp"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "stage.json").write_text("{}")
+    _replace_folder(tmp, folder)
+    assert (folder / "stage.json").is_file() and not (folder / "old.txt").exists() and not tmp.exists()
+    assert not list(tmp_path.glob(".student.old"))
