@@ -31,10 +31,11 @@ from opdlm.ops.batch import (
     take,
 )
 from opdlm.ops.diagnostics import repetition_frac
-from opdlm.ops.head import gather_columns, head_scores, model_hidden, response_hidden
+from opdlm.ops.fullvocab import full_vocab_loss
+from opdlm.ops.head import gather_columns, head_scores, lookup_logits, model_hidden, response_hidden, split_model
 from opdlm.ops.lean import lean_scores
 from opdlm.sft import GenerationEval, SFTModule, eval_modes, load_or_build, make_optimizer
-from opdlm.types import Example, LossInputs, Rollout, Scores, Support, TeacherView, masked_mean
+from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView, masked_mean
 from opdlm.xtok.tables import N_BINS
 
 __all__ = ["OPDModule", "SFTModule", "alignment_stats", "full_support", "load_or_build"]
@@ -105,18 +106,22 @@ class OPDModule(GenerationEval):
         return self._bin_cache[side].to(self.device)
 
     @torch.no_grad()
-    def score_teacher(self, view: TeacherView) -> tuple[Tensor, Any, Scores]:
+    def score_teacher(self, view: TeacherView, extra_ids: Tensor | None = None) -> Scores:
+        """The teacher's Scores at the student's positions from one pass of its head per chunk: the
+        sampled token's log-prob, log-sum-exp, its top-k (as many as the support needs), entropy,
+        first-byte marginals, and its logits on ``extra_ids`` [B, T, E] (Scores.support_logits; the
+        student's own top-k when the support reads it). Its hidden states are kept (Scores.hidden)."""
         hidden, head = model_hidden(self.teacher, view.input_ids, view.attention_mask, view.position_ids)
         feats = gather_columns(hidden, view.pred_columns)
         spec, chunk = self.plan.teacher, self.stage["chunk_size"]
-        bins = self._bins("teacher")
-        scores = head_scores(feats, head, view.targets, temperature=self.temperature,
+        scores = head_scores(feats, head, view.targets, temperature=self.temperature, support_ids=extra_ids,
                              topk=self.plan.support.teacher_topk, entropy=True, vocab_rows=spec.output_ids,
-                             chunk_size=chunk, buckets=bins, n_buckets=N_BINS)
+                             chunk_size=chunk, buckets=self._bins("teacher"), n_buckets=N_BINS)
+        scores = dataclasses.replace(scores, hidden=feats)
         if self.plan.loss.needs_chunk_logprob:
             if view.teacher_columns is None:
                 chunk_lp = scores.token_logprob
-            else:  # Σ of the teacher's token log-probs per chunk, read at each student token
+            else:  # Σ of the teacher's token log-probs per chunk (its own tokens: other positions)
                 assert view.teacher_targets is not None and view.teacher_chunk is not None
                 tok = head_scores(gather_columns(hidden, view.teacher_columns), head, view.teacher_targets,
                                   temperature=self.temperature, entropy=False, vocab_rows=spec.output_ids,
@@ -125,7 +130,7 @@ class OPDModule(GenerationEval):
                 sums = per_chunk_sum(tok, tc, max(tc.shape[1], view.targets.shape[1]) + 1)
                 chunk_lp = sums.gather(1, view.chunk_ids().clamp_min(0))
             scores = dataclasses.replace(scores, chunk_logprob=chunk_lp)
-        return feats, head, scores
+        return scores
 
     def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0,
                       first_byte: bool | None = None) -> Scores:
@@ -140,14 +145,15 @@ class OPDModule(GenerationEval):
 
     def training_step(self, batch: Iterable[Example], batch_idx: int) -> None:
         torch.manual_seed(dist.step_seed(self.seed, 3, self.batches_done, self.global_rank))  # this rank's stream
-        rollout = self.sample(batch)                                                        # 1. sample
-        view = self.align(rollout)                                                          # 2. align
-        teacher, t_feats, t_head = self.score_teacher_full(view)                           # 3. score the teacher
-        support, teacher = self.select_support(rollout, view, teacher, t_feats, t_head)    # 4. select the support
-        mask = self.mask(rollout, view)                                                     # 5. mask
-        logs = self.update(rollout, view, teacher, support, mask)                          # 6.-7. loss, backward, step
+        rollout = self.sample(batch)                                     # 1. sample
+        view = self.align(rollout)                                       # 2. align
+        student_top = self.student_topk(rollout)                         #    (the student's own top-k, if read)
+        teacher = self.score_teacher(view, self._extra_ids(student_top))  # 3. score the teacher
+        support, teacher = self.select_support(rollout, view, teacher, student_top)  # 4. select the support
+        mask = self.mask(rollout, view)                                  # 5. mask
+        logs = self.update(rollout, view, teacher, support, mask)       # 6.-7. loss, backward, step(s)
         self.batches_done += 1
-        self.log_step(logs, rollout, view)                                                  # 8. log
+        self.log_step(logs, rollout, view)                               # 8. log
 
     def sample(self, batch: Iterable[Example]) -> Rollout:
         batch = list(batch)
@@ -160,27 +166,62 @@ class OPDModule(GenerationEval):
                      for ex in rollout.examples]
         return plan.aligner.align(rollout, t_prompts)
 
-    def score_teacher_full(self, view: TeacherView) -> tuple[Scores, Tensor, Any]:
-        feats, head, scores = self.score_teacher(view)
-        return scores, feats, head
+    def student_topk(self, rollout: Rollout) -> Scores | None:
+        """The student's own top-k without gradients, when the support reads it."""
+        if not self.plan.support.student_topk:
+            return None
+        with torch.no_grad():
+            return self.score_student(rollout, None, topk=self.plan.support.student_topk)
 
-    def select_support(self, rollout: Rollout, view: TeacherView, teacher: Scores, t_feats: Tensor,
-                       t_head: Any) -> tuple[Support, Scores]:
-        """The support, and the teacher's Scores with its logits on the support."""
+    def _extra_ids(self, student_top: Scores | None) -> Tensor | None:
+        """Ids whose teacher logits the teacher's pass also reads: the student's own top-k (one
+        vocabulary on both sides), which supports may add to the teacher's top-k."""
+        if student_top is None or not self.plan.aligner.shared_vocabulary:
+            return None
+        return student_top.topk_ids
+
+    def _lean_full_vocabulary(self) -> bool:
+        return self.plan.loss.full_vocabulary and self.stage["head"] == "lean"
+
+    def select_support(self, rollout: Rollout, view: TeacherView, teacher: Scores,
+                       student_top: Scores | None = None) -> tuple[Support, Scores]:
+        """The support, and the teacher's Scores with its logits on the support, read from the
+        teacher's pass (its top-k, the extra ids, the sampled token); a support holding other ids
+        costs a second pass over those ids."""
         plan = self.plan
-        student_top = None
-        if plan.support.student_topk:
-            with torch.no_grad():
-                student_top = self.score_student(rollout, None, topk=plan.support.student_topk)
-        support = plan.support.select(teacher, student_top, rollout, view)
         if plan.loss.full_vocabulary:
             support = full_support(rollout.targets, plan.student.output_ids)
-        with torch.no_grad():
+            if self._lean_full_vocabulary():  # the loss path runs the teacher's head per chunk
+                return support, teacher
+            t_ids = support.ids
+        else:
+            support = plan.support.select(teacher, student_top, rollout, view)
             t_ids = support.teacher_ids if support.teacher_ids is not None else support.ids
-            t_sup = head_scores(t_feats, t_head, view.targets, temperature=self.temperature,
+            logits = self._teacher_logits_from_pass(teacher, view, t_ids, support.valid, self._extra_ids(student_top))
+            if logits is not None:
+                return support, dataclasses.replace(teacher, support_logits=logits)
+        with torch.no_grad():  # ids the first pass did not read: a second pass
+            _, t_head = split_model(self.teacher) or (None, None)
+            t_sup = head_scores(teacher.hidden, t_head, view.targets, temperature=self.temperature,
                                 support_ids=t_ids, entropy=False,
                                 vocab_rows=plan.teacher.output_ids, chunk_size=self.stage["chunk_size"])
         return support, dataclasses.replace(teacher, support_logits=t_sup.support_logits)
+
+    @staticmethod
+    def _teacher_logits_from_pass(teacher: Scores, view: TeacherView, ids: Tensor, valid: Tensor,
+                                  extra_ids: Tensor | None) -> Tensor | None:
+        """The teacher's logits on ``ids`` [B, T, K] from what its pass computed, or None if some
+        valid id is not among them."""
+        cand_ids = [view.targets.clamp_min(0).unsqueeze(-1)]
+        cand = [(teacher.token_logprob + teacher.lse).unsqueeze(-1)]
+        if teacher.topk_ids is not None and teacher.topk_logits is not None:
+            cand_ids.append(teacher.topk_ids)
+            cand.append(teacher.topk_logits)
+        if teacher.support_logits is not None and extra_ids is not None:
+            cand_ids.append(extra_ids)
+            cand.append(teacher.support_logits)
+        logits, found = lookup_logits(ids, torch.cat(cand_ids, -1), torch.cat(cand, -1))
+        return logits if bool((found | ~valid).all()) else None
 
     def mask(self, rollout: Rollout, view: TeacherView) -> Tensor:
         mask = rollout.response_mask & view.positions(self.plan.loss.positions)
@@ -192,8 +233,9 @@ class OPDModule(GenerationEval):
         """Align, score the teacher, select the support and mask: everything the loss reads besides
         the student's own scores."""
         view = self.align(rollout)
-        teacher, t_feats, t_head = self.score_teacher_full(view)
-        support, teacher = self.select_support(rollout, view, teacher, t_feats, t_head)
+        student_top = self.student_topk(rollout)
+        teacher = self.score_teacher(view, self._extra_ids(student_top))
+        support, teacher = self.select_support(rollout, view, teacher, student_top)
         return view, teacher, support, self.mask(rollout, view)
 
     def update(self, rollout: Rollout, view: TeacherView, teacher: Scores, support: Support, mask: Tensor,
@@ -246,14 +288,24 @@ class OPDModule(GenerationEval):
         kw = dict(temperature=self.temperature, vocab_rows=self.plan.student.output_ids,
                   buckets=self._bins("student"), n_buckets=N_BINS, entropy=True)
         self._phase("loss_path_start")
-        if lean:
+        loss_fn = self.plan.loss
+        if lean and loss_fn.full_vocabulary:  # both models' logits one chunk at a time
+            assert teacher.hidden is not None
+            split = split_model(self.teacher)
+            token_loss, student = full_vocab_loss(
+                feats, head, teacher.hidden, split[1] if split else None, ro.targets, loss_fn.divergence,
+                student_rows=self.plan.student.output_ids, teacher_rows=self.plan.teacher.output_ids,
+                temperature=self.temperature, chunk_size=self.stage["head_chunk"])
+            out = LossOutput(token_loss=token_loss)
+        elif lean:
             student = lean_scores(feats, head, ro.targets, support_ids=sup.ids, chunk_size=self.stage["head_chunk"], **kw)
         else:
             student = head_scores(feats, head, ro.targets, support_ids=sup.ids, **kw)
         inputs = LossInputs(student=student, teacher=teacher, support=sup,
                             old_logprob=old if old is not None else student.token_logprob.detach(),
                             mask=mask, rollout=ro, view=view)
-        out = self.plan.loss.compute(inputs)
+        if not (lean and loss_fn.full_vocabulary):
+            out = loss_fn.compute(inputs)
         self._backward((out.token_loss * mask.to(out.token_loss.dtype)).sum() / denominator)
         self._phase("loss_path_end")
         return inputs, out

@@ -140,3 +140,9 @@ class Loss(Plugin):
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         raise NotImplementedError
+
+    def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        """Full-vocabulary losses: ℓ per position [n] from both models' log-probs over the whole
+        vocabulary [n, V], differentiable in ``student_logprobs``. The lean head calls it on one chunk
+        of positions at a time, so no [B, T, V] tensor is ever held."""
+        raise NotImplementedError

@@ -112,6 +112,9 @@ class Scores:
     entropy: Tensor | None = None  # [B, T] entropy of the full next-token distribution
     chunk_logprob: Tensor | None = None  # [B, T] log-prob of the whole chunk holding token t (teacher side)
     byte_logprobs: Tensor | None = None  # [B, T, 257] log P(next byte = b); bin 256: no byte / other
+    hidden: Tensor | None = None  # [B, T, H] hidden states the scores came from (teacher side; logits
+    #                               [B, T, V] when the head cannot be split off): read by the lean
+    #                               full-vocabulary path, which runs the head again per chunk
 
     def support_logprobs(self) -> Tensor:  # [B, T, K] full-softmax log-probs on the support
         assert self.support_logits is not None

@@ -39,7 +39,7 @@ def world(tmp_path_factory):
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
     rollout = plan.sampler.sample(module.student, tok, prompts, ex)
     view = plan.aligner.align(rollout)
-    _, _, teacher = module.score_teacher(view)
+    teacher = module.score_teacher(view)
     jsonl = tmp_path_factory.mktemp("data") / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(20)))
     return {"cfg": cfg, "plan": plan, "module": module, "rollout": rollout, "view": view,

@@ -53,7 +53,7 @@ def test_teacher_scores_its_own_greedy_tokens_like_the_sampler():
     ex = plan.task.examples("val")[:4]
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
     ro = plan.sampler.sample(module.teacher, tok, prompts, ex, n=1)
-    _, _, t = module.score_teacher(plan.aligner.align(ro))
+    t = module.score_teacher(plan.aligner.align(ro))
     m = ro.response_mask
     torch.testing.assert_close(t.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
 

@@ -51,10 +51,11 @@ def _check_against_reference(s, z, lse, logp, ent, targets, support, topk):
     torch.testing.assert_close(s.topk_logits.double(), z.gather(-1, order), **f)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["one-pass", "autograd"])
 @pytest.mark.parametrize("chunk", [None, 3, 1, 100])
-def test_matches_direct_computation(chunk):
+def test_matches_direct_computation(chunk, grad):
     head, feats, targets, support = _setup(0)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         s = head_scores(feats, head, targets, support_ids=support, topk=3, chunk_size=chunk)
     assert s.token_logprob.shape == (B, T) and s.lse.shape == (B, T) and s.entropy.shape == (B, T)
     assert s.support_logits.shape == (B, T, K) and s.topk_ids.shape == (B, T, 3)
@@ -150,3 +151,30 @@ def test_gradient_matches_autograd_of_direct_computation(chunk):
     for got, want in ((g_feats, r_feats), (g_w, r_w), (g_b, r_b)):
         assert want.abs().max() > 1e-2
         torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("with_head", [True, False])
+def test_one_pass_equals_autograd_path_with_buckets_rows_and_temperature(with_head):
+    """The no-gradient pass (one exp per chunk, max from the top-k) gives the values of the
+    differentiable path, first-byte buckets, padding rows and temperature included."""
+    head, feats, targets, support = _setup(3, extra_rows=2)
+    buckets = torch.randint(0, 5, (V + 2,), generator=torch.Generator().manual_seed(1))
+    kw = dict(support_ids=support, topk=3, temperature=0.7, vocab_rows=V, chunk_size=4, buckets=buckets, n_buckets=6)
+    x = feats if with_head else head(feats).detach()
+    h = head if with_head else None
+    a = head_scores(x.requires_grad_(True) if not with_head else x, h, targets, **kw)  # autograd path
+    with torch.no_grad():
+        b = head_scores(x, h, targets, **kw)
+    for name in ("token_logprob", "lse", "support_logits", "topk_logits", "entropy", "byte_logprobs"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name).detach(), atol=1e-5, rtol=1e-5, msg=name)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+    assert torch.isneginf(b.byte_logprobs[..., 5]).all()  # an empty bucket
+
+
+def test_lookup_logits_reads_candidates():
+    from opdlm.ops.head import lookup_logits
+    cand = torch.tensor([[[5, 2, 9, 2]]])
+    logits = torch.tensor([[[0.5, 0.2, 0.9, 0.3]]])
+    got, found = lookup_logits(torch.tensor([[[2, 9, 7]]]), cand, logits)
+    assert found.tolist() == [[[True, True, False]]]
+    torch.testing.assert_close(got, torch.tensor([[[0.2, 0.9, 0.0]]]))  # the first candidate holding the id

@@ -15,6 +15,9 @@ def take(x: Any, rows: slice | Tensor) -> Any:
     """Rows of a batch-first dataclass (tensors and lists sliced or indexed by a long tensor of
     row numbers, scalars kept)."""
     if isinstance(x, Tensor):
+        if x.dim() and x.stride(0) == 0:  # a broadcast view (the full-vocabulary support): stays one
+            n = len(rows) if isinstance(rows, Tensor) else len(range(*rows.indices(x.shape[0])))
+            return x[:1].expand(n, *x.shape[1:])
         return x[rows.to(x.device) if isinstance(rows, Tensor) else rows]
     if isinstance(x, list):
         return [x[i] for i in rows.tolist()] if isinstance(rows, Tensor) else x[rows]
@@ -57,9 +60,10 @@ def per_chunk_sum(values: Tensor, chunk: Tensor, width: int) -> Tensor:
 
 
 def full_support(targets: Tensor, vocab: int) -> Support:
-    """Every id at every position: [B, T, V] (for losses over the full vocabulary)."""
+    """Every id at every position: [B, T, V] (for losses over the full vocabulary), as broadcast
+    views that hold V numbers, not B·T·V."""
     ids = torch.arange(vocab, device=targets.device).expand(*targets.shape, vocab)
-    return Support(ids=ids, valid=torch.ones_like(ids, dtype=torch.bool))
+    return Support(ids=ids, valid=torch.ones((), dtype=torch.bool, device=targets.device).expand(ids.shape))
 
 
 def mini_batch_rows(n: int, parts: int) -> list[Tensor]:

@@ -90,7 +90,15 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
     excluded from everything; chunk_size: positions per chunk (None = all at once); buckets [V]
     long: a partition of the ids into n_buckets bins whose log-probabilities are returned as
     Scores.byte_logprobs (the first-byte marginal).
+
+    Without gradients (the teacher, the student's old log-probs and own top-k) every quantity comes
+    from one pass over each chunk's logits (``_stats_pass``); with gradients (the student's naive
+    path) the quantities are differentiable functions of the logits.
     """
+    if not torch.is_grad_enabled() or not (feats.requires_grad or (head is not None and head.weight.requires_grad)):
+        with torch.no_grad():
+            return _head_stats(feats, head, targets, temperature, support_ids, topk, entropy, vocab_rows,
+                               chunk_size, buckets, n_buckets)
     B, T = targets.shape
     n = B * T
     f = feats.reshape(n, feats.shape[-1])
@@ -129,3 +137,68 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
         entropy=cat(ent) if entropy else None,
         byte_logprobs=cat(bk, n_buckets) if buckets is not None else None,
     )
+
+
+def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperature: float,
+                support_ids: Tensor | None, topk: int, entropy: bool, vocab_rows: int | None,
+                chunk_size: int | None, buckets: Tensor | None, n_buckets: int) -> Scores:
+    """head_scores without gradients, one pass per chunk: the logits z once; the maximum from the
+    top-k (or one max); e = exp(z - max) once; lse, entropy (log Σe − Σ e·(z − max) / Σe) and the
+    bucket sums from e."""
+    B, T = targets.shape
+    n = B * T
+    f = feats.reshape(n, feats.shape[-1])
+    tgt = targets.reshape(n).clamp_min(0)
+    sup = support_ids.reshape(n, -1) if support_ids is not None else None
+    step = max(1, chunk_size or n)
+    tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
+    for s in range(0, n, step):
+        z = _logits(f[s : s + step], head, temperature)
+        if vocab_rows is not None and vocab_rows < z.shape[-1]:
+            z = z[:, :vocab_rows]
+        if head is None or z.data_ptr() == f.data_ptr():
+            z = z.clone()  # the caller's logits are not ours to change in place
+        tok_logit = z.gather(1, tgt[s : s + step, None]).squeeze(1)
+        if sup is not None:
+            sl.append(z.gather(1, sup[s : s + step]))
+        if topk:
+            v, i = z.topk(topk, dim=-1)
+            ti.append(i)
+            tl.append(v)
+            m = v[:, :1]
+        else:
+            m = z.amax(-1, keepdim=True)
+        z = z.sub_(m)  # z - max, in place
+        e = z.exp()
+        tot = e.sum(-1)
+        z_lse = tot.log() + m.squeeze(1)
+        lse.append(z_lse)
+        tok.append(tok_logit - z_lse)
+        if entropy:
+            ent.append(tot.log() - torch.linalg.vecdot(e, z) / tot)
+        if buckets is not None:
+            sums = e.new_zeros(e.shape[0], n_buckets).index_add_(1, buckets[: e.shape[1]], e)
+            bk.append(sums.div_(tot.unsqueeze(1)).log_())
+        del z, e
+
+    def cat(xs: list[Tensor], *tail: int) -> Tensor:
+        return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)
+    return Scores(
+        token_logprob=cat(tok),
+        lse=cat(lse),
+        support_logits=cat(sl, sup.shape[-1]) if sup is not None else None,
+        topk_ids=cat(ti, topk) if topk else None,
+        topk_logits=cat(tl, topk) if topk else None,
+        entropy=cat(ent) if entropy else None,
+        byte_logprobs=cat(bk, n_buckets) if buckets is not None else None,
+    )
+
+
+def lookup_logits(ids: Tensor, cand_ids: Tensor, cand_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Logits of ``ids`` [B, T, K] read from candidates [B, T, C] (ids and their logits, from a pass
+    already made): (logits [B, T, K], found [B, T, K] bool; logits are 0 where not found)."""
+    eq = ids.unsqueeze(-1) == cand_ids.unsqueeze(-2)  # [B, T, K, C]
+    found = eq.any(-1)
+    first = eq.to(torch.uint8).argmax(-1)
+    return torch.where(found, cand_logits.gather(-1, first), torch.zeros((), dtype=cand_logits.dtype,
+                                                                           device=cand_logits.device)), found

@@ -2,7 +2,8 @@
 M = β·q + (1-β)·π, ℓ_t = β·KL(q ‖ M) + (1-β)·KL(π ‖ M); β = 0 is the forward KL(q ‖ π) and
 β = 1 the reverse KL(π ‖ q) (the two ends are taken as those limits' targets, as TRL does).
 Both distributions are renormalised on the support; with ``full: true`` the engine passes the whole
-vocabulary as the support (the full-vocabulary JSD, holding [B, T, V]).
+vocabulary as the support (the full-vocabulary JSD: [B, T, V] on the naive head path, one chunk of
+positions at a time on the lean one, through ``divergence``).
 Options: beta in [0, 1], full. Reads Scores.support_logits; output [B, T]."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from opdlm.ops.kl import masked_log_softmax, masked_sum
 from opdlm.plugin_api import Loss
@@ -33,6 +35,15 @@ class JSD(Loss):
         valid = inputs.support.valid
         ls = masked_log_softmax(inputs.student.support_logits, valid)
         lt = masked_log_softmax(inputs.teacher.support_logits.detach(), valid)
+        return LossOutput(token_loss=self._jsd(ls, lt, valid))
+
+    def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+        return self._jsd(student_logprobs, teacher_logprobs, None)
+
+    def _jsd(self, ls: Tensor, lt: Tensor, valid: Tensor | None) -> Tensor:
+        """The generalised JSD from log-probs on a support (valid None: every entry counts)."""
+        if valid is None:
+            valid = torch.ones((), dtype=torch.bool, device=ls.device).expand(ls.shape)
         b = self.beta
         if b == 0.0:
             loss = masked_sum(lt.exp() * (lt - ls), valid)
@@ -42,4 +53,4 @@ class JSD(Loss):
             lm = torch.logsumexp(torch.stack([lt + math.log(b), ls + math.log(1.0 - b)]), dim=0)
             loss = (b * masked_sum(lt.exp() * (lt - lm), valid)
                     + (1.0 - b) * masked_sum(ls.exp() * (ls - lm), valid))
-        return LossOutput(token_loss=loss)
+        return loss
