@@ -18,6 +18,7 @@ barriers and read what it wrote. Test evaluation is sharded over the ranks and s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import warnings
@@ -127,6 +128,21 @@ def _replace_folder(tmp: Path, folder: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _remove_stale(folder: Path) -> None:
+    """Remove the temporary folders of ``folder`` left by writers that no longer run (killed)."""
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        alive = True
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            pass
+        if not alive:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _sharded(trainer: L.Trainer) -> bool:
     """Whether the trained parameters live in shards across processes (FSDP, DeepSpeed)."""
     name = type(trainer.strategy).__name__.lower()
@@ -196,9 +212,10 @@ class Runner:
         if cached:
             return cached | {"folder": str(folder.resolve())}
         t0 = time.time()
-        tmp = folder.with_name(f".{folder.name}.tmp")
+        # written under a name of its own (one per writing process), renamed into place when complete
+        tmp = Path(dist.broadcast(str(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))))
         if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_stale(folder)
         ckpt = dist.broadcast(self._resume_point(stage, fp) if self.main else None)
         if self.main and ckpt is None:
             shutil.rmtree(self.run_dir / "logs" / stage, ignore_errors=True)  # this stage is computed anew

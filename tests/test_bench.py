@@ -22,3 +22,11 @@ def test_head_benchmark_runs_naive_and_lean(capsys):
 def test_bench_reports_a_missing_tokenizer_folder(tmp_path, capsys):
     assert main(["align", "--qwen", str(tmp_path)]) == 2
     assert "--qwen: no tokenizer.json" in capsys.readouterr().err
+
+
+def test_scale_benchmark_runs_one_and_two_processes(capsys, tmp_path):
+    assert main(["scale", "--steps", "1", "--prompts", "2", "--worlds", "1,2", f"--out={tmp_path}",
+                 "sampler.max_new_tokens=8", "sampler.n=2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[0].endswith("1.00x |")

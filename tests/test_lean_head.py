@@ -106,3 +106,58 @@ def test_lean_equals_naive_under_bf16_autocast():
 def test_lean_equals_naive_with_the_students_own_topk_support():
     """student_topk scores the student without gradients first (chunked on the lean setting)."""
     compare({"name": "lsm"}, ["support.name=student_topk", "support.k=4"])
+
+
+def test_lean_function_matches_autograd_of_head_scores_float64():
+    """The Function's closed-form backward (p·(c + d[bucket]) + scatters) equals autograd through
+    head_scores in float64: temperature, padding rows, bias, support logits, byte marginals."""
+    from torch import nn
+
+    from opdlm.ops.head import head_scores
+    from opdlm.ops.lean import lean_scores
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V, K = 2, 7, 6, 13, 3
+    head = nn.Linear(H, V + 2).double()
+    with torch.no_grad():
+        head.bias[V:] = 30.0  # padding rows: must never count
+    feats = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    sup = torch.randint(0, V, (B, T, K), generator=g)
+    buckets = torch.randint(0, 4, (V + 2,), generator=g)
+    w = [torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64),
+         torch.randn(B, T, K, generator=g, dtype=torch.float64), torch.randn(B, T, 5, generator=g, dtype=torch.float64)]
+    grads = []
+    for fn in ("naive", "lean"):
+        x = feats.clone().requires_grad_(True)
+        head.zero_grad()
+        kw = dict(support_ids=sup, temperature=0.8, vocab_rows=V, buckets=buckets, n_buckets=5)
+        s = (lean_scores(x, head, targets, chunk_size=3, **kw) if fn == "lean" else head_scores(x, head, targets, **kw))
+        bl = torch.where(torch.isfinite(s.byte_logprobs), s.byte_logprobs, torch.zeros_like(s.byte_logprobs))
+        total = (w[0] * s.token_logprob).sum() + (w[1] * s.lse).sum() + (w[2] * s.support_logits).sum() + (w[3] * bl).sum()
+        total.backward()
+        grads.append((x.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone(), total.detach(), s.entropy.detach()))
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
+    assert grads[0][1][V:].abs().max() == 0 and grads[1][1][V:].abs().max() == 0
+
+
+@pytest.mark.parametrize("head", ["naive", "lean"])
+def test_gradient_checkpointing_gives_the_same_gradients(head):
+    """student.gradient_checkpointing recomputes the body's activations in backward: same gradients."""
+    outs = []
+    for ckpt in ("false", "true"):
+        torch.manual_seed(0)
+        cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", f"stages.opd.head={head}",
+                       f"student.gradient_checkpointing={ckpt}", "stages.opd.head_chunk=7")
+        plan = build_plan(cfg)
+        module = OPDModule(cfg, plan=plan)
+        assert module.student.is_gradient_checkpointing == (ckpt == "true")
+        module.student.train()
+        tok = plan.student.tokenizer
+        ex = plan.task.examples("train")[:3]
+        torch.manual_seed(1)
+        ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
+        view, teacher, support, mask = module.prepare(ro)
+        module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        outs.append(torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)

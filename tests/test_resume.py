@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from conftest import TINY
 
-from opdlm.pipeline import _replace_folder
+from opdlm.pipeline import _remove_stale, _replace_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 400
@@ -89,7 +89,7 @@ def test_checkpoint_of_another_config_is_set_aside(tmp_path):
 
 
 def test_half_written_folders_are_not_trusted(tmp_path):
-    folder, tmp = tmp_path / "student", tmp_path / ".student.tmp"
+    folder, tmp = tmp_path / "student", tmp_path / ".student.tmp-1"
     folder.mkdir()
     (folder / "old.txt").write_text("old")
     tmp.mkdir()
@@ -97,3 +97,9 @@ def test_half_written_folders_are_not_trusted(tmp_path):
     _replace_folder(tmp, folder)
     assert (folder / "stage.json").is_file() and not (folder / "old.txt").exists() and not tmp.exists()
     assert not list(tmp_path.glob(".student.old"))
+    # temporary folders of writers that were killed are removed; a live writer's stays
+    dead, live = tmp_path / ".student.tmp-999999999", tmp_path / f".student.tmp-{os.getpid()}"
+    dead.mkdir()
+    live.mkdir()
+    _remove_stale(folder)
+    assert not dead.exists() and live.exists()

@@ -2,6 +2,7 @@
 
 align  alignment throughput of the byte_span aligner on the real Qwen and Llama tokenizers
 head   one OPD step with the naive and the lean student head: time by phase, peak memory
+scale  OPD steps on 1 and on several CPU processes (gloo) with the same global batch: time per phase, speed-up
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--rows", type=int, default=151936, help="output rows V")
     h.add_argument("--hidden", type=int, default=1024, help="hidden size H")
     h.add_argument("--k", type=int, default=32, help="support size K (teacher top-K)")
+    h.add_argument("--loss", default="lsm", help="loss plugin (reverse_kl, forward_kl: the full-vocabulary path)")
     h.add_argument("--seq", type=int, default=256, help="response length T (B = B·T / T)")
     h.add_argument("--chunk", type=int, default=256, help="positions per head chunk (student lean path and teacher)")
     h.add_argument("--repeats", type=int, default=1, help="timed steps (the best is kept)")
@@ -48,7 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has it)")
     h.add_argument("--compare", action="store_true", help="first compare the two paths' gradients on one rollout")
     h.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    c = sub.add_parser("scale", help="OPD steps on 1 and several CPU processes: time per phase, tokens/s, speed-up")
+    c.add_argument("--worlds", default="1,2", help="process counts to compare (comma-separated)")
+    c.add_argument("--steps", type=int, default=5, help="timed OPD steps (after one warm-up step)")
+    c.add_argument("--prompts", type=int, default=16, help="prompts per global step (split over the processes)")
+    c.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = cores / processes)")
+    c.add_argument("--out", default="runs/bench_scale", help="folder for the runs' logs")
+    c.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
     args = p.parse_args(argv)
+    if args.name == "scale":
+        from opdlm.bench import scale
+        if args.case is not None:
+            import json
+            r = scale.run_case(args.case, args)
+            if r is not None:
+                print(json.dumps(r))
+            return 0
+        scale.run(args)
+        return 0
     if args.name == "align":
         for key in ("qwen", "llama"):
             d = getattr(args, key)
@@ -68,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(head.run_case(mode, int(tokens), args)))
             return 0
         args.passthrough = [f"--rows={args.rows}", f"--hidden={args.hidden}", f"--k={args.k}", f"--seq={args.seq}",
+                            f"--loss={args.loss}", f"--naive-max={args.naive_max}",
                             f"--chunk={args.chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
                             f"--device={args.device}", *(["--bf16"] if args.bf16 else []),
                             f"--qwen={args.qwen}"]
         head.run(args)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

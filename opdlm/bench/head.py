@@ -1,14 +1,24 @@
 """One OPD step with the naive and the lean student head, timed by phase, with the peak extra
-memory of the loss path.
+memory of the loss path, and the teacher's scoring against one plain forward of the teacher.
 
 Each case runs in a fresh process (so the allocator's high-water mark belongs to that case alone):
 a real OPD step of the engine on a 1-layer Qwen2 student and teacher with hidden size H and V
-output rows (the real Qwen tokenizer, rows padded to 151,936 as in Qwen models), LSM on the
-teacher's top-K. Phases: rollout (top-p sampling with the KV cache), teacher (alignment, teacher
-forward, top-K, support gather), student forward + backward (body, head, backward; loss time taken
-out), loss (the loss plugin's own compute). Peak extra memory of the loss path: the process's
-peak resident memory during the student forward + loss + backward, minus its resident memory just
-before (Linux /proc high-water mark, reset before the phase).
+output rows (the real Qwen tokenizer, rows padded to 151,936 as in Qwen models), the configured
+loss (LSM on the teacher's top-K by default; ``--loss reverse_kl`` for a full-vocabulary one).
+Phases:
+- rollout: top-p sampling with the KV cache;
+- teacher: alignment, the teacher's forward and its one head pass (top-K, log-sum-exp, entropy,
+  support logits), mask; next to it, one plain forward of the teacher (``teacher(ids).logits``,
+  all columns) as the yardstick;
+- student: the loss path, from the student's forward to the end of its backward (body and head),
+  with the loss plugin's own time reported apart;
+- student no-grad: the student's scoring without gradients (old log-probs, its own top-K), next
+  to one plain forward of the student.
+Peak extra memory of the loss path: the process's peak during the student's head, loss and
+backward, minus its memory just before (Linux /proc high-water mark, or CUDA's allocator). The
+parameters' gradients start as None, as in training (the engine zeroes them with set_to_none), so
+both paths allocate the gradients (the head's [V, H] one among them) inside the measured path; the
+table gives their size, and the summary also compares the two paths without them.
 """
 
 from __future__ import annotations
@@ -37,33 +47,36 @@ def _reset_peak() -> bool:
         return False
 
 
+def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
+    from opdlm.config import compose
+
+    head_mode = "naive" if mode == "compare" else mode
+    root = Path(__file__).resolve().parents[2]
+    if args.demo:
+        over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
+        return compose([str(root / "conf" / "demo.yaml")], over)
+    B = max(1, tokens // args.seq)
+    model = [f"hidden_size={args.hidden}", f"intermediate_size={2 * args.hidden}", "layers=1",
+             "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}"]
+    over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
+            f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={args.seq}",
+            f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}", f"loss.name={args.loss}",
+            f"stages.opd.head_chunk={args.chunk}", f"stages.opd.chunk_size={args.chunk}",
+            "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
+    return compose([str(root / "conf" / "base.yaml")], over)
+
+
 def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     import torch
 
     from opdlm.build import build_plan
-    from opdlm.config import compose
     from opdlm.discovery import discover
     from opdlm.models import render_prompt
     from opdlm.module import OPDModule
 
     discover()
     torch.manual_seed(0)
-    T = args.seq
-    head_mode = "naive" if mode == "compare" else mode
-    if args.demo:
-        over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
-        confs = [str(Path(__file__).resolve().parents[2] / "conf" / "demo.yaml")]
-    else:
-        B = max(1, tokens // T)
-        model = [f"hidden_size={args.hidden}", f"intermediate_size={2 * args.hidden}", "layers=1",
-                 "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}"]
-        over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
-                f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={T}",
-                f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}",
-                f"stages.opd.head_chunk={args.chunk}", f"stages.opd.chunk_size={args.chunk}",
-                "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
-        confs = [str(Path(__file__).resolve().parents[2] / "conf" / "base.yaml")]
-    cfg = compose(confs, over)
+    cfg = _config(mode, tokens, args)
     plan = build_plan(cfg)
     module = OPDModule(cfg, plan=plan)
     cuda = args.device == "cuda"
@@ -93,6 +106,8 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         grads = {}
         for head in ("naive", "lean"):
             module.stage["head"] = head
+            with autocast:
+                view, teacher, support, mask = module.prepare(ro)
             module.student.zero_grad(set_to_none=True)
             with autocast:
                 module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
@@ -119,6 +134,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
                            else (_rss_kb("VmHWM") if mem["ok"] else 0))
 
     module.phase_hook = hook
+    plain = not args.demo and tokens <= args.naive_max  # plain forwards hold [B, L, V] logits
     for rep in range(args.repeats + args.warmup):  # warm-up steps first
         loss_time[0] = 0.0
         mem.clear()
@@ -131,22 +147,42 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             view, teacher, support, mask = module.prepare(ro)
         sync()
         t2 = time.perf_counter()
-        for p in module.student.parameters():  # gradient buffers exist, as in training after step 1
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad.zero_()
+        module.student.zero_grad(set_to_none=True)
         with autocast:
             module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
         sync()
         t3 = time.perf_counter()
+        grad_mb = sum(p.grad.numel() * p.grad.element_size() for p in module.student.parameters()
+                      if p.grad is not None) / 2**20
+        del view, teacher, support
+        with torch.no_grad(), autocast:
+            module.score_student(ro, None, topk=args.k)
+        sync()
+        t4 = time.perf_counter()
+        tp = sp = float("nan")
+        if plain:
+            with torch.no_grad(), autocast:
+                v = module.align(ro)
+                s0 = time.perf_counter()
+                module.teacher(input_ids=v.input_ids, attention_mask=v.attention_mask, position_ids=v.position_ids,
+                               use_cache=False).logits.sum().item()
+                sync()
+                tp = time.perf_counter() - s0
+                s0 = time.perf_counter()
+                module.student(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=ro.position_ids,
+                               use_cache=False).logits.sum().item()
+                sync()
+                sp = time.perf_counter() - s0
         base, peak, ok = mem["base"], mem["peak"], bool(mem["ok"])
         if rep < args.warmup:
             continue
         step = {
             "tokens": int(ro.response_mask.sum()), "positions": int(ro.targets.numel()),
-            "rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_s": t3 - t2 - loss_time[0], "loss_s": loss_time[0],
+            "rollout_s": t1 - t0, "teacher_s": t2 - t1, "teacher_plain_s": tp,
+            "student_s": t3 - t2 - loss_time[0], "loss_s": loss_time[0],
+            "student_nograd_s": t4 - t3, "student_plain_s": sp,
             "peak_extra_mb": (peak - base) / 1024 if ok else float("nan"), "path_s": mem["path_s"],
+            "grad_mb": grad_mb,
         }
         for k, v in step.items():
             out.setdefault(k, []).append(v)
@@ -154,54 +190,57 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             for k, v in out.items()}
 
 
+def _case(args: Any, spec: str) -> dict[str, Any] | None:
+    cmd = [sys.executable, "-c", "import sys; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
+           "head", "--case", spec, *args.passthrough]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    line = [x for x in res.stdout.splitlines() if x.startswith("{")]
+    if res.returncode or not line:
+        print(f"case {spec}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(line[-1])
+
+
 def run(args: Any) -> None:
     """Spawn one process per case and print the table."""
     cases = [(m, t) for t in args.tokens for m in ("naive", "lean") if not (m == "naive" and t > args.naive_max)]
-    print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; "
+    print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; loss {args.loss}; "
           f"V = {args.rows:,} rows, H = {args.hidden}, K = {args.k}, sequence length {args.seq}, head/teacher "
           f"chunk {args.chunk} positions, {args.repeats} timed step(s) after {args.warmup} warm-up step(s) (best kept), "
           f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
-    rows = []
     if args.compare:
-        for tokens in args.tokens[:1]:
-            cmd = [sys.executable, "-c", "import sys; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
-                   "head", "--case", f"compare:{tokens}", *args.passthrough]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            line = [x for x in res.stdout.splitlines() if x.startswith("{")]
-            if line:
-                r = json.loads(line[-1])
-                print(f"lean vs naive on one rollout, B·T = {r['positions']:,}: max |g_lean - g_naive| / max |g_naive| "
-                      f"= {r['max_rel_grad_diff']:.2e}")
-            else:
-                print(f"compare failed\n{res.stderr[-2000:]}", file=sys.stderr)
+        r = _case(args, f"compare:{args.tokens[0]}")
+        if r:
+            print(f"lean vs naive on one rollout, B·T = {r['positions']:,}: max |g_lean - g_naive| / max |g_naive| "
+                  f"= {r['max_rel_grad_diff']:.2e}")
+    rows = []
     for mode, tokens in cases + ([("naive", 0), ("lean", 0)] if args.with_demo else []):
-        cmd = [sys.executable, "-c", "import sys, json; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
-               "head", "--case", f"{mode}:{tokens}", *args.passthrough]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        line = [x for x in res.stdout.splitlines() if x.startswith("{")]
-        if res.returncode or not line:
-            print(f"case {mode} {tokens}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-            continue
-        r = json.loads(line[-1])
-        r["label"] = "demo models" if tokens == 0 else f"B·T = {r['positions']:,}"
-        rows.append(r)
+        r = _case(args, f"{mode}:{tokens}")
+        if r:
+            r["label"] = "demo models" if tokens == 0 else f"B·T = {r['positions']:,}"
+            rows.append(r)
     print()
-    print("| case | head | rollout s | rollout tok/s | teacher s | student fwd+bwd s | loss s | step s | loss path s | peak extra memory of the loss path |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | head | rollout s | teacher s | teacher plain forward s | student fwd+bwd s | loss s | "
+          "peak extra memory of the loss path | of which the parameters' gradients | student no-grad scoring s | "
+          "student plain forward s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        step = r["rollout_s"] + r["teacher_s"] + r["student_s"] + r["loss_s"]
-        print(f"| {r['label']} | {r['mode']} | {r['rollout_s']:.2f} | {r['tokens'] / r['rollout_s']:,.0f} | "
-              f"{r['teacher_s']:.2f} | {r['student_s']:.2f} | {r['loss_s']:.3f} | {step:.2f} | {r['path_s']:.2f} | "
-              f"{r['peak_extra_mb']:,.0f} MB |")
+        print(f"| {r['label']} | {r['mode']} | {r['rollout_s']:.2f} | {r['teacher_s']:.2f} | {r['teacher_plain_s']:.2f} | "
+              f"{r['student_s']:.2f} | {r['loss_s']:.3f} | {r['peak_extra_mb']:,.0f} MB | {r['grad_mb']:,.0f} MB | "
+              f"{r['student_nograd_s']:.2f} | {r['student_plain_s']:.2f} |")
     print()
     by = {(r["mode"], r["label"]): r for r in rows}
     for r in rows:
+        if r["teacher_plain_s"] == r["teacher_plain_s"]:  # not NaN
+            print(f"{r['label']} {r['mode']}: teacher scoring / one plain teacher forward "
+                  f"{r['teacher_s'] / r['teacher_plain_s']:.2f}x (target <= 1.2x); student no-grad scoring / "
+                  f"one plain student forward {r['student_nograd_s'] / r['student_plain_s']:.2f}x")
         if r["mode"] != "lean" or ("naive", r["label"]) not in by:
             continue
         nv = by[("naive", r["label"])]
         t_lean = r["student_s"] + r["loss_s"]
         t_naive = nv["student_s"] + nv["loss_s"]
-        step = lambda x: x["rollout_s"] + x["teacher_s"] + x["student_s"] + x["loss_s"]  # noqa: E731
-        print(f"{r['label']}: lean / naive peak memory of the loss path {r['peak_extra_mb'] / nv['peak_extra_mb']:.3f} "
-              f"(target <= 0.125); time lean / naive: student forward+backward+loss {t_lean / t_naive:.2f}x, "
-              f"whole step {step(r) / step(nv):.2f}x (target <= 1.15x)")
+        own = (r["peak_extra_mb"] - r["grad_mb"]) / (nv["peak_extra_mb"] - nv["grad_mb"])
+        print(f"{r['label']}: lean / naive peak memory of the loss path {r['peak_extra_mb'] / nv['peak_extra_mb']:.3f}, "
+              f"without the gradients both allocate {own:.3f} (target <= 0.125); time lean / naive: student "
+              f"forward+backward+loss {t_lean / t_naive:.2f}x (target <= 1.15x)")

@@ -169,17 +169,15 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
         else:
             m = z.amax(-1, keepdim=True)
         z = z.sub_(m)  # z - max, in place
-        e = z.exp()
-        tot = e.sum(-1)
+        tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
         z_lse = tot.log() + m.squeeze(1)
         lse.append(z_lse)
         tok.append(tok_logit - z_lse)
         if entropy:
-            ent.append(tot.log() - torch.linalg.vecdot(e, z) / tot)
-        if buckets is not None:
-            sums = e.new_zeros(e.shape[0], n_buckets).index_add_(1, buckets[: e.shape[1]], e)
+            ent.append(tot.log() - dot / tot)
+        if sums is not None:
             bk.append(sums.div_(tot.unsqueeze(1)).log_())
-        del z, e
+        del z
 
     def cat(xs: list[Tensor], *tail: int) -> Tensor:
         return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)
@@ -192,6 +190,26 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
         entropy=cat(ent) if entropy else None,
         byte_logprobs=cat(bk, n_buckets) if buckets is not None else None,
     )
+
+
+def exp_stats(s: Tensor, dot: bool, buckets: Tensor | None, n_buckets: int,
+              rows: int = 32) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """From shifted logits s [n, V] (s = z - max): Σ_v e^s, Σ_v e^s·s (when ``dot``) and the
+    per-bucket sums of e^s [n, n_buckets] (when ``buckets``), computing e^s for ``rows`` rows at a
+    time, so the only [n, V] tensor is ``s`` itself."""
+    n = s.shape[0]
+    tot = s.new_empty(n)
+    dots = s.new_empty(n) if dot else None
+    sums = s.new_zeros(n, n_buckets) if buckets is not None else None
+    for r in range(0, n, rows):
+        e = s[r : r + rows].exp()
+        tot[r : r + rows] = e.sum(-1)
+        if dots is not None:
+            dots[r : r + rows] = torch.linalg.vecdot(e, s[r : r + rows])
+        if sums is not None:
+            sums[r : r + rows].index_add_(1, buckets[: s.shape[1]], e)
+        del e
+    return tot, dots, sums
 
 
 def lookup_logits(ids: Tensor, cand_ids: Tensor, cand_logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from opdlm.ops.head import exp_stats
 from opdlm.types import Scores
 
 
@@ -65,7 +66,7 @@ class _LeanHead(torch.autograd.Function):
                 entropy: bool) -> tuple[Tensor, ...]:
         n = feats.shape[0]
         dtype = _matmul_dtype(feats.device.type, weight)
-        stat = torch.promote_types(weight.dtype if dtype == weight.dtype else torch.float32, torch.float32)
+        stat = torch.float64 if dtype == torch.float64 else torch.float32
         tok = feats.new_empty(n, dtype=stat)
         lse = feats.new_empty(n, dtype=stat)
         sl = feats.new_empty((n, support.shape[1]) if support is not None else (0,), dtype=stat)
@@ -75,20 +76,20 @@ class _LeanHead(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             z = _chunk_logits(feats[s:e], weight, bias, rows, temperature, dtype)
-            m = z.max(-1, keepdim=True).values
-            p = torch.sub(z, m).exp_()  # unnormalised probabilities
-            tot = p.sum(-1, keepdim=True)
-            lse_c = (tot.log() + m).squeeze(-1)
-            lse[s:e] = lse_c
-            tok[s:e] = z.gather(1, tgt[s:e, None]).squeeze(1) - lse_c
+            tok_logit = z.gather(1, tgt[s:e, None]).squeeze(1)
             if support is not None:
                 sl[s:e] = z.gather(1, support[s:e])
-            if entropy:  # H = lse − Σ p z
-                ent[s:e] = lse_c - torch.linalg.vecdot(p, z) / tot.squeeze(-1)
-            if buckets is not None:
-                sums = p.new_zeros(e - s, n_buckets).index_add_(1, buckets[:rows], p)
-                bl[s:e] = sums.div_(tot).log_()
-            del z, p
+            m = z.amax(-1, keepdim=True)
+            z = z.sub_(m)  # z - max, in place: the chunk's only [n, V] tensor
+            tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
+            lse_c = tot.log() + m.squeeze(-1)
+            lse[s:e] = lse_c
+            tok[s:e] = tok_logit - lse_c
+            if entropy:  # H = lse − Σ p z = log Σe − Σ e·(z − max) / Σe
+                ent[s:e] = tot.log() - dot / tot
+            if sums is not None:
+                bl[s:e] = sums.div_(tot.unsqueeze(1)).log_()
+            del z
         ctx.save_for_backward(feats, weight, bias, tgt, support, buckets, lse, bl)
         ctx.cfg = (rows, temperature, chunk, dtype, bias is not None)
         ctx.mark_non_differentiable(ent)
