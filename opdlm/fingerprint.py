@@ -2,7 +2,9 @@
 stages included), the tokenizers' vocabularies, and the code: the source of the opdlm package and
 of every plugin file the stage uses (the classes of its plugins and of the plugins nested in them).
 Editing a loss recomputes the OPD stage; it does not recompute the SFT stages, which use only the
-task and the sampler."""
+task and the sampler. The OPD stage also depends on the number of processes (each rank samples
+with its own random stream); the SFT stages do not (the same global batches and the same token
+mean on any number of processes, up to the order of float sums)."""
 
 from __future__ import annotations
 
@@ -91,5 +93,6 @@ def fingerprint(cfg: dict[str, Any], stage: str, plan: Any) -> str:
     if stage == "opd":
         parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
         parts["opd"] = cfg["stages"]["opd"]
+        parts["processes"] = plan.world  # each process samples with its own random stream
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -23,7 +23,7 @@ from opdlm.ops.batch import concat_rollouts
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from opd_step_worker import cases  # noqa: E402
+from opd_step_worker import SFT, cases  # noqa: E402
 
 REL_TOL = 1e-5
 
@@ -112,3 +112,36 @@ def test_two_ranks_equal_one_process_on_the_concatenated_rollouts(ddp_run, name)
     if steps == 1:  # the per-rank mean gives a gradient this test would reject
         wrong = per_rank_mean_grad(module, plan, ranks)
         assert rel(wrong, flat(grads[0])) > 100 * REL_TOL, rel(wrong, flat(grads[0]))
+
+
+def test_sft_on_two_ranks_is_the_token_mean_over_both(ddp_run):
+    """One SFT step on 2 ranks: the synced gradient is the cross-entropy's mean over the tokens of
+    both ranks' batches (which hold different numbers of tokens), as on one process."""
+    from torch.nn.functional import pad
+    ranks = [torch.load(ddp_run / "sft" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    batches = [r["batch"] for r in ranks]
+    counts = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    assert counts[0] != counts[1], counts
+    L = max(b["input_ids"].shape[1] for b in batches)
+    cfg = demo_cfg(*TINY, *SFT, "trainer.accelerator=cpu")
+    plan = build_plan(cfg)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = plan.student.build(0).double()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    pad_id = plan.student.tokenizer.pad_token_id
+    cat = {k: torch.cat([pad(b[k], (0, L - b[k].shape[1]), value=v) for b in batches])
+           for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100))}
+    model(**cat, use_cache=False).loss.backward()
+    want = flat([p.grad for p in model.parameters()])
+    for r in ranks:
+        assert r["world"] == 2 and len(r["grads"]) == 1
+        assert rel(flat(r["grads"][0]), want) <= REL_TOL
+    # the mean of the two ranks' own means is another gradient
+    per_rank = []
+    for b in batches:
+        model.zero_grad()
+        model(**b, use_cache=False).loss.backward()
+        per_rank.append(flat([p.grad for p in model.parameters()]))
+    assert rel((per_rank[0] + per_rank[1]) / 2, want) > 100 * REL_TOL

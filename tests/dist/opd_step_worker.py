@@ -79,6 +79,39 @@ def run_case(name: str, overrides: list[str], out: Path) -> None:
                 "rank": dist.rank(), "world": dist.world()}, out / name / f"rank{dist.rank()}.pt")
 
 
+SFT = ["stages.student_sft.batch_size=8", "stages.student_sft.max_grad_norm=null", "stages.student_sft.steps=1"]
+
+
+def run_sft_case(out: Path) -> None:
+    """One SFT step of the student: the global token mean of the cross-entropy over both ranks."""
+    from conftest import TINY, demo_cfg
+
+    from opdlm.build import build_plan
+    from opdlm.data import TaskData
+    from opdlm.pipeline import make_trainer
+    from opdlm.sft import SFTModule
+
+    cfg = demo_cfg(*TINY, f"run.out_dir={out}", *SFT, *DDP)
+    plan = build_plan(cfg)
+    module = SFTModule(cfg, "student", plan=plan, model=plan.student.build(0))
+    batches = []
+    step = module.training_step
+    module.training_step = lambda batch, batch_idx: batches.append(batch) or step(batch, batch_idx)
+    grads: list[list[torch.Tensor]] = []
+
+    class RecordSFT(Callback):  # after the closure's backward and the gradient sync, before the step
+        def on_before_optimizer_step(self, trainer, m, optimizer) -> None:  # noqa: ANN001
+            grads.append([p.grad.detach().clone() for p in m.model.parameters()])
+
+    data = TaskData(plan.task, mode="sft", batch_size=8, steps=1, seed=3, eval_batch_size=4, val_prompts=4,
+                    test_prompts=4, tokenizer=plan.student.tokenizer)
+    trainer = make_trainer(cfg, out / "sft", "student_sft", 1)
+    trainer.callbacks.append(RecordSFT())
+    trainer.fit(module, datamodule=data)
+    (out / "sft").mkdir(parents=True, exist_ok=True)
+    torch.save({"batch": batches[0], "grads": grads, "world": dist.world()}, out / "sft" / f"rank{dist.rank()}.pt")
+
+
 def main() -> None:
     torch.set_default_dtype(torch.float64)
     out = Path(sys.argv[1])
@@ -88,6 +121,8 @@ def main() -> None:
     for name, overrides in cases().items():
         run_case(name, overrides, out)
         dist.barrier()
+    run_sft_case(out)
+    dist.barrier()
 
 
 if __name__ == "__main__":
