@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, demo_cfg
+from test_bad_input import plan_err as err
 from transformers import AutoModelForCausalLM
 
 from opdlm import fingerprint as fpmod
@@ -74,14 +75,6 @@ def test_batches_are_split_over_ranks_without_repeats():
     shards = [list(EvalBatches(items, 3, r, 2)) for r in (0, 1)]
     assert [b for b, _ in shards[0]] == [0, 2] and [b for b, _ in shards[1]] == [1, 3]
     assert sorted(i for s in shards for _, xs in s for i in xs) == items
-
-
-def err(*overrides: str) -> str:
-    with pytest.raises(ConfigError) as e:
-        build_plan(demo_cfg(*overrides))
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_trainer_takes_any_lightning_argument(tmp_path):

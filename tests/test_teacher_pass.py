@@ -44,16 +44,21 @@ def full_teacher_logits(module: OPDModule, view) -> torch.Tensor:
     return z[..., : module.plan.teacher.output_ids] / module.temperature
 
 
-@pytest.mark.parametrize("name", list(SUPPORTS))
-def test_one_head_pass_gives_every_teacher_quantity(name):
-    module, plan, ro = setup(*SUPPORTS[name])
+def prepare_counting_head_calls(module: OPDModule, ro):
+    """module.prepare(ro), and how many times the teacher's output head ran."""
     calls = []
     hook = module.teacher.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
     try:
-        view, teacher, support, mask = module.prepare(ro)
+        return module.prepare(ro), len(calls)
     finally:
         hook.remove()
-    assert len(calls) == 1  # one pass (one chunk here) over the teacher's head
+
+
+@pytest.mark.parametrize("name", list(SUPPORTS))
+def test_one_head_pass_gives_every_teacher_quantity(name):
+    module, plan, ro = setup(*SUPPORTS[name])
+    (view, teacher, support, mask), calls = prepare_counting_head_calls(module, ro)
+    assert calls == 1  # one pass (one chunk here) over the teacher's head
     z = full_teacher_logits(module, view)
     lse = torch.logsumexp(z, -1)
     ids = support.teacher_ids if support.teacher_ids is not None else support.ids
@@ -85,13 +90,8 @@ class OddIds(SupportSelector):
 def test_ids_outside_the_pass_cost_a_second_pass_with_the_same_values():
     module, plan, ro = setup("support.k=2")
     module.plan.support = OddIds()
-    calls = []
-    hook = module.teacher.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
-    try:
-        view, teacher, support, mask = module.prepare(ro)
-    finally:
-        hook.remove()
-    assert len(calls) == 2
+    (view, teacher, support, mask), calls = prepare_counting_head_calls(module, ro)
+    assert calls == 2
     z = full_teacher_logits(module, view)
     torch.testing.assert_close(teacher.support_logits, z.gather(-1, support.ids), atol=1e-5, rtol=1e-5)
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from opdlm.ops.lean import _chunk_logits, _matmul_dtype
+from opdlm.ops.lean import HeadGrads, _chunk_logits, _matmul_dtype
 from opdlm.types import Scores
 
 Divergence = Callable[[Tensor, Tensor], Tensor]  # (student log-probs [n, V], teacher log-probs [n, V]) -> [n]
@@ -64,15 +64,11 @@ class _FullVocab(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
         s_feats, s_weight, s_bias, t_feats, t_weight, t_bias = ctx.saved_tensors
-        fn, s_rows, t_rows, temperature, chunk, dtype, has_bias = ctx.cfg
+        fn, s_rows, t_rows, temperature, chunk, dtype, _ = ctx.cfg
         n = s_feats.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = has_bias and ctx.needs_input_grad[2]
-        d_h = torch.zeros_like(s_feats) if need_h else None
-        d_w = torch.zeros_like(s_weight) if need_w else None
-        d_b = torch.zeros_like(s_bias) if need_b else None
+        grads = HeadGrads(ctx, s_feats, s_weight, s_bias, s_rows, dtype)
         if g_vals is None:
-            return d_h, d_w, d_b, *([None] * 9)
+            return *grads.result(), *([None] * 9)
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             h = s_feats[s:e]
@@ -85,16 +81,9 @@ class _FullVocab(torch.autograd.Function):
                 (dz,) = torch.autograd.grad(v, z, g_vals[s:e].to(v.dtype))
             if temperature != 1.0:
                 dz = dz / temperature
-            dzm = dz.to(dtype)
-            with torch.autocast(h.device.type, enabled=False):
-                if need_h:
-                    d_h[s:e] = (dzm @ s_weight[:s_rows].to(dtype)).to(d_h.dtype)
-                if need_w:
-                    d_w[:s_rows].add_((dzm.t() @ h.to(dtype)).to(d_w.dtype))
-            if need_b:
-                d_b[:s_rows].add_(dz.sum(0).to(d_b.dtype))
-            del z, v, dz, dzm, lt
-        return d_h, d_w, d_b, *([None] * 9)
+            grads.add(s, e, h, dz)
+            del z, v, dz, lt
+        return *grads.result(), *([None] * 9)
 
 
 def full_vocab_loss(feats: Tensor, head: nn.Linear, teacher_feats: Tensor, teacher_head: nn.Linear | None,

@@ -126,8 +126,15 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
                 p = torch.softmax(logits, -1)
                 ent.append(z.detach() - (p * logits).sum(-1))
                 del p
+    return _scores(B, T, f, tok, lse, sl, ti, tl, ent, bk, sup, topk, entropy, buckets is not None, n_buckets)
+
+
+def _scores(B: int, T: int, like: Tensor, tok: list[Tensor], lse: list[Tensor], sl: list[Tensor], ti: list[Tensor],
+            tl: list[Tensor], ent: list[Tensor], bk: list[Tensor], sup: Tensor | None, topk: int, entropy: bool,
+            with_buckets: bool, n_buckets: int) -> Scores:
+    """Scores [B, T, ...] from the per-chunk pieces of a head pass."""
     def cat(xs: list[Tensor], *tail: int) -> Tensor:
-        return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)
+        return torch.cat(xs).reshape(B, T, *tail) if xs else like.new_zeros(B, T, *tail)
     return Scores(
         token_logprob=cat(tok),
         lse=cat(lse),
@@ -135,7 +142,7 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
         topk_ids=cat(ti, topk) if topk else None,
         topk_logits=cat(tl, topk) if topk else None,
         entropy=cat(ent) if entropy else None,
-        byte_logprobs=cat(bk, n_buckets) if buckets is not None else None,
+        byte_logprobs=cat(bk, n_buckets) if with_buckets else None,
     )
 
 
@@ -179,17 +186,7 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
             bk.append(sums.div_(tot.unsqueeze(1)).log_())
         del z
 
-    def cat(xs: list[Tensor], *tail: int) -> Tensor:
-        return torch.cat(xs).reshape(B, T, *tail) if xs else f.new_zeros(B, T, *tail)
-    return Scores(
-        token_logprob=cat(tok),
-        lse=cat(lse),
-        support_logits=cat(sl, sup.shape[-1]) if sup is not None else None,
-        topk_ids=cat(ti, topk) if topk else None,
-        topk_logits=cat(tl, topk) if topk else None,
-        entropy=cat(ent) if entropy else None,
-        byte_logprobs=cat(bk, n_buckets) if buckets is not None else None,
-    )
+    return _scores(B, T, f, tok, lse, sl, ti, tl, ent, bk, sup, topk, entropy, buckets is not None, n_buckets)
 
 
 def exp_stats(s: Tensor, dot: bool, buckets: Tensor | None, n_buckets: int,

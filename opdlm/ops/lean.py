@@ -55,6 +55,36 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, tem
     return z
 
 
+class HeadGrads:
+    """Gradients of a head's input (hidden states [n, H]) and parameters, filled chunk by chunk from
+    the gradient of the chunk's logits: dh = dz W, dW = dzᵀ h, db = Σ dz (the matmuls in ``dtype``,
+    the sums in the parameters' dtype). Only what autograd asks for (ctx.needs_input_grad) is made."""
+
+    def __init__(self, ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, rows: int, dtype: torch.dtype) -> None:
+        self.weight, self.rows, self.dtype = weight, rows, dtype
+        self.d_h = torch.zeros_like(feats) if ctx.needs_input_grad[0] else None
+        self.d_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        self.d_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+
+    def add(self, s: int, e: int, h: Tensor, dz: Tensor) -> None:
+        """Positions s:e with hidden states h [e - s, H] and logits' gradient dz [e - s, rows]."""
+        rows, dtype = self.rows, self.dtype
+        dzm = dz.to(dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            if self.d_h is not None:
+                self.d_h[s:e] = (dzm @ self.weight[:rows].to(dtype)).to(self.d_h.dtype)
+            if self.d_w is not None:
+                if dtype == self.d_w.dtype:
+                    self.d_w[:rows].addmm_(dzm.t(), h.to(dtype))
+                else:
+                    self.d_w[:rows].add_((dzm.t() @ h.to(dtype)).to(self.d_w.dtype))
+        if self.d_b is not None:
+            self.d_b[:rows].add_(dz.sum(0).to(self.d_b.dtype))
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.d_h, self.d_w, self.d_b
+
+
 class _LeanHead(torch.autograd.Function):
     """(feats [n, H], weight [V, H], bias [V] | None) -> token_logprob [n], lse [n],
     support_logits [n, K] (empty without a support), byte_logprobs [n, nb] (empty without buckets),
@@ -99,13 +129,9 @@ class _LeanHead(torch.autograd.Function):
     def backward(ctx, g_tok: Tensor | None, g_lse: Tensor | None, g_sl: Tensor | None, g_bl: Tensor | None,
                  _g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
         feats, weight, bias, tgt, support, buckets, lse, bl = ctx.saved_tensors
-        rows, temperature, chunk, dtype, has_bias = ctx.cfg
+        rows, temperature, chunk, dtype, _ = ctx.cfg
         n = feats.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = has_bias and ctx.needs_input_grad[2]
-        d_h = torch.zeros_like(feats) if need_h else None
-        d_w = torch.zeros_like(weight) if need_w else None
-        d_b = torch.zeros_like(bias) if need_b else None
+        grads = HeadGrads(ctx, feats, weight, bias, rows, dtype)
         # per position: dz = p * (c + d[bucket]) + sparse terms
         c = torch.zeros_like(lse)
         if g_lse is not None:
@@ -134,19 +160,9 @@ class _LeanHead(torch.autograd.Function):
                 dz.scatter_add_(1, support[s:e], g_sl[s:e].to(dz.dtype))
             if scale != 1.0:
                 dz.mul_(scale)
-            dzm = dz.to(dtype)
-            with torch.autocast(h.device.type, enabled=False):
-                if need_h:
-                    d_h[s:e] = (dzm @ weight[:rows].to(dtype)).to(d_h.dtype)
-                if need_w:
-                    if dtype == d_w.dtype:
-                        d_w[:rows].addmm_(dzm.t(), h.to(dtype))
-                    else:
-                        d_w[:rows].add_((dzm.t() @ h.to(dtype)).to(d_w.dtype))
-            if need_b:
-                d_b[:rows].add_(dz.sum(0).to(d_b.dtype))
-            del z, dz, dzm
-        return d_h, d_w, d_b, None, None, None, None, None, None, None, None
+            grads.add(s, e, h, dz)
+            del z, dz
+        return *grads.result(), None, None, None, None, None, None, None, None
 
 
 def lean_scores(feats: Tensor, head: nn.Linear, targets: Tensor, *, support_ids: Tensor | None = None,
