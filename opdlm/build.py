@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from opdlm.models import ModelSpec
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
@@ -81,6 +84,15 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
     need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
     need(cfg["run"]["checkpoint_every"] >= 1, "run.checkpoint_every", ">= 1", cfg["run"]["checkpoint_every"])
+    name = cfg["run"]["name"]
+    need(isinstance(name, str) and name.strip() not in ("", ".", "..") and "/" not in name, "run.name",
+         "a folder name (not empty, no '/')", name)
+    for key in ("out_dir", "stage_cache"):
+        check_folder(f"run.{key}", cfg["run"][key])
+    for role in ("teacher", "student"):
+        dtype = cfg[role]["dtype"]
+        need(isinstance(getattr(torch, str(dtype), None), torch.dtype) and getattr(torch, str(dtype)).is_floating_point,
+             f"{role}.dtype", "a torch floating dtype (float32, bfloat16, float16, float64)", dtype)
     need(str(cfg["trainer"]["precision"]) not in ("16-mixed", "16"), "trainer.precision",
          "32-true, bf16-mixed or bf16-true (fp16 loss scaling is not supported by the OPD stage's manual "
          "optimisation)", cfg["trainer"]["precision"])
@@ -91,6 +103,28 @@ def check_values(cfg: Mapping[str, Any]) -> None:
                 need(node[key] >= 1, f"{role}.{key}", ">= 1", node[key])
             need(node["kv_heads"] >= 0, f"{role}.kv_heads", ">= 0 (0 = heads)", node["kv_heads"])
             need(node["tiny_rows"] >= 0, f"{role}.tiny_rows", ">= 0 (0 = the tokenizer's ids)", node["tiny_rows"])
+
+
+def check_folder(key: str, path: str | None) -> None:
+    """A folder opdlm will write to: an existing folder, or one that can be made under an existing,
+    writable folder."""
+    if path is None:
+        return
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: '{path}' is a file, not a folder")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{key}: '{probe}' (on the way to '{path}') is a file, not a folder")
+    import tempfile
+    try:  # the only sure test of writability (permissions, read-only mounts, pseudo file systems)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write in '{probe}' ({e.strerror})"
+                          + (f", needed to make '{path}'" if probe != p else "")) from None
 
 
 def check_world(cfg: Mapping[str, Any], world: int) -> None:
@@ -130,6 +164,10 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
     _bind(task, ctx, "task")
     if not task.examples("test"):
         raise ConfigError("task: the test split is empty, but every stage ends with a test evaluation")
+    for stage in ("teacher_sft", "student_sft"):
+        if cfg["stages"][stage]["steps"] > 0 and any(ex.solution is None for ex in task.examples("train")):
+            raise ConfigError(f"task: stages.{stage} trains on reference solutions, but the train split has "
+                              f"examples without one (jsonl: set solution_field; or set stages.{stage}.steps=0)")
     if not task.examples("val") and any(st["val_every"] for st in cfg["stages"].values()):
         raise ConfigError("task: the val split is empty; give it examples or set every stages.*.val_every to 0")
     _bind(sampler, ctx, "sampler")

@@ -72,15 +72,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from opdlm import dist
-    from opdlm.pipeline import Runner, quiet_libraries
+    from opdlm.pipeline import RunInterrupted, Runner, quiet_libraries
+    from opdlm.registry import PluginError
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
     quiet_libraries()  # again: now it knows the rank
+    runner = Runner(cfg, plan)
     try:
-        Runner(cfg, plan).run()
+        runner.run()
     except ConfigError as e:
         print(f"opdlm: config error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"opdlm: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        where = f" in stage {runner.current}" if runner.current else ""
+        print(f"opdlm: interrupted (Ctrl-C){where}; finished stages are kept, and the same command continues "
+              f"from them", file=sys.stderr)
+        return 130
+    except PluginError as e:
+        print(f"opdlm: plugin error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        target = f" '{e.filename}'" if e.filename else ""
+        print(f"opdlm: error: cannot write or read{target}: {e.strerror or type(e).__name__}", file=sys.stderr)
+        return 1
     return 0
 
 

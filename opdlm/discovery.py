@@ -51,10 +51,10 @@ def _import_file(path: Path) -> None:
     _loaded.add(key)
 
 
-def import_folder(folder: str | Path) -> None:
+def import_folder(folder: str | Path, source: str = "plugin_paths") -> None:
     folder = Path(folder)
     if not folder.is_dir():
-        raise ConfigError(f"plugin_paths: '{folder}' is not a folder")
+        raise ConfigError(f"{source}: '{folder}' is not a folder")
     for path in sorted(folder.rglob("*.py")):
         if path.name.startswith("_") or "__pycache__" in path.parts:
             continue
@@ -65,8 +65,10 @@ def discover(extra: Iterable[str | Path] = ()) -> None:
     """Import built-in plugins, extra folders and entry points (each only once)."""
     import_folder(BUILTIN_DIR)
     env = os.environ.get("OPDLM_PLUGIN_PATH", "")
-    for folder in [*extra, *[p for p in env.split(os.pathsep) if p]]:
+    for folder in extra:
         import_folder(folder)
+    for folder in [p for p in env.split(os.pathsep) if p]:
+        import_folder(folder, "OPDLM_PLUGIN_PATH (environment variable)")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         key = f"entry-point:{ep.value}"
         if key in _loaded:

@@ -116,9 +116,38 @@ def check_model_folder(path: str, key: str) -> Any:
     if not (p / "config.json").is_file():
         raise ConfigError(f"{key}: '{path}' has no config.json: not a Hugging Face model folder")
     try:
-        return AutoConfig.from_pretrained(str(p), local_files_only=True)
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
         raise ConfigError(f"{key}: cannot read '{path}/config.json': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    check_weights(p, key)
+    return config
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights(folder: Path, key: str) -> None:
+    """The folder holds weights, and every safetensors file's header is whole and matches the file's
+    length (a truncated or damaged file is found here, without loading any weights)."""
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise ConfigError(f"{key}: '{folder}' has no weights (none of {', '.join(WEIGHT_FILES)})")
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:
+            raise ConfigError(f"{key}: '{f}' is damaged or truncated ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+
+
+def load_weights(path: str | Path, key: str, dtype: torch.dtype) -> nn.Module:
+    """AutoModelForCausalLM.from_pretrained on a local folder; any failure is one ConfigError line."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"{key}: cannot load weights from '{path}': {type(e).__name__}: {msg}") from None
 
 
 def tiny_config(node: Mapping[str, Any], vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -196,11 +225,7 @@ class ModelSpec:
     def build(self, seed: int) -> nn.Module:
         """Load the weights (from the folder) or initialise a tiny model with ``seed``."""
         if self.path:
-            dtype = getattr(torch, self.node["dtype"])
-            try:
-                model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True, dtype=dtype)
-            except Exception as e:
-                raise ConfigError(f"{self.key}.path: cannot load weights from '{self.path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            model = load_weights(self.path, f"{self.key}.path", getattr(torch, self.node["dtype"]))
         else:
             with torch.random.fork_rng():
                 torch.manual_seed(seed)

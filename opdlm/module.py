@@ -34,11 +34,25 @@ from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.fullvocab import full_vocab_loss
 from opdlm.ops.head import gather_columns, head_scores, lookup_logits, model_hidden, response_hidden, split_model
 from opdlm.ops.lean import lean_scores
+from opdlm.registry import PluginError
 from opdlm.sft import GenerationEval, SFTModule, eval_modes, load_or_build, make_optimizer
 from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView, masked_mean
 from opdlm.xtok.tables import N_BINS
 
 __all__ = ["OPDModule", "SFTModule", "alignment_stats", "full_support", "load_or_build"]
+
+
+def checked_output(loss: Any, out: Any, mask: Tensor) -> LossOutput:
+    """The loss plugin's output, or a PluginError naming the plugin and its file."""
+    token_loss = getattr(out, "token_loss", None)
+    if isinstance(out, LossOutput) and isinstance(token_loss, Tensor) and token_loss.shape == mask.shape:
+        return out
+    import inspect
+    where = inspect.getsourcefile(type(loss)) or type(loss).__module__
+    got = (f"a token_loss of shape {tuple(token_loss.shape)}" if isinstance(token_loss, Tensor)
+           else type(out).__name__ if not isinstance(out, LossOutput) else f"token_loss {type(token_loss).__name__}")
+    raise PluginError(f"loss '{loss.plugin_name}' ({where}): compute() returned {got}; it must return "
+                      f"LossOutput(token_loss=<tensor of shape {tuple(mask.shape)}>)")
 
 
 class OPDModule(GenerationEval):
@@ -305,7 +319,7 @@ class OPDModule(GenerationEval):
                             old_logprob=old if old is not None else student.token_logprob.detach(),
                             mask=mask, rollout=ro, view=view)
         if not (lean and loss_fn.full_vocabulary):
-            out = loss_fn.compute(inputs)
+            out = checked_output(loss_fn, loss_fn.compute(inputs), mask)
         self._backward((out.token_loss * mask.to(out.token_loss.dtype)).sum() / denominator)
         self._phase("loss_path_end")
         return inputs, out

@@ -17,9 +17,11 @@ barriers and read what it wrote. Test evaluation is sharded over the ranks and s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +47,30 @@ from opdlm.trainer import trainer_kwargs
 __all__ = ["STAGES", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]
 
 
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar on stderr, so that ``python run.py > file`` captures opdlm's lines and
+    the results table, not thousands of progress updates."""
+
+    def _on_stderr(self, make: Callable[[], Any]) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return make()
+
+    def init_sanity_tqdm(self) -> Any:
+        return self._on_stderr(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self) -> Any:
+        return self._on_stderr(super().init_train_tqdm)
+
+    def init_validation_tqdm(self) -> Any:
+        return self._on_stderr(super().init_validation_tqdm)
+
+    def init_test_tqdm(self) -> Any:
+        return self._on_stderr(super().init_test_tqdm)
+
+    def init_predict_tqdm(self) -> Any:
+        return self._on_stderr(super().init_predict_tqdm)
+
+
 def _loggers(cfg: dict[str, Any], run_dir: Path, stage: str) -> list[Any]:
     loggers: list[Any] = [CSVLogger(str(run_dir / "logs"), name=stage, version="")]
     if cfg["run"]["tensorboard"]:
@@ -65,7 +91,7 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, eve
     """The stage's Trainer: the trainer node's arguments plus what opdlm sets from its own keys.
     ``every``: optimizer steps between checkpoints (default run.checkpoint_every)."""
     tr = cfg["trainer"]
-    callbacks: list[Any] = [TQDMProgressBar()] if tr["progress_bar"] else []
+    callbacks: list[Any] = [ProgressBar()] if tr["progress_bar"] else []
     if cfg["run"]["checkpoints"]:
         callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir, stage)), save_last=True,
                                          save_top_k=0, every_n_train_steps=every or cfg["run"]["checkpoint_every"],
@@ -149,6 +175,10 @@ def _sharded(trainer: L.Trainer) -> bool:
     return any(w in name for w in ("fsdp", "deepspeed", "modelparallel"))
 
 
+class RunInterrupted(Exception):
+    """Ctrl-C stopped a stage; the message says where and how to continue."""
+
+
 class Runner:
     def __init__(self, cfg: dict[str, Any], plan: Plan | None = None) -> None:
         self.cfg = cfg
@@ -156,6 +186,7 @@ class Runner:
         self.run_dir = Path(cfg["run"]["out_dir"]) / cfg["run"]["name"]
         self.main = dist.is_main()
         self.log: Callable[[str], None] = print if self.main else (lambda _msg: None)
+        self.current = ""  # the stage running now (for messages about an interruption)
 
     def _seed(self, stage: str) -> None:
         """Each stage starts from its own seed, so a stage gives the same result whether the
@@ -227,8 +258,14 @@ class Runner:
         trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every)
         self.log(f"[opdlm] stage {stage}: {describe(module)}"
                  + (f", on {dist.world()} processes" if dist.world() > 1 else ""))
+        self.current = stage
         if steps > 0:
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+            try:
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+            except SystemExit:  # Lightning exits this way after Ctrl-C
+                if trainer.interrupted:
+                    raise RunInterrupted(self._interrupted(stage, trainer.global_step, steps)) from None
+                raise
         model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0)
         metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
@@ -239,6 +276,14 @@ class Runner:
             _replace_folder(tmp, folder)
         dist.barrier()
         return info | {"folder": str(folder.resolve())}
+
+    def _interrupted(self, stage: str, step: int, steps: int) -> str:
+        path = checkpoint_dir(self.run_dir, stage) / "last.ckpt"
+        if self.cfg["run"]["checkpoints"] and path.is_file():
+            how = f"the same command continues it from {path}"
+        else:
+            how = "no checkpoint was written yet (run.checkpoint_every), so the same command starts it again"
+        return f"interrupted (Ctrl-C) in stage {stage} at optimizer step {step} of {steps}; {how}"
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, model: nn.Module, tokenizer: Any,
                 tmp: Path, trained: bool) -> nn.Module:

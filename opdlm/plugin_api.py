@@ -31,6 +31,9 @@ class Context:
 class Plugin:
     plugin_name: str = ""
     plugin_kind: str = ""
+    #: options that hold plugin nodes: option -> (kind, extra keys of this plugin with their defaults);
+    #: the config check completes those nodes with their own defaults, as it does top-level ones
+    nested_nodes: dict[str, tuple[str, dict[str, Any]]] = {}
 
     def bind(self, ctx: Context) -> None:  # noqa: B027 - optional hook
         """Check options against the run (tokenizers, vocabularies); raise ConfigError."""

@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the key, the value and the choices."""
 
 
+class PluginError(RuntimeError):
+    """A plugin broke its contract while running (a loss that returned no LossOutput, ...): the
+    message is one line naming the plugin and its file."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
@@ -178,6 +183,8 @@ class Registry(Generic[T]):
                 if p.default is inspect.Parameter.empty:
                     raise ConfigError(f"{key}.{k}: required by {self.kind} '{name}' but not set")
                 out[k] = p.default
+        for k, (kind, extra) in getattr(cls, "nested_nodes", {}).items():  # plugin nodes inside options
+            out[k] = _complete_nested(out[k], KINDS[kind][0], extra, f"{key}.{k}")
         return out
 
     def build(self, node: Mapping[str, Any], key: str | None = None) -> T:
@@ -210,6 +217,8 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def plugin_options(cls: type) -> dict[str, inspect.Parameter]:
+    if cls.__init__ is object.__init__:  # no constructor of its own: no options
+        return {}
     sig = inspect.signature(cls.__init__)
     opts = {}
     for p in sig.parameters.values():
@@ -232,6 +241,18 @@ LOSSES: Registry[Any] = Registry("loss")
 TASKS: Registry[Any] = Registry("task")
 
 #: kind name -> (registry, plugins/ sub-folder)
+def _complete_nested(value: Any, reg: Registry[Any], extra: Mapping[str, Any], key: str) -> Any:
+    """A nested plugin node (or a list of them) completed with its defaults, its ``extra`` keys
+    (keys of the outer plugin, such as weighted_sum's ``weight``) kept or given their defaults.
+    Values that are not nodes are left for the outer plugin's own checks."""
+    if isinstance(value, list):
+        return [_complete_nested(v, reg, extra, f"{key}.{i}") for i, v in enumerate(value)]
+    if not isinstance(value, Mapping) or "name" not in value:
+        return value
+    own = {k: v for k, v in value.items() if k not in extra}
+    return {**reg.validate(own, key), **{k: value.get(k, d) for k, d in extra.items()}}
+
+
 KINDS: dict[str, tuple[Registry[Any], str]] = {
     "sampler": (SAMPLERS, "samplers"),
     "aligner": (ALIGNERS, "aligners"),

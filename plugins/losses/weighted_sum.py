@@ -30,6 +30,8 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class WeightedSum(Loss):
     """Weighted sum of loss plugin nodes (each with a `weight`)."""
 
+    nested_nodes = {"terms": ("loss", {"weight": 1.0})}  # --check shows each term with its defaults
+
     def __init__(self, *, terms: list[dict[str, Any]] | None = None) -> None:
         if not terms:
             raise ConfigError("terms: weighted_sum needs at least one loss node")

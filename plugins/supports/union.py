@@ -17,6 +17,8 @@ from opdlm.types import Rollout, Scores, Support, TeacherView
 class Union(SupportSelector):
     """The union of two support plugins (nested nodes `first` and `second`)."""
 
+    nested_nodes = {"first": ("support", {}), "second": ("support", {})}
+
     def __init__(self, *, first: dict[str, Any] | None = None, second: dict[str, Any] | None = None) -> None:
         if first is None or second is None:
             raise ConfigError("first: union needs two support nodes, `first` and `second`")

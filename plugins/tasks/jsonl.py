@@ -95,11 +95,15 @@ class JsonlTask(Task):
             raise ConfigError(f"path: no such file '{self.path}'")
         prompt_f, answer_f, solution_f = self.fields
         rows: list[tuple[str | None, Example]] = []
-        with self.path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
+        with self.path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                where = f"{self.path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ConfigError(f"path: {where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
                 if not line.strip():
                     continue
-                where = f"{self.path}:{lineno}"
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:

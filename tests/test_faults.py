@@ -1,0 +1,148 @@
+"""Faults after --check passes, and inputs that used to end in tracebacks: each is one line that
+names the key, file or plugin, with a meaningful exit code, and leaves the run folder consistent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, demo_cfg
+from test_bad_input import plan_err
+
+from opdlm.build import build_plan
+from opdlm.cli import main
+from opdlm.models import save_hf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LOCAL_RANK", None)
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=timeout)
+
+
+def last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
+    over = [o for o in TINY if not o.startswith("run.checkpoints")]
+    cmd = [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={tmp_path}", "stages.opd.steps=400",
+           "run.checkpoint_every=5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "[opdlm] stage opd:" in line:
+            break
+    ckpt = tmp_path / "demo" / "checkpoints" / "opd" / "last.ckpt"
+    import time
+    deadline = time.time() + 60
+    while not ckpt.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    msg = last_line(err)
+    assert msg.startswith("opdlm: interrupted (Ctrl-C) in stage opd at optimizer step "), msg
+    assert "the same command continues it from" in msg and "last.ckpt" in msg
+    assert "Traceback" not in err
+    run = tmp_path / "demo"
+    assert (run / "teacher" / "stage.json").is_file() and not (run / "student").exists()
+    assert not (run / "results.json").exists()
+
+
+def test_a_loss_that_returns_nothing_is_named(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "lazy.py").write_text(
+        "from opdlm.plugin_api import Loss\nfrom opdlm.registry import LOSSES\n\n\n"
+        "@LOSSES.register('lazy')\nclass Lazy(Loss):\n    def compute(self, inputs):\n        return None\n")
+    res = cli(*TINY, f"run.out_dir={tmp_path / 'runs'}", f"plugin_paths=[{plugins}]", "loss.name=lazy")
+    assert res.returncode == 1, res.stderr[-2000:]
+    msg = last_line(res.stderr)
+    assert msg.startswith("opdlm: plugin error: loss 'lazy' (") and str(plugins / "lazy.py") in msg
+    assert "compute() returned NoneType; it must return LossOutput(token_loss=<tensor of shape" in msg
+    assert "Traceback" not in res.stderr
+
+
+def test_damaged_or_missing_weights_are_found_at_check(tmp_path, capsys):
+    cfg = demo_cfg(*TINY)
+    plan = build_plan(cfg)
+    folder = tmp_path / "t"
+    save_hf(plan.teacher.build(0), plan.teacher.tokenizer, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(["--check", f"teacher.path={folder}"]) == 2
+    err = last_line(capsys.readouterr().err)
+    assert err.startswith(f"opdlm: config error: command line: teacher.path: '{weights}' is damaged or truncated")
+    weights.unlink()
+    assert main(["--check", f"teacher.path={folder}"]) == 2
+    assert f"teacher.path: '{folder}' has no weights" in capsys.readouterr().err
+
+
+def test_values_that_used_to_be_tracebacks(tmp_path):
+    assert plan_err("teacher.dtype=float17") == (
+        "teacher.dtype: must be a torch floating dtype (float32, bfloat16, float16, float64), got 'float17'")
+    assert plan_err("run.name=").startswith("run.name: must be a folder name")
+    assert plan_err("run.name=a/b").startswith("run.name: must be a folder name")
+    afile = tmp_path / "f"
+    afile.write_text("x")
+    assert plan_err(f"run.out_dir={afile}") == f"run.out_dir: '{afile}' is a file, not a folder"
+    assert plan_err(f"run.stage_cache={afile}/c") == (
+        f"run.stage_cache: '{afile}' (on the way to '{afile}/c') is a file, not a folder")
+    assert plan_err("run.out_dir=/sys/opdlm/x").startswith("run.out_dir: cannot write in '/sys'")
+    assert plan_err("trainer.devices=0").startswith("trainer.devices: ")
+    assert plan_err("trainer.precision=fp8").startswith("trainer.precision: Precision 'fp8' is invalid")
+
+
+def test_jsonl_faults_name_the_file_and_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    lines = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(30)]
+    data.write_bytes(("\n".join(lines[:3]) + "\n").encode() + b'{"prompt": "\xff", "answer": "1"}\n')
+    msg = plan_err("task.name=jsonl", f"task.path={data}")
+    assert msg == f"task.path: {data}:4: not UTF-8 (byte 0xff at column 13)"
+    data.write_text("\n".join(lines) + "\n")
+    assert plan_err("task.name=jsonl", f"task.path={data}").startswith(
+        "task: stages.teacher_sft trains on reference solutions, but the train split has examples without one")
+    build_plan(demo_cfg("task.name=jsonl", f"task.path={data}", "stages.teacher_sft.steps=0",
+                        "stages.student_sft.steps=0"))
+
+
+def test_plugin_path_variable_is_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPDLM_PLUGIN_PATH", str(tmp_path / "nowhere"))
+    assert main(["--check"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"opdlm: config error: OPDLM_PLUGIN_PATH (environment variable): '{tmp_path / 'nowhere'}' is not a folder")
+
+
+def test_check_shows_nested_plugin_nodes_with_their_defaults(capsys):
+    assert main(["--check", "loss={name: weighted_sum, terms: [{name: sampled_token}, {name: lsm, weight: 0.5}]}",
+                 "support={name: union, first: {name: teacher_topk, k: 3}, second: {name: student_topk, k: 3}}"]) == 0
+    out = capsys.readouterr().out
+    assert "- name: sampled_token\n    clip_eps: 0.2\n    dual_clip: 3.0\n    weight: 1.0" in out
+    assert "first:\n    name: teacher_topk\n    k: 3" in out
+
+
+def test_progress_goes_to_stderr_and_stdout_keeps_the_table(tmp_path):
+    over = [o for o in TINY if not o.startswith("trainer.progress_bar")]
+    res = cli(*over, f"run.out_dir={tmp_path}", "trainer.progress_bar=true")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| student after OPD |" in res.stdout and "it/s" not in res.stdout
+    assert "it/s" in res.stderr
+
+
+@pytest.mark.parametrize("bad", ["trainer.devices=0", "teacher.dtype=float17"])
+def test_check_errors_are_one_line_on_the_command_line(bad, capsys):
+    assert main(["--check", bad]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
