@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from opdlm import dist
-    from opdlm.pipeline import RunInterrupted, Runner, quiet_libraries
+    from opdlm.pipeline import FolderBusy, RunInterrupted, Runner, quiet_libraries
     from opdlm.registry import PluginError
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         runner.run()
     except ConfigError as e:
         print(f"opdlm: config error: {e}", file=sys.stderr)
+        return 2
+    except FolderBusy as e:
+        print(f"opdlm: error: {e}", file=sys.stderr)
         return 2
     except RunInterrupted as e:
         print(f"opdlm: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""What a stage's cached result depends on, as one hash: the config parts the stage reads (earlier
+"""What a stage's cached result depends on, as one hash (the evaluation keys apart, in
+``eval_fingerprint``): the config parts the stage reads (earlier
 stages included), the tokenizers' vocabularies, and the code: the source of the opdlm package and
 of every plugin file the stage uses (the classes of its plugins and of the plugins nested in them).
 Editing a loss recomputes the OPD stage; it does not recompute the SFT stages, which use only the
@@ -81,12 +82,13 @@ def vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprint(cfg: dict[str, Any], stage: str, plan: Any) -> str:
-    """Hash of everything a stage's result depends on (see the module docstring)."""
+def fingerprint(cfg: dict[str, Any], stage: str, plan: Any, code: bool = True) -> str:
+    """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
+    leaves the code out (what a run folder's result was made with, as configuration)."""
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "teacher": cfg["teacher"],
                              "teacher_vocab": vocab_digest(plan.teacher.tokenizer),
-                             "teacher_sft": cfg["stages"]["teacher_sft"], "eval": cfg["eval"],
-                             "precision": cfg["trainer"]["precision"], "code": code_digest(stage, plan)}
+                             "teacher_sft": cfg["stages"]["teacher_sft"],
+                             "precision": cfg["trainer"]["precision"], "code": code_digest(stage, plan) if code else ""}
     if stage in ("student_sft", "opd"):
         parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"],
                      student_vocab=vocab_digest(plan.student.tokenizer))
@@ -96,3 +98,10 @@ def fingerprint(cfg: dict[str, Any], stage: str, plan: Any) -> str:
         parts["processes"] = plan.world  # each process samples with its own random stream
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def eval_fingerprint(cfg: dict[str, Any], stage: str, plan: Any, code: bool = True) -> str:
+    """Hash of what a stage's test metrics depend on beyond its weights: the evaluation keys and the
+    sampler (the sampled mode decodes with it), on top of the training fingerprint."""
+    parts = {"train": fingerprint(cfg, stage, plan, code), "eval": cfg["eval"], "sampler": cfg["sampler"]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

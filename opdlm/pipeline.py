@@ -36,15 +36,16 @@ from torch import nn
 
 from opdlm import dist
 from opdlm.build import Plan, build_plan
+from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, write_json
 from opdlm.config import to_yaml
 from opdlm.data import TaskData
-from opdlm.fingerprint import STAGES, fingerprint, vocab_digest
-from opdlm.models import n_params, save_hf
+from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint, vocab_digest
+from opdlm.models import load_weights, n_params, save_hf
 from opdlm.module import OPDModule, SFTModule, load_or_build
 from opdlm.sft import evaluate
 from opdlm.trainer import trainer_kwargs
 
-__all__ = ["STAGES", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]
+__all__ = ["STAGES", "FolderBusy", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]
 
 
 class ProgressBar(TQDMProgressBar):
@@ -143,32 +144,6 @@ def quiet_libraries() -> None:
         warnings.simplefilter("ignore")
 
 
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Move the complete ``tmp`` folder to ``folder`` (replacing an older one): a kill at any moment
-    leaves either the old folder, no folder, or the new one; never a partial one under that name."""
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale(folder: Path) -> None:
-    """Remove the temporary folders of ``folder`` left by writers that no longer run (killed)."""
-    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        alive = True
-        try:
-            os.kill(int(pid), 0)
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            pass
-        if not alive:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _sharded(trainer: L.Trainer) -> bool:
     """Whether the trained parameters live in shards across processes (FSDP, DeepSpeed)."""
     name = type(trainer.strategy).__name__.lower()
@@ -194,21 +169,6 @@ class Runner:
         L.seed_everything(self.cfg["run"]["seed"] + 1000 * STAGES.index(stage), workers=True, verbose=False)
 
     # -- decisions rank 0 takes ----------------------------------------------------------------
-    def _cached(self, stage: str, folder: Path, fp: str) -> dict[str, Any] | None:
-        marker = folder / "stage.json"
-        if not marker.is_file():
-            return None
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, ValueError) as e:
-            self.log(f"[opdlm] stage {stage}: {marker} is unreadable ({type(e).__name__}), running the stage again")
-            return None
-        if info.get("fingerprint") == fp:
-            self.log(f"[opdlm] stage {stage}: cached in {folder} (same config and code), skipping")
-            return info
-        self.log(f"[opdlm] stage {stage}: config or code changed since {folder} was made, running it again")
-        return None
-
     def _resume_point(self, stage: str, fp: str) -> str | None:
         """The stage's last checkpoint if it was written for this fingerprint; any other is set
         aside (renamed), with the reason."""
@@ -238,15 +198,49 @@ class Runner:
     def _stage(self, stage: str, folder: Path, build: Callable[[], L.LightningModule], model_of: Callable[[Any], nn.Module],
                spec: Any, steps: int, describe: Callable[[Any], str],
                every: int | None = None) -> dict[str, Any]:
-        fp = fingerprint(self.cfg, stage, self.plan)
-        cached = dist.broadcast(self._cached(stage, folder, fp) if self.main else None)
-        if cached:
-            return cached | {"folder": str(folder.resolve())}
+        fp, efp = fingerprint(self.cfg, stage, self.plan), eval_fingerprint(self.cfg, stage, self.plan)
+        lock = None
+        if self.main and self.cfg["run"]["stage_cache"] and folder.parent != self.run_dir:  # a shared cache entry
+            lock = Lock(folder.with_name(f".{folder.name}.lock"), str(folder), wait=True)
+        try:
+            state, info = dist.broadcast(lookup(stage, folder, fp, efp, self.log) if self.main else None)
+            if state == "cached":
+                return info | {"folder": str(folder.resolve())}
+            if state == "evaluate":
+                return self._evaluate_again(stage, folder, info, efp, spec) | {"folder": str(folder.resolve())}
+            return self._compute(stage, folder, build, model_of, spec, steps, describe, every, fp, efp)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _evaluate_again(self, stage: str, folder: Path, info: dict[str, Any], efp: str, spec: Any) -> dict[str, Any]:
+        """New test metrics for a cached model (only the evaluation settings changed)."""
+        t0 = time.time()
+        self.current = stage
+        model = load_weights(folder, f"stage folder {folder}", getattr(torch, spec.node["dtype"])).to(self._device())
+        metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
+                           progress=self.cfg["trainer"]["progress_bar"])
+        info = info | {"test": metrics, "eval_fingerprint": efp, "eval_seconds": round(time.time() - t0, 1)}
+        info["seconds"] = round(info.get("train_seconds", info.get("seconds", 0.0)) + info["eval_seconds"], 1)
+        if self.main:
+            write_json(folder / "stage.json", info)
+        dist.barrier()
+        return info
+
+    def _device(self) -> torch.device:
+        acc = str(self.cfg["trainer"]["accelerator"])
+        if torch.cuda.is_available() and acc in ("auto", "gpu", "cuda"):
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def _compute(self, stage: str, folder: Path, build: Callable[[], L.LightningModule],
+                 model_of: Callable[[Any], nn.Module], spec: Any, steps: int, describe: Callable[[Any], str],
+                 every: int | None, fp: str, efp: str) -> dict[str, Any]:
         t0 = time.time()
         # written under a name of its own (one per writing process), renamed into place when complete
         tmp = Path(dist.broadcast(str(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))))
         if self.main:
-            _remove_stale(folder)
+            remove_stale(folder)
         ckpt = dist.broadcast(self._resume_point(stage, fp) if self.main else None)
         if self.main and ckpt is None:
             shutil.rmtree(self.run_dir / "logs" / stage, ignore_errors=True)  # this stage is computed anew
@@ -267,13 +261,17 @@ class Runner:
                     raise RunInterrupted(self._interrupted(stage, trainer.global_step, steps)) from None
                 raise
         model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0)
+        t1 = time.time()
         metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
-        info = {"stage": stage, "fingerprint": fp, "test": metrics, "seconds": round(time.time() - t0, 1),
+        t2 = time.time()
+        info = {"stage": stage, "fingerprint": fp, "eval_fingerprint": efp, "test": metrics,
+                "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1), "seconds": round(t2 - t0, 1),
                 "params": n_params(model), "processes": dist.world()}
         if self.main:
-            (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-            _replace_folder(tmp, folder)
+            info["files"] = file_digests(tmp)
+            write_json(tmp / "stage.json", info)
+            replace_folder(tmp, folder)
         dist.barrier()
         return info | {"folder": str(folder.resolve())}
 
@@ -340,25 +338,93 @@ class Runner:
         if cfg["trainer"]["threads"]:
             torch.set_num_threads(cfg["trainer"]["threads"])
         quiet_libraries()
+        lock, problem = None, None
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            try:
+                lock = Lock(self.run_dir / ".lock", f"run folder {self.run_dir}", wait=False)
+                problem = self._claim_folder()
+            except FolderBusy as e:
+                problem = str(e)
+        problem = dist.broadcast(problem)
+        if problem:
+            if lock is not None:
+                lock.release()
+            raise FolderBusy(problem)
+        try:
+            return self._run_stages()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _config_fingerprints(self) -> dict[str, list[str]]:
+        """Per stage, the training and evaluation fingerprints of the config alone (the code left out:
+        a re-run of the same config after a code change updates its own result)."""
+        return {s: [fingerprint(self.cfg, s, self.plan, code=False), eval_fingerprint(self.cfg, s, self.plan, code=False)]
+                for s in STAGES}
+
+    def _claim_folder(self) -> str | None:
+        """Make the run folder this config's: None, or why it cannot be (it holds the finished result
+        of another config and run.overwrite is false). Files of another config are removed first,
+        so the folder never shows a config.yaml and results that disagree."""
+        results, config = self.run_dir / "results.json", self.run_dir / "config.yaml"
+        if results.is_file():
+            try:
+                old = json.loads(results.read_text()).get("config_fingerprints")
+            except (OSError, ValueError, AttributeError):
+                old = None
+            if old != self._config_fingerprints():
+                if not self.cfg["run"]["overwrite"]:
+                    diff = _config_diff(config, self.cfg)
+                    return (f"{self.run_dir} holds the finished result of another config{diff}; choose another "
+                            f"run.name, or set run.overwrite=true to replace it")
+                self.log(f"[opdlm] {self.run_dir}: replacing the finished result of another config (run.overwrite)")
+            for f in ("results.json", "results.md"):
+                (self.run_dir / f).unlink(missing_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config.write_text(to_yaml(self.cfg))
+        return None
+
+    def _run_stages(self) -> dict[str, Any]:
+        cfg = self.cfg
         dist.barrier()
         L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         t0 = time.time()
         teacher = self.sft("teacher", cfg["teacher"]["path"])
         student = self.sft("student", cfg["student"]["path"])
         after = self.opd(student["folder"], teacher["folder"])
+        stages = (teacher, student, after)
         results = {"seed": cfg["run"]["seed"], "teacher": teacher, "student_before": student,
-                   "student_after": after, "seconds": round(time.time() - t0, 1), "processes": dist.world()}
+                   "student_after": after, "processes": dist.world(), "config_fingerprints": self._config_fingerprints(),
+                   "seconds": round(sum(x.get("seconds", 0.0) for x in stages), 1),
+                   "wall_seconds": round(time.time() - t0, 1)}
         if self.main:
             table = results_table(results, cfg)
-            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+            write_json(self.run_dir / "results.json", results)
             (self.run_dir / "results.md").write_text(table + "\n")
             self.log("\n" + table)
             self.log(f"\n[opdlm] run folder: {self.run_dir}  (student exported to {after['folder']})")
         dist.barrier()
         return results
+
+
+def _config_diff(saved: Path, cfg: dict[str, Any], most: int = 3) -> str:
+    """' (differs in a.b: x -> y, ...)' between a saved config.yaml and ``cfg``."""
+    try:
+        import yaml
+        old = yaml.safe_load(saved.read_text())
+    except Exception:
+        return ""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: d}
+    a, b = flat(old), flat(cfg)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if not keys:
+        return ""
+    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:most])
+    return f" (differs in {shown}{', ...' if len(keys) > most else ''})"
 
 
 def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -375,6 +441,8 @@ def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
                     f"{100 * t.get(f'test/trunc_{m0}', float('nan')):.1f} % |")
     n = cfg["eval"]["test_prompts"]
     procs = results.get("processes", 1)
-    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']} s"
+    wall = results.get("wall_seconds", results["seconds"])
+    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']} s of compute"
+                + (f" ({wall} s in this command, the rest cached)" if wall < results["seconds"] - 1 else "")
                 + (f", {procs} processes" if procs > 1 else ""))
     return "\n".join(rows)

@@ -135,11 +135,13 @@ class GenerationEval(L.LightningModule):
         config = self.hparams["config"]
         wrapped = self.trainer.strategy.model
         gather = getattr(type(wrapped), "summon_full_params", None)  # FSDP: the whole model on every rank
-        if gather is not None:
-            with gather(wrapped, writeback=False, recurse=True):
+        # validation draws from its own seeds and leaves the training's random state as it was
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            if gather is not None:
+                with gather(wrapped, writeback=False, recurse=True):
+                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.plan, config, self.chat_template, "val")
+            else:
                 metrics = evaluate(self.eval_model, self.eval_tokenizer, self.plan, config, self.chat_template, "val")
-        else:
-            metrics = evaluate(self.eval_model, self.eval_tokenizer, self.plan, config, self.chat_template, "val")
         for k, v in metrics.items():
             self.log(k, v, on_step=True, on_epoch=False, prog_bar=k.startswith("val/acc"))
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from conftest import TINY
 
-from opdlm.pipeline import _remove_stale, _replace_folder
+from opdlm.cache import remove_stale as _remove_stale
+from opdlm.cache import replace_folder as _replace_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 400
@@ -80,7 +81,8 @@ def test_checkpoint_of_another_config_is_set_aside(tmp_path):
     assert (ckpt_dir / "last.ckpt").is_file()
     import shutil
     shutil.rmtree(tmp_path / "demo" / "student")  # as if killed after the last checkpoint
-    other = subprocess.run(command(tmp_path, "stages.opd.steps=10", "stages.opd.lr=1.0e-4"), capture_output=True,
+    other = subprocess.run(command(tmp_path, "stages.opd.steps=10", "stages.opd.lr=1.0e-4", "run.overwrite=true"),
+                           capture_output=True,
                            text=True, env=env(), cwd=ROOT, timeout=600)
     assert other.returncode == 0, other.stderr[-3000:]
     line = next(x for x in other.stdout.splitlines() if "stage opd: not resuming from" in x)

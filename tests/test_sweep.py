@@ -24,7 +24,8 @@ def test_sweep_runs_overlays_over_seeds_and_writes_tables(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| sampled_token | 2 |" in table and "| lsm_mask | 2 |" in table
     # one teacher and one student SFT per seed, shared by both overlays
-    assert sorted(p.name.split("-")[0] for p in (out / "cache").iterdir()) == ["student_sft"] * 2 + ["teacher_sft"] * 2
+    entries = [p for p in (out / "cache").iterdir() if not p.name.startswith(".")]  # .<entry>.lock: the locks
+    assert sorted(p.name.split("-")[0] for p in entries) == ["student_sft"] * 2 + ["teacher_sft"] * 2
     logs = (out / "logs" / "lsm_mask_s1.log").read_text()
     assert "stage teacher_sft: cached" in logs and "stage student_sft: cached" in logs
 

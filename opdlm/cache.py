@@ -1,0 +1,157 @@
+"""Finished stages, kept so that nothing is computed twice and nothing damaged is trusted.
+
+A stage folder (a Hugging Face model folder plus ``stage.json``) counts only when it is complete
+and verified: it is written under a temporary name and renamed into place, and ``stage.json`` holds
+the size and sha256 of every other file in it, checked each time the folder is used. The training
+fingerprint decides whether the weights can be reused; the evaluation fingerprint decides whether
+the test metrics can be (changing only ``eval.*`` re-evaluates without retraining).
+
+Locks: a run holds its run folder (a second live run on it is refused), and a process computing a
+stage for a shared cache folder holds that entry, so two runs never compute or write it at once
+(the second waits, then finds it cached). Locks are ``flock``s, released by the system when a
+process dies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: runs are then not locked
+    fcntl = None  # type: ignore[assignment]
+
+
+class FolderBusy(RuntimeError):
+    """A run folder is held by another live run."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file in ``folder`` except stage.json."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != "stage.json":
+            out[str(p.relative_to(folder))] = {"size": p.stat().st_size, "sha256": sha256(p)}
+    return out
+
+
+def damage(folder: Path, info: dict[str, Any]) -> str | None:
+    """Why a stage folder cannot be trusted (a missing, resized or changed file), or None."""
+    files = info.get("files")
+    if not isinstance(files, dict) or not files:
+        return "stage.json lists no checksums"
+    for rel, want in files.items():
+        p = folder / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != want.get("size"):
+            return f"{rel} has {p.stat().st_size} bytes, {want.get('size')} were written"
+        if sha256(p) != want.get("sha256"):
+            return f"{rel}: checksum differs"
+    return None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (a temporary file renamed over the target)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def lookup(stage: str, folder: Path, fp: str, eval_fp: str, log: Callable[[str], None]) -> tuple[str, dict | None]:
+    """('cached', info): weights and metrics reusable; ('evaluate', info): the weights are, the
+    evaluation settings changed; ('compute', None): the stage must run (the reason is logged)."""
+    marker = folder / "stage.json"
+    if not marker.is_file():
+        return "compute", None
+    try:
+        info = json.loads(marker.read_text())
+        if not isinstance(info, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as e:
+        log(f"[opdlm] stage {stage}: {marker} is unreadable ({type(e).__name__}); running the stage again")
+        return "compute", None
+    if info.get("fingerprint") != fp:
+        log(f"[opdlm] stage {stage}: config or code changed since {folder} was made, running it again")
+        return "compute", None
+    why = damage(folder, info)
+    if why:
+        log(f"[opdlm] stage {stage}: {folder} is damaged ({why}); running the stage again")
+        return "compute", None
+    if info.get("eval_fingerprint") != eval_fp:
+        log(f"[opdlm] stage {stage}: weights cached in {folder} (same training config and code); the evaluation "
+            f"settings changed, evaluating again")
+        return "evaluate", info
+    log(f"[opdlm] stage {stage}: cached in {folder} (same config and code), skipping")
+    return "cached", info
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Move the complete ``tmp`` folder to ``folder`` (replacing an older one): a kill at any moment
+    leaves either the old folder, no folder, or the new one; never a partial one under that name."""
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the temporary folders of ``folder`` left by writers that no longer run (killed)."""
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        alive = True
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            alive = False
+        except PermissionError:
+            pass
+        if not alive:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Lock:
+    """An exclusive lock on ``path`` (a lock file holding the owner's pid and start time).
+    ``wait=False``: raise FolderBusy at once if another process holds it."""
+
+    def __init__(self, path: Path, what: str, wait: bool) -> None:
+        self.path, self.fh = path, None
+        if fcntl is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = path.open("a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise FolderBusy(f"{what} is in use by {owner}; wait for it to finish, or choose another run.name") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')})")
+        fh.flush()
+        self.fh = fh
+
+    def release(self) -> None:
+        if self.fh is not None:
+            fcntl.flock(self.fh, fcntl.LOCK_UN)
+            self.fh.close()
+            self.fh = None
