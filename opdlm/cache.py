@@ -93,12 +93,15 @@ def lookup(stage: str, folder: Path, fp: str, eval_fp: str, log: Callable[[str],
     if why:
         log(f"[opdlm] stage {stage}: {folder} is damaged ({why}); running the stage again")
         return "compute", None
-    if info.get("eval_fingerprint") != eval_fp:
-        log(f"[opdlm] stage {stage}: weights cached in {folder} (same training config and code); the evaluation "
-            f"settings changed, evaluating again")
+    evaluations = info.get("evaluations") if isinstance(info.get("evaluations"), dict) else {}
+    if eval_fp not in evaluations:
+        log(f"[opdlm] stage {stage}: weights cached in {folder} (same training config and code); evaluating them "
+            f"with these evaluation settings")
         return "evaluate", info
     log(f"[opdlm] stage {stage}: cached in {folder} (same config and code), skipping")
-    return "cached", info
+    ev = evaluations[eval_fp]
+    return "cached", info | {"test": ev["test"], "eval_fingerprint": eval_fp,
+                             "seconds": round(info.get("train_seconds", 0.0) + ev.get("seconds", 0.0), 3)}
 
 
 def replace_folder(tmp: Path, folder: Path) -> None:

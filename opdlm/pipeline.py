@@ -220,12 +220,13 @@ class Runner:
         model = load_weights(folder, f"stage folder {folder}", getattr(torch, spec.node["dtype"])).to(self._device())
         metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
-        info = info | {"test": metrics, "eval_fingerprint": efp, "eval_seconds": round(time.time() - t0, 1)}
-        info["seconds"] = round(info.get("train_seconds", info.get("seconds", 0.0)) + info["eval_seconds"], 1)
+        evaluations = {**info.get("evaluations", {}), efp: {"test": metrics, "seconds": round(time.time() - t0, 3)}}
+        info = info | {"evaluations": evaluations}
         if self.main:
             write_json(folder / "stage.json", info)
         dist.barrier()
-        return info
+        return info | {"test": metrics, "eval_fingerprint": efp,
+                       "seconds": round(info.get("train_seconds", 0.0) + evaluations[efp]["seconds"], 3)}
 
     def _device(self) -> torch.device:
         acc = str(self.cfg["trainer"]["accelerator"])
@@ -265,15 +266,16 @@ class Runner:
         metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
         t2 = time.time()
-        info = {"stage": stage, "fingerprint": fp, "eval_fingerprint": efp, "test": metrics,
-                "train_seconds": round(t1 - t0, 1), "eval_seconds": round(t2 - t1, 1), "seconds": round(t2 - t0, 1),
+        info = {"stage": stage, "fingerprint": fp, "train_seconds": round(t1 - t0, 3),
+                "evaluations": {efp: {"test": metrics, "seconds": round(t2 - t1, 3)}},
                 "params": n_params(model), "processes": dist.world()}
         if self.main:
             info["files"] = file_digests(tmp)
             write_json(tmp / "stage.json", info)
             replace_folder(tmp, folder)
         dist.barrier()
-        return info | {"folder": str(folder.resolve())}
+        seconds = round(info["train_seconds"] + info["evaluations"][efp]["seconds"], 3)  # as a cached lookup sums them
+        return info | {"test": metrics, "eval_fingerprint": efp, "seconds": seconds, "folder": str(folder.resolve())}
 
     def _interrupted(self, stage: str, step: int, steps: int) -> str:
         path = checkpoint_dir(self.run_dir, stage) / "last.ckpt"
@@ -395,8 +397,8 @@ class Runner:
         stages = (teacher, student, after)
         results = {"seed": cfg["run"]["seed"], "teacher": teacher, "student_before": student,
                    "student_after": after, "processes": dist.world(), "config_fingerprints": self._config_fingerprints(),
-                   "seconds": round(sum(x.get("seconds", 0.0) for x in stages), 1),
-                   "wall_seconds": round(time.time() - t0, 1)}
+                   "seconds": round(sum(x.get("seconds", 0.0) for x in stages), 3),
+                   "wall_seconds": round(time.time() - t0, 3)}
         if self.main:
             table = results_table(results, cfg)
             write_json(self.run_dir / "results.json", results)
@@ -442,7 +444,7 @@ def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
     n = cfg["eval"]["test_prompts"]
     procs = results.get("processes", 1)
     wall = results.get("wall_seconds", results["seconds"])
-    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']} s of compute"
-                + (f" ({wall} s in this command, the rest cached)" if wall < results["seconds"] - 1 else "")
+    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']:.1f} s of compute"
+                + (f" ({wall:.1f} s in this command, the rest cached)" if wall < results["seconds"] - 1 else "")
                 + (f", {procs} processes" if procs > 1 else ""))
     return "\n".join(rows)
