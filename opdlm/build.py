@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
 from opdlm.registry import (
@@ -29,6 +30,7 @@ from opdlm.trainer import check_trainer
 class Plan:
     cfg: dict[str, Any]
     world: int  # processes of the run (devices x nodes)
+    dropped: dict[str, int]  # examples left out per split as too long for the models (data.too_long: skip)
     task: Task
     teacher: ModelSpec
     student: ModelSpec
@@ -83,6 +85,7 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
     need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
     need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
+    need(cfg["data"]["too_long"] in ("error", "skip"), "data.too_long", "error or skip", cfg["data"]["too_long"])
     need(cfg["run"]["checkpoint_every"] >= 1, "run.checkpoint_every", ">= 1", cfg["run"]["checkpoint_every"])
     name = cfg["run"]["name"]
     need(isinstance(name, str) and name.strip() not in ("", ".", "..") and "/" not in name, "run.name",
@@ -190,5 +193,7 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
             f"tokens, so teacher.chat_template ({cfg['teacher']['chat_template']}) must equal "
             f"student.chat_template ({cfg['student']['chat_template']})"
         )
-    return Plan(cfg=cfg, world=world, task=task, teacher=teacher, student=student, sampler=sampler,
+    task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
+    ctx.task = task
+    return Plan(cfg=cfg, world=world, dropped=dropped, task=task, teacher=teacher, student=student, sampler=sampler,
                 aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx)

@@ -107,6 +107,37 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def expand_layers(confs: list[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """The config files in the order they apply: each file's ``base:`` (a path or a list of paths,
+    relative to the file) first, recursively; a file that appears twice applies once, at its first
+    place. So an overlay that names conf/demo.yaml as its base runs on the demo by itself."""
+    out: list[tuple[Path, dict[str, Any]]] = []
+    seen: set[Path] = set()
+
+    def add(path: Path, chain: list[Path], origin: str) -> None:
+        key = path.resolve()
+        if key in [c.resolve() for c in chain]:
+            raise ConfigError(f"{origin}: circular ({' -> '.join(str(c) for c in [*chain, path])})")
+        if chain and not path.is_file():
+            raise ConfigError(f"{origin}: no such config file '{path}'")
+        layer = load_yaml(path)
+        bases = layer.pop("base", None)
+        if bases is not None:
+            if isinstance(bases, str):
+                bases = [bases]
+            if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+                raise ConfigError(f"{path}:{_yaml_lines(path).get('base', 1)}: base: expected a path or a list of paths, got {bases!r}")
+            for b in bases:
+                add(path.parent / b, [*chain, path], f"{path}:{_yaml_lines(path).get('base', 1)}: base")
+        if key not in seen:
+            seen.add(key)
+            out.append((path, layer))
+
+    for c in confs:
+        add(Path(c), [], f"conf={c}")
+    return out
+
+
 def parse_value(text: str) -> Any:
     """Parse the right-hand side of key=value like YAML (numbers, booleans, null, [lists])."""
     try:
@@ -269,9 +300,7 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
     where = where if where is not None else Where()
     base = load_yaml(BASE_FILE)
     cfg = copy.deepcopy(base)
-    for c in confs:
-        p = Path(c)
-        layer = load_yaml(p)
+    for p, layer in expand_layers(confs):
         _merge(cfg, layer, "", where, str(p), _yaml_lines(p))
     for ov in overrides:
         if "=" not in ov:

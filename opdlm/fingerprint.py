@@ -85,7 +85,7 @@ def vocab_digest(tokenizer: Any) -> str:
 def fingerprint(cfg: dict[str, Any], stage: str, plan: Any, code: bool = True) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
     leaves the code out (what a run folder's result was made with, as configuration)."""
-    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "teacher": cfg["teacher"],
+    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "data": cfg["data"], "teacher": cfg["teacher"],
                              "teacher_vocab": vocab_digest(plan.teacher.tokenizer),
                              "teacher_sft": cfg["stages"]["teacher_sft"],
                              "precision": cfg["trainer"]["precision"], "code": code_digest(stage, plan) if code else ""}

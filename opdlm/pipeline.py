@@ -389,6 +389,9 @@ class Runner:
     def _run_stages(self) -> dict[str, Any]:
         cfg = self.cfg
         dist.barrier()
+        if any(self.plan.dropped.values()):
+            counts = ", ".join(f"{n} {s}" for s, n in self.plan.dropped.items())
+            self.log(f"[opdlm] data.too_long=skip: left out {counts} examples longer than the models' positions")
         L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         t0 = time.time()
         teacher = self.sft("teacher", cfg["teacher"]["path"])

@@ -131,3 +131,20 @@ def test_renaming_a_list_slot_item_replaces_it():
 def test_new_parent_key_on_the_command_line_is_blamed_on_it():
     assert err("trainerr.devices=2").startswith("command line: trainerr: unknown key (did you mean 'trainer'?)")
     assert err("stages.opdd.lr=1").startswith("command line: stages.opdd: unknown key (did you mean 'opd'?)")
+
+
+def test_overlays_compose_onto_their_base(tmp_path):
+    from opdlm.config import compose
+    cfg = compose([str(ROOT / "conf/ablations/k/4.yaml")], [])
+    demo = compose([str(ROOT / "conf/demo.yaml")], [])
+    assert cfg["support"]["k"] == 4 and cfg["run"]["name"] == "demo"
+    assert cfg["stages"]["opd"] == demo["stages"]["opd"] and cfg["student"] == demo["student"]
+    # the sweep's pattern (demo first, then the overlay) gives the same config: the base applies once
+    assert compose([str(ROOT / "conf/demo.yaml"), str(ROOT / "conf/ablations/k/4.yaml")], []) == cfg
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("# b\nbase: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml:2: base: circular \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        compose([str(tmp_path / "a.yaml")], [])
+    (tmp_path / "c.yaml").write_text("base: [nope.yaml]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:1: base: no such config file '.*nope.yaml'"):
+        compose([str(tmp_path / "c.yaml")], [])

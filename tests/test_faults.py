@@ -146,3 +146,24 @@ def test_progress_goes_to_stderr_and_stdout_keeps_the_table(tmp_path):
 def test_check_errors_are_one_line_on_the_command_line(bad, capsys):
     assert main(["--check", bad]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "solution": f"\\boxed{{{i + 1}}}"} for i in range(40)]
+    rows[7]["prompt"] = "1+" * 1000 + "1="  # 2,002 characters: one token each for the character tokenizer
+    rows[9]["solution"] = "9" * 300
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    base = ["task.name=jsonl", f"task.path={data}", "task.solution_field=solution", "task.split_field=null",
+            "task.val_fraction=0.0", "task.test_fraction=0.25", "stages.teacher_sft.val_every=0", "stages.opd.val_every=0"]
+    msg = plan_err(*base)
+    assert msg.startswith("task: ") and "(line " in msg and "of the task's file) needs" in msg
+    assert "for the teacher, more than its 256 (teacher.max_positions); set data.too_long=skip" in msg
+    plan = build_plan(demo_cfg(*base, "data.too_long=skip"))
+    assert sum(plan.dropped.values()) == 2
+    kept = [e.prompt for s in ("train", "val", "test") for e in plan.task.examples(s)]
+    assert len(kept) == 38 and rows[7]["prompt"] not in kept
+    # the run says what it left out
+    res = cli(*TINY, *base, "data.too_long=skip", f"run.out_dir={tmp_path / 'runs'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[opdlm] data.too_long=skip: left out " in res.stdout and "examples longer than the models' positions" in res.stdout

@@ -29,7 +29,7 @@ def model_folder(root: Path, kind: str) -> Path:
             shutil.copy(src / f, d / f)
         cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 151936,
                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-               "num_key_value_heads": 2}
+               "num_key_value_heads": 2, "max_position_embeddings": 40960}  # as Qwen3's
     else:
         src = Path(llama_tokenizer_dir())
         shutil.copy(src / "tokenizer.json", d / "tokenizer.json")
@@ -38,7 +38,7 @@ def model_folder(root: Path, kind: str) -> Path:
         (d / "tokenizer_config.json").write_text(json.dumps(tc))
         cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
                "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
-               "num_key_value_heads": 2}
+               "num_key_value_heads": 2, "max_position_embeddings": 131072}  # as Llama-3.2's
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(**cfg)
     AutoModelForCausalLM.from_config(config).save_pretrained(d)
