@@ -380,11 +380,24 @@ class Runner:
                     return (f"{self.run_dir} holds the finished result of another config{diff}; choose another "
                             f"run.name, or set run.overwrite=true to replace it")
                 self.log(f"[opdlm] {self.run_dir}: replacing the finished result of another config (run.overwrite)")
+                self._remove_other_stages()
             for f in ("results.json", "results.md"):
                 (self.run_dir / f).unlink(missing_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config.write_text(to_yaml(self.cfg))
         return None
+
+    def _remove_other_stages(self) -> None:
+        """Remove the run folder's stage folders made for another config (they would be recomputed
+        anyway); the folder then holds nothing that disagrees with its config.yaml."""
+        for stage, name in (("teacher_sft", "teacher"), ("student_sft", "student_sft"), ("opd", "student")):
+            folder = self.run_dir / name
+            try:
+                fp = json.loads((folder / "stage.json").read_text()).get("fingerprint")
+            except (OSError, ValueError, AttributeError):
+                fp = None
+            if folder.is_dir() and fp != fingerprint(self.cfg, stage, self.plan):
+                shutil.rmtree(folder)
 
     def _run_stages(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -167,3 +167,10 @@ def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_p
     res = cli(*TINY, *base, "data.too_long=skip", f"run.out_dir={tmp_path / 'runs'}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[opdlm] data.too_long=skip: left out " in res.stdout and "examples longer than the models' positions" in res.stdout
+
+
+def test_a_file_where_the_run_folder_should_be_is_one_line(tmp_path):
+    (tmp_path / "demo").write_text("not a folder")
+    res = cli(*TINY, f"run.out_dir={tmp_path}")
+    assert res.returncode == 1
+    assert res.stderr.strip() == f"opdlm: error: cannot write or read '{tmp_path / 'demo'}': File exists"

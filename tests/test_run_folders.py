@@ -106,3 +106,22 @@ def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path):
     demo = tmp_path / "demo"
     assert yaml.safe_load((demo / "config.yaml").read_text())["loss"]["name"] == "lsm"  # the first run's files only
     assert json.loads((demo / "results.json").read_text())["student_after"]["test"]
+
+
+def test_overwriting_leaves_nothing_of_the_other_config(tmp_path, capsys):
+    """With run.overwrite the old results and the stage folders of the other config go first: a run
+    that then fails leaves config.yaml with only the stages that belong to it."""
+    from opdlm.registry import PluginError
+    run(tmp_path)
+    demo = tmp_path / "demo"
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "broken.py").write_text(
+        "from opdlm.plugin_api import Loss\nfrom opdlm.registry import LOSSES\n\n\n"
+        "@LOSSES.register('broken')\nclass Broken(Loss):\n    def compute(self, inputs):\n        return None\n")
+    with pytest.raises(PluginError):
+        run(tmp_path, f"plugin_paths=[{plugins}]", "loss.name=broken", "run.overwrite=true")
+    assert yaml.safe_load((demo / "config.yaml").read_text())["loss"]["name"] == "broken"
+    assert not (demo / "results.json").exists() and not (demo / "results.md").exists()
+    assert not (demo / "student").exists()  # the other config's student is gone
+    assert (demo / "teacher" / "stage.json").is_file()  # the SFT stages belong to this config too
