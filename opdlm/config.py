@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opdlm.discovery import discover
+from opdlm.paths import CONF_DIR as _CONF_DIR
 from opdlm.registry import KINDS, ConfigError, did_you_mean
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = ROOT / "conf"
+CONF_DIR = _CONF_DIR
 BASE_FILE = CONF_DIR / "base.yaml"
 DEFAULT_CONF = CONF_DIR / "demo.yaml"
 

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from opdlm.paths import PLUGINS_DIR
 from opdlm.registry import ConfigError
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "plugins"
+BUILTIN_DIR = PLUGINS_DIR
 ENTRY_POINT_GROUP = "opdlm.plugins"
 _loaded: set[str] = set()
 

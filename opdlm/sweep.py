@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from opdlm.config import DEFAULT_CONF, ROOT
+from opdlm.config import DEFAULT_CONF
 
 
 def _run(args: list[str], log: Path) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as fh:
-        return subprocess.call([sys.executable, str(ROOT / "run.py"), *args], stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.call([sys.executable, "-m", "opdlm.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.jobs > 1:
         extra.append("trainer.threads=1")
     for ov in overlays:  # fail early: every run's config must compose and build
-        rc = subprocess.call([sys.executable, str(ROOT / "run.py"), "--check", *common, f"conf={ov}", *extra],
+        rc = subprocess.call([sys.executable, "-m", "opdlm.cli", "--check", *common, f"conf={ov}", *extra],
                              stdout=subprocess.DEVNULL)
         if rc:
             print(f"sweep: {ov} does not pass --check (see the error above)", file=sys.stderr)

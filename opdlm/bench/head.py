@@ -51,10 +51,10 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     from opdlm.config import compose
 
     head_mode = "naive" if mode == "compare" else mode
-    root = Path(__file__).resolve().parents[2]
+    from opdlm.paths import CONF_DIR
     if args.demo:
         over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
-        return compose([str(root / "conf" / "demo.yaml")], over)
+        return compose([str(CONF_DIR / "demo.yaml")], over)
     B = max(1, tokens // args.seq)
     model = [f"hidden_size={args.hidden}", f"intermediate_size={2 * args.hidden}", "layers=1",
              "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}"]
@@ -63,7 +63,7 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}", f"loss.name={args.loss}",
             f"stages.opd.head_chunk={args.chunk}", f"stages.opd.chunk_size={args.chunk}",
             "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
-    return compose([str(root / "conf" / "base.yaml")], over)
+    return compose([str(CONF_DIR / "base.yaml")], over)
 
 
 def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:

@@ -39,12 +39,12 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
     quiet_libraries()
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    root = Path(__file__).resolve().parents[2]
+    from opdlm.paths import CONF_DIR
     over = ["trainer.accelerator=cpu", f"trainer.devices={world}", f"trainer.strategy={'ddp' if world > 1 else 'auto'}",
             "trainer.progress_bar=false", "run.checkpoints=false", "run.tensorboard=false",
             f"stages.opd.prompts_per_step={args.prompts}", f"stages.opd.steps={args.steps + 1}", "stages.opd.val_every=0",
             f"run.out_dir={args.out}", *args.overrides]
-    cfg = compose([str(root / "conf" / "demo.yaml")], over)
+    cfg = compose([str(CONF_DIR / "demo.yaml")], over)
     plan = build_plan(cfg)
     torch.manual_seed(0)
     module = OPDModule(cfg, plan=plan, student=plan.student.build(0), teacher=plan.teacher.build(1))
