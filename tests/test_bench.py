@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from opdlm.bench.cli import main
+
+pytestmark = pytest.mark.slow  # subprocess runs: deselected by -m "not slow"
 
 
 def test_align_benchmark_prints_its_table(capsys):

@@ -21,6 +21,8 @@ from opdlm.data import global_batch
 from opdlm.module import OPDModule
 from opdlm.ops.batch import concat_rollouts
 
+pytestmark = pytest.mark.slow  # subprocess runs: deselected by -m "not slow"
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 from opd_step_worker import SFT, cases  # noqa: E402

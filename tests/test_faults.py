@@ -33,6 +33,7 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
     over = [o for o in TINY if not o.startswith("run.checkpoints")]
     cmd = [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={tmp_path}", "stages.opd.steps=400",
@@ -61,6 +62,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
     assert not (run / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_a_loss_that_returns_nothing_is_named(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
@@ -134,6 +136,7 @@ def test_check_shows_nested_plugin_nodes_with_their_defaults(capsys):
     assert "first:\n    name: teacher_topk\n    k: 3" in out
 
 
+@pytest.mark.slow
 def test_progress_goes_to_stderr_and_stdout_keeps_the_table(tmp_path):
     over = [o for o in TINY if not o.startswith("trainer.progress_bar")]
     res = cli(*over, f"run.out_dir={tmp_path}", "trainer.progress_bar=true")
@@ -148,6 +151,7 @@ def test_check_errors_are_one_line_on_the_command_line(bad, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "solution": f"\\boxed{{{i + 1}}}"} for i in range(40)]
@@ -169,6 +173,7 @@ def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_p
     assert "[opdlm] data.too_long=skip: left out " in res.stdout and "examples longer than the models' positions" in res.stdout
 
 
+@pytest.mark.slow
 def test_a_file_where_the_run_folder_should_be_is_one_line(tmp_path):
     (tmp_path / "demo").write_text("not a folder")
     res = cli(*TINY, f"run.out_dir={tmp_path}")

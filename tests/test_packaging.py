@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # subprocess runs: deselected by -m "not slow"
+
 
 def pip_wheel(src: Path, out: Path, name: str) -> Path:
     """Build ``src``'s wheel into ``out`` (with this environment's setuptools when it is recent

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import ROOT, TINY, demo_cfg
 
@@ -43,6 +44,7 @@ def test_readme_plugin_example_is_three_times_lsm(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
 
 
+@pytest.mark.slow
 def test_readme_plugin_command_runs(tmp_path):
     readme_plugin(tmp_path)
     (line,) = [x for x in README.splitlines() if "plugin_paths=[my_plugins] loss.name=scaled_lsm" in x]

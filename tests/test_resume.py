@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import TINY
 
@@ -40,6 +41,7 @@ def student(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "demo" / "student" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -74,6 +76,7 @@ def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_config_is_set_aside(tmp_path):
     run = subprocess.run(command(tmp_path, "stages.opd.steps=10"), capture_output=True, text=True, env=env(),
                          cwd=ROOT, timeout=600)

@@ -86,6 +86,7 @@ def test_another_configs_result_is_not_replaced_without_the_flag(tmp_path, capsy
     assert saved["student_after"]["test"] == test  # config, results and the student agree
 
 
+@pytest.mark.slow
 def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)

@@ -32,6 +32,7 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           env=env, cwd=ROOT, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_two_process_run_prints_and_writes_one_table(tmp_path):
     over = [o for o in TINY if not o.startswith(("eval.test_prompts", "trainer.accelerator"))]
     res = run_cli(*over, f"run.out_dir={tmp_path}", "trainer.accelerator=cpu", "trainer.devices=2",

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 from conftest import ROOT, TINY
 
 from opdlm.sweep import main
+
+pytestmark = pytest.mark.slow  # subprocess runs: deselected by -m "not slow"
 
 
 def test_sweep_runs_overlays_over_seeds_and_writes_tables(tmp_path, capsys):
@@ -32,7 +35,6 @@ def test_sweep_runs_overlays_over_seeds_and_writes_tables(tmp_path, capsys):
 
 
 def test_sweep_rejects_a_missing_overlay(tmp_path, capsys):
-    import pytest
     with pytest.raises(SystemExit):
         main(["--out-dir", str(tmp_path), str(tmp_path / "nope.yaml")])
     assert "no such overlay file" in capsys.readouterr().err

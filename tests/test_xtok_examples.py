@@ -58,6 +58,7 @@ def folders(tmp_path_factory):
     ("qwen_teacher_llama_student.yaml", "qwen", "llama"),
     ("llama_teacher_qwen_student.yaml", "llama", "qwen"),
 ])
+@pytest.mark.slow
 def test_example_configs_pass_check_with_real_tokenizers(folders, conf, teacher, student, capsys):
     args = ["--check", f"conf={ROOT / 'conf' / 'examples' / conf}", f"teacher.path={folders[teacher]}",
             f"student.path={folders[student]}", f"task.path={folders['data']}"]
