@@ -244,8 +244,12 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
             if not isinstance(v, Mapping):
                 raise where.err(path, f"expected a mapping, got {v!r}")
             _check_framework(v, ref, path + ".", where)
-        elif ref is None or v is None:
+        elif v is None:
             continue
+        elif ref is None:  # a key whose default is null: its type is declared in NULLABLE
+            kind = NULLABLE.get(path)
+            if kind is not None and not isinstance(v, kind):
+                raise where.err(path, f"expected {_TYPE_WORDS[kind]} or null, got {v!r} ({type(v).__name__})")
         elif isinstance(ref, bool):
             if not isinstance(v, bool):
                 raise where.err(path, f"expected boolean, got {v!r} ({type(v).__name__})")
@@ -261,6 +265,15 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
         elif isinstance(ref, list):
             if not isinstance(v, list):
                 raise where.err(path, f"expected a list, got {v!r} ({type(v).__name__})")
+
+
+#: framework keys whose default is null, and the type of any other value they take
+NULLABLE: dict[str, type] = {
+    "run.stage_cache": str,
+    "teacher.path": str, "teacher.tokenizer_path": str,
+    "student.path": str, "student.tokenizer_path": str,
+}
+_TYPE_WORDS = {str: "a string (a folder)"}
 
 
 def _trainer_own_keys() -> tuple[str, ...]:

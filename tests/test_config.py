@@ -148,3 +148,24 @@ def test_overlays_compose_onto_their_base(tmp_path):
     (tmp_path / "c.yaml").write_text("base: [nope.yaml]\n")
     with pytest.raises(ConfigError, match=r"c.yaml:1: base: no such config file '.*nope.yaml'"):
         compose([str(tmp_path / "c.yaml")], [])
+
+
+def test_keys_with_a_null_default_are_typed():
+    from conftest import demo_cfg as cfg
+    with pytest.raises(ConfigError, match=r"command line: run.stage_cache: expected a string \(a folder\) or null, got 5 \(int\)"):
+        cfg("run.stage_cache=5")
+    with pytest.raises(ConfigError, match=r"teacher.path: expected a string \(a folder\) or null, got \[1, 2\]"):
+        cfg("teacher.path=[1,2]")
+    assert cfg("run.stage_cache=null")["run"]["stage_cache"] is None
+
+
+def test_every_null_default_has_a_declared_type():
+    from opdlm.config import BASE_FILE, NULLABLE, load_yaml
+
+    def nulls(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from nulls(v, f"{prefix}{k}.")
+            elif v is None:
+                yield f"{prefix}{k}"
+    assert sorted(nulls(load_yaml(BASE_FILE))) == sorted(NULLABLE)
