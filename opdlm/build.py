@@ -47,13 +47,11 @@ def _bind(plugin: Any, ctx: Context, key: str) -> None:
     try:
         plugin.bind(ctx)
     except ConfigError as e:
-        msg = str(e)
-        head = msg.split(":", 1)[0]
-        if head in plugin_options(type(plugin)):
-            raise ConfigError(f"{key}.{msg}") from None
-        if head.startswith(key.split(".")[0]):
+        if e.key.split(".")[0] in plugin_options(type(plugin)):
+            raise e.under(key) from None
+        if e.key.startswith(key.split(".")[0]):
             raise
-        raise ConfigError(f"{key}: {msg}") from None
+        raise ConfigError(str(e), key=key) from None
 
 
 def check_values(cfg: Mapping[str, Any]) -> None:

@@ -53,17 +53,15 @@ class Where:
         return "conf/base.yaml"
 
     def err(self, path: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.of(path)}: {path}: {msg}")
+        return ConfigError(msg, key=path, origin=self.of(path))
 
     def locate(self, error: ConfigError) -> ConfigError:
-        """Prefix an error that starts with a config key ("support.k: ...") with the file:line or
-        "command line" that set the key (or its nearest parent), when a layer set it."""
-        msg = str(error)
-        key = msg.split(":", 1)[0]
-        p = key if key and " " not in key else ""
-        while p:
+        """The error located at the file:line or "command line" that set its key (or the key's
+        nearest parent), when a layer set it."""
+        p = error.key
+        while p and not error.origin:
             if p in self.origin:
-                return ConfigError(f"{self.origin[p]}: {msg}")
+                return error.at(self.origin[p])
             p = p.rpartition(".")[0]
         return error
 
@@ -287,7 +285,7 @@ def _check_plugins(cfg: dict[str, Any], where: Where) -> None:
         try:
             cfg[path] = reg.validate(cfg[path], path)
         except ConfigError as e:
-            raise ConfigError(f"{where.of(_err_path(str(e), path))}: {e}") from None
+            raise e.at(where.of(e.key if e.key.startswith(path) else path)) from None
     for path, kind in PLUGIN_LIST_SLOTS.items():
         reg = KINDS[kind][0]
         nodes = cfg[path]
@@ -298,13 +296,8 @@ def _check_plugins(cfg: dict[str, Any], where: Where) -> None:
             try:
                 out.append(reg.validate(node, f"{path}.{i}"))
             except ConfigError as e:
-                raise ConfigError(f"{where.of(_err_path(str(e), path))}: {e}") from None
+                raise e.at(where.of(e.key if e.key.startswith(path) else path)) from None
         cfg[path] = out
-
-
-def _err_path(msg: str, default: str) -> str:
-    head = msg.split(":", 1)[0].split(" ", 1)[0]
-    return head if head.startswith(default) else default
 
 
 def compose(confs: list[str | Path], overrides: list[str], where: Where | None = None) -> dict[str, Any]:

@@ -169,3 +169,20 @@ def test_every_null_default_has_a_declared_type():
             elif v is None:
                 yield f"{prefix}{k}"
     assert sorted(nulls(load_yaml(BASE_FILE))) == sorted(NULLABLE)
+
+
+def test_config_errors_carry_their_key_and_origin(tmp_path):
+    from opdlm.build import build_plan
+    from opdlm.config import Where
+    where = Where()
+    with pytest.raises(ConfigError) as e:
+        build_plan(compose([str(ROOT / "conf/demo.yaml")], ["support.k=1"], where))
+    err = where.locate(e.value)
+    assert (err.origin, err.key) == ("command line", "support.k")
+    assert err.detail.startswith("loss 'lsm' needs a support of at least 2 tokens")
+    assert str(err) == f"command line: support.k: {err.detail}"
+    layer = tmp_path / "x.yaml"
+    layer.write_text("loss:\n  name: lsm\n  temprature: 1\n")
+    with pytest.raises(ConfigError) as e:
+        compose([str(layer)], [])
+    assert (e.value.origin, e.value.key) == (f"{layer}:3", "loss.temprature")

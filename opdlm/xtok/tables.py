@@ -109,7 +109,7 @@ def token_bytes(tokenizer: Any, rows: int, side: str = "") -> TokenBytes:
     try:
         enc = piece_encoding(tokenizer)
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}", key="") from None
     n = len(tokenizer)
     added = {int(i): tok for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items()}
     specials = set(int(i) for i in getattr(tokenizer, "all_special_ids", []))
@@ -165,10 +165,10 @@ def control_id(tokenizer: Any, text: str, table: TokenBytes, side: str) -> int:
     """The id of the control token spelled ``text`` (a ConfigError if absent or not a control token)."""
     vocab = tokenizer.get_vocab()
     if text not in vocab:
-        raise ConfigError(f"'{text}' is not a token of the {side} tokenizer")
+        raise ConfigError(f"'{text}' is not a token of the {side} tokenizer", key="roles")
     i = int(vocab[text])
     if i >= len(table.control) or not table.control[i]:
-        raise ConfigError(f"'{text}' is a text token of the {side} tokenizer, not a control token")
+        raise ConfigError(f"'{text}' is a text token of the {side} tokenizer, not a control token", key="roles")
     return i
 
 

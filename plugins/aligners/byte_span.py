@@ -39,12 +39,8 @@ class ByteSpan(Aligner):
         self.pad_id = 0
 
     def bind(self, ctx: Context) -> None:
-        try:
-            self.tables = pair_tables(ctx.student_tokenizer, ctx.teacher_tokenizer, ctx.student_vocab_rows,
-                                      ctx.teacher_vocab_rows, self.roles)
-        except ConfigError as e:
-            msg = str(e)
-            raise ConfigError(f"roles: {msg}" if msg.startswith("'") else msg) from None
+        self.tables = pair_tables(ctx.student_tokenizer, ctx.teacher_tokenizer, ctx.student_vocab_rows,
+                                  ctx.teacher_vocab_rows, self.roles)
         self.encoder = teacher_encoder(ctx.teacher_tokenizer)
         pad = ctx.teacher_tokenizer.pad_token_id
         if pad is None or pad >= ctx.teacher_vocab_rows:  # e.g. an id past the model's rows
