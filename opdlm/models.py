@@ -263,3 +263,17 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: 
             ids = ids["input_ids"]
         return list(ids)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def load_or_build(spec: Any, init: str | None, seed: int) -> nn.Module:
+    """The model of a stage: loaded from the previous stage's folder, or built from its node."""
+    if init:
+        key = f"{spec.key}.path" if spec.path and str(init) == str(spec.path) else f"stage folder {init}"
+        model = load_weights(init, key, getattr(torch, spec.node["dtype"]))
+        model.generation_config.pad_token_id = spec.tokenizer.pad_token_id
+        model.generation_config.eos_token_id = spec.tokenizer.eos_token_id
+    else:
+        model = spec.build(seed)
+    if spec.node["gradient_checkpointing"]:  # recompute each layer's activations in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model

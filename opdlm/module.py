@@ -1,5 +1,5 @@
 """The on-policy distillation LightningModule (the SFT one is in opdlm/sft.py; both evaluate the
-same way). The OPD ``training_step`` reads like the algorithm: sample, align, score the teacher,
+same way, opdlm/evaluation.py). The OPD ``training_step`` reads like the algorithm: sample, align, score the teacher,
 select the support, mask, loss and backward, optimizer step, log. It never branches on a plugin's
 name.
 
@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from opdlm import dist
 from opdlm.build import Plan
-from opdlm.models import render_prompt
+from opdlm.evaluation import GenerationEval, eval_modes
+from opdlm.models import load_or_build, render_prompt
 from opdlm.ops.batch import (
     alignment_stats,
     full_support,
@@ -34,8 +35,9 @@ from opdlm.ops.diagnostics import repetition_frac
 from opdlm.ops.fullvocab import full_vocab_loss
 from opdlm.ops.head import gather_columns, head_scores, lookup_logits, model_hidden, response_hidden, split_model
 from opdlm.ops.lean import lean_scores
+from opdlm.optim import make_optimizer
 from opdlm.registry import PluginError
-from opdlm.sft import GenerationEval, SFTModule, eval_modes, load_or_build, make_optimizer
+from opdlm.sft import SFTModule
 from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView, masked_mean
 from opdlm.xtok.tables import N_BINS
 

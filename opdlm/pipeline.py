@@ -39,10 +39,10 @@ from opdlm.build import Plan, build_plan
 from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, write_json
 from opdlm.config import to_yaml
 from opdlm.data import TaskData
+from opdlm.evaluation import evaluate
 from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint, vocab_digest
 from opdlm.models import load_weights, n_params, save_hf
 from opdlm.module import OPDModule, SFTModule, load_or_build
-from opdlm.sft import evaluate
 from opdlm.trainer import trainer_kwargs
 
 __all__ = ["STAGES", "FolderBusy", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]

@@ -1,0 +1,27 @@
+"""The optimizer and learning-rate schedule every stage uses: AdamW with a linear warm-up, then a
+constant rate or a cosine decay to 10 % of it."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine" and total > warmup:
+            frac = (step - warmup) / max(1, total - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return 1.0
+    return f
+
+
+def make_optimizer(module: L.LightningModule, params: Any, st: dict[str, Any]) -> Any:
+    opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st["warmup_steps"], st["steps"], st["schedule"]))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
