@@ -131,9 +131,6 @@ class Loss(Plugin):
     needs_chunk_logprob: bool = False
     #: reads Scores.byte_logprobs (first-byte marginals of both models)
     needs_first_byte: bool = False
-    #: ℓ_t reads the student's quantities (and old_logprob) at position t only; the lean head path
-    #: then computes each chunk's gradient in one pass (else it takes one extra head forward)
-    positionwise: bool = False
     #: compare the whole vocabulary: the engine passes a support of every id instead of the
     #: configured one (full-vocabulary references such as reverse_kl / forward_kl)
     full_vocabulary: bool = False

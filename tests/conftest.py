@@ -72,3 +72,22 @@ def real_tokenizers():
     ll = PreTrainedTokenizerFast(tokenizer_file=str(Path(llama_tokenizer_dir(), "tokenizer.json")),
                                  eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>")
     return {"qwen": q, "llama": ll}
+
+
+def start_until_opd_checkpoint(cmd: list[str], run_dir: Path, stderr: int | None = None):
+    """Start ``cmd`` (a run.py command) and return its Popen once the run in ``run_dir`` has started
+    the OPD stage and written its first checkpoint. stdout is read here; stderr goes to ``stderr``."""
+    import subprocess
+    import time
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=ROOT)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "[opdlm] stage opd:" in line:
+            break
+    ckpt = run_dir / "checkpoints" / "opd" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    return proc

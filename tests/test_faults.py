@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, demo_cfg
+from conftest import TINY, demo_cfg, start_until_opd_checkpoint
 from test_bad_input import plan_err
 
 from opdlm.build import build_plan
@@ -38,18 +38,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
     over = [o for o in TINY if not o.startswith("run.checkpoints")]
     cmd = [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={tmp_path}", "stages.opd.steps=400",
            "run.checkpoint_every=5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if "[opdlm] stage opd:" in line:
-            break
-    ckpt = tmp_path / "demo" / "checkpoints" / "opd" / "last.ckpt"
-    import time
-    deadline = time.time() + 60
-    while not ckpt.is_file() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_until_opd_checkpoint(cmd, tmp_path / "demo", stderr=subprocess.PIPE)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, start_until_opd_checkpoint
 
 from opdlm.cache import remove_stale as _remove_stale
 from opdlm.cache import replace_folder as _replace_folder
@@ -44,16 +44,7 @@ def student(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env(), cwd=ROOT)
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until the OPD stage runs, let it take some steps, then kill it
-        if "[opdlm] stage opd:" in line:
-            break
-    ckpt = killed / "demo" / "checkpoints" / "opd" / "last.ckpt"
-    deadline = time.time() + 120
-    while not ckpt.is_file() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = start_until_opd_checkpoint(command(killed), killed / "demo", stderr=subprocess.STDOUT)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)

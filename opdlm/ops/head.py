@@ -79,6 +79,24 @@ def _logits(feats: Tensor, head: nn.Linear | None, temperature: float) -> Tensor
     return logits / temperature if temperature != 1.0 else logits
 
 
+def _flat_support(support_ids: Tensor | None, n: int) -> Tensor | None:
+    return support_ids.reshape(n, -1) if support_ids is not None else None
+
+
+def _chunk_logits(f: Tensor, head: nn.Linear | None, targets: Tensor, sup: Tensor | None, temperature: float,
+                  vocab_rows: int | None, chunk_size: int | None):
+    """For each chunk of positions of ``f`` [n, H]: (logits [c, V] over the tokenizer's rows divided
+    by the temperature, the sampled ids [c] (negative read as 0), the support ids [c, K] or None)."""
+    n = f.shape[0]
+    tgt = targets.reshape(n).clamp_min(0)
+    step = max(1, chunk_size or n)
+    for s in range(0, n, step):
+        logits = _logits(f[s : s + step], head, temperature)
+        if vocab_rows is not None and vocab_rows < logits.shape[-1]:
+            logits = logits[:, :vocab_rows]
+        yield logits, tgt[s : s + step], (sup[s : s + step] if sup is not None else None)
+
+
 def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, temperature: float = 1.0,
                 support_ids: Tensor | None = None, topk: int = 0, entropy: bool = True,
                 vocab_rows: int | None = None, chunk_size: int | None = None,
@@ -100,21 +118,14 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
             return _head_stats(feats, head, targets, temperature, support_ids, topk, entropy, vocab_rows,
                                chunk_size, buckets, n_buckets)
     B, T = targets.shape
-    n = B * T
-    f = feats.reshape(n, feats.shape[-1])
-    tgt = targets.reshape(n).clamp_min(0)
-    sup = support_ids.reshape(n, -1) if support_ids is not None else None
-    step = max(1, chunk_size or n)
+    f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
     tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
-    for s in range(0, n, step):
-        logits = _logits(f[s : s + step], head, temperature)
-        if vocab_rows is not None and vocab_rows < logits.shape[-1]:
-            logits = logits[:, :vocab_rows]
+    for logits, tgt, sup_c in _chunk_logits(f, head, targets, sup, temperature, vocab_rows, chunk_size):
         z = torch.logsumexp(logits, dim=-1)
         lse.append(z)
-        tok.append(logits.gather(1, tgt[s : s + step, None]).squeeze(1) - z)
-        if sup is not None:
-            sl.append(logits.gather(1, sup[s : s + step]))
+        tok.append(logits.gather(1, tgt[:, None]).squeeze(1) - z)
+        if sup_c is not None:
+            sl.append(logits.gather(1, sup_c))
         if topk:
             v, i = logits.topk(topk, dim=-1)
             ti.append(i)
@@ -153,21 +164,14 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
     top-k (or one max); e = exp(z - max) once; lse, entropy (log Σe − Σ e·(z − max) / Σe) and the
     bucket sums from e."""
     B, T = targets.shape
-    n = B * T
-    f = feats.reshape(n, feats.shape[-1])
-    tgt = targets.reshape(n).clamp_min(0)
-    sup = support_ids.reshape(n, -1) if support_ids is not None else None
-    step = max(1, chunk_size or n)
+    f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
     tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
-    for s in range(0, n, step):
-        z = _logits(f[s : s + step], head, temperature)
-        if vocab_rows is not None and vocab_rows < z.shape[-1]:
-            z = z[:, :vocab_rows]
+    for z, tgt, sup_c in _chunk_logits(f, head, targets, sup, temperature, vocab_rows, chunk_size):
         if head is None or z.data_ptr() == f.data_ptr():
             z = z.clone()  # the caller's logits are not ours to change in place
-        tok_logit = z.gather(1, tgt[s : s + step, None]).squeeze(1)
-        if sup is not None:
-            sl.append(z.gather(1, sup[s : s + step]))
+        tok_logit = z.gather(1, tgt[:, None]).squeeze(1)
+        if sup_c is not None:
+            sl.append(z.gather(1, sup_c))
         if topk:
             v, i = z.topk(topk, dim=-1)
             ti.append(i)

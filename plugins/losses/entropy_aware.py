@@ -17,7 +17,6 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class EntropyAware(Loss):
     """Sampled-token OPD + alpha * 1[H(teacher) > tau] * forward KL on the support."""
 
-    positionwise = True
 
     def __init__(self, *, alpha: float = 1.0, tau: float = 0.8, clip_eps: float = 0.2,
                  dual_clip: float | None = 3.0) -> None:

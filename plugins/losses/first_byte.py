@@ -22,7 +22,6 @@ from opdlm.types import LossInputs, LossOutput
 class FirstByte(Loss):
     """KL between the two models' next-byte marginals at chunk starts."""
 
-    positionwise = True
 
     positions = "start"
     needs_first_byte = True

@@ -17,7 +17,6 @@ from opdlm.types import LossInputs, LossOutput
 class ForwardKL(Loss):
     """Forward KL(q ‖ π) over the full vocabulary."""
 
-    positionwise = True
 
     full_vocabulary = True
 

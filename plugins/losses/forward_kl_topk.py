@@ -28,7 +28,6 @@ def topk_forward_kl(inputs: LossInputs, renormalise: bool) -> Tensor:
 class ForwardKLTopK(Loss):
     """Forward KL q log(q/π) on the support (optionally renormalised)."""
 
-    positionwise = True
 
     def __init__(self, *, renormalise: bool = False) -> None:
         self.renormalise = renormalise

@@ -23,7 +23,6 @@ from opdlm.types import LossInputs, LossOutput
 class JSD(Loss):
     """Generalised JSD with mixture weight beta (0 = forward KL, 1 = reverse KL) on the support."""
 
-    positionwise = True
 
     def __init__(self, *, beta: float = 0.5, full: bool = False) -> None:
         if not 0.0 <= beta <= 1.0:

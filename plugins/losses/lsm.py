@@ -31,7 +31,6 @@ def renormalised_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.
 class LSM(Loss):
     """Renormalised truncated reverse KL on the support (teacher top-K local support matching)."""
 
-    positionwise = True
 
     def __init__(self) -> None:
         pass

@@ -14,7 +14,6 @@ from opdlm.types import LossInputs, LossOutput
 class LSMUnnormalised(Loss):
     """Truncated reverse KL on the support with full-softmax probabilities (no renormalisation)."""
 
-    positionwise = True
 
     def __init__(self) -> None:
         pass

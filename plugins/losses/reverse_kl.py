@@ -18,7 +18,6 @@ from opdlm.types import LossInputs, LossOutput
 class ReverseKL(Loss):
     """Reverse KL(π ‖ q) over the full vocabulary."""
 
-    positionwise = True
 
     full_vocabulary = True
 

@@ -20,7 +20,6 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class SampledTokenOPD(Loss):
     """PPO-clipped policy gradient with reward log q - log π_old on the sampled tokens."""
 
-    positionwise = True
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         check_clip_options(clip_eps, dual_clip)

@@ -19,7 +19,6 @@ from opdlm.types import LossInputs, LossOutput
 class TailAware(Loss):
     """Reverse KL over the support plus one tail class (no renormalisation, stable log1mexp)."""
 
-    positionwise = True
 
     def __init__(self) -> None:
         pass

@@ -25,7 +25,6 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class TrustRegion(Loss):
     """TrOPD: policy gradient on trusted tokens (weight min(q/π, 1)), forward KL on the rest."""
 
-    positionwise = True
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         check_clip_options(clip_eps, dual_clip)

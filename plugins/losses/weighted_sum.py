@@ -55,7 +55,6 @@ class WeightedSum(Loss):
         self.needs_entropy = any(t[1].needs_entropy for t in self.terms)
         self.needs_chunk_logprob = any(t[1].needs_chunk_logprob for t in self.terms)
         self.needs_first_byte = any(t[1].needs_first_byte for t in self.terms)
-        self.positionwise = all(t[1].positionwise for t in self.terms)
 
     def bind(self, ctx: Context) -> None:
         for _, loss, _ in self.terms:
