@@ -143,15 +143,13 @@ def eval_items(task: Task, split: str, n: int) -> list[Example]:
 
 class TaskData(L.LightningDataModule):
     """Train batches (SFT token batches or OPD prompt batches, global ``batch_size`` split over
-    the processes) for ``steps`` steps; val/test prompt batches sharded over the processes."""
+    the processes) for ``steps`` steps. Validation and test batches are opdlm.evaluation's own."""
 
     def __init__(self, task: Task, *, mode: str, batch_size: int, steps: int, seed: int,
-                 eval_batch_size: int, val_prompts: int, test_prompts: int,
                  tokenizer: Any = None, chat_template: bool = False,
                  start: Callable[[], int] = lambda: 0) -> None:
         super().__init__()
         self.task, self.mode, self.batch_size, self.steps, self.seed = task, mode, batch_size, steps, seed
-        self.eval_batch_size, self.val_prompts, self.test_prompts = eval_batch_size, val_prompts, test_prompts
         self.tokenizer, self.chat_template, self.start = tokenizer, chat_template, start
 
     def _ranks(self) -> tuple[int, int]:

@@ -110,12 +110,10 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, eve
 
 def _data(plan: Plan, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
     st = cfg["stages"][stage]
-    ev = cfg["eval"]
     steps = -(-st["steps"] // st["mini_batches"]) if stage == "opd" else st["steps"]  # rollout batches
     return TaskData(plan.task, mode="opd" if stage == "opd" else "sft",
                     batch_size=st["prompts_per_step"] if stage == "opd" else st["batch_size"],
-                    steps=steps, seed=cfg["run"]["seed"], eval_batch_size=ev["batch_size"],
-                    val_prompts=ev["val_prompts"], test_prompts=ev["test_prompts"],
+                    steps=steps, seed=cfg["run"]["seed"],
                     tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start)
 
 

@@ -63,7 +63,7 @@ def fit(cfg, steps: int, student=None, teacher=None, seed: int = 0):
     L.seed_everything(seed, verbose=False)
     module = OPDModule(cfg, plan=plan, student=student, teacher=teacher)
     data = TaskData(plan.task, mode="opd", batch_size=cfg["stages"]["opd"]["prompts_per_step"], steps=steps,
-                    seed=seed, eval_batch_size=4, val_prompts=4, test_prompts=4)
+                    seed=seed)
     cfg = copy.deepcopy(cfg)
     trainer = make_trainer(cfg, __import__("pathlib").Path(cfg["run"]["out_dir"]) / "fit", "opd", steps)
     trainer.fit(module, datamodule=data)

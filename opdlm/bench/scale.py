@@ -96,8 +96,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
         def on_train_batch_end(self, *_: Any) -> None:
             step_comm.append(sum(comm))
 
-    data = TaskData(plan.task, mode="opd", batch_size=args.prompts, steps=args.steps + 1, seed=0, eval_batch_size=8,
-                    val_prompts=8, test_prompts=8)
+    data = TaskData(plan.task, mode="opd", batch_size=args.prompts, steps=args.steps + 1, seed=0)
     trainer = make_trainer(cfg, Path(args.out), "opd", args.steps + 1)
     trainer.callbacks.append(Timer())
     t0 = time.perf_counter()

@@ -56,7 +56,7 @@ class _FullVocab(torch.autograd.Function):
             ent.append(-torch.linalg.vecdot(ls.exp(), ls))
             del zs, ls, lt
         ctx.save_for_backward(s_feats, s_weight, s_bias, t_feats, t_weight, t_bias)
-        ctx.cfg = (fn, s_rows, t_rows, temperature, chunk, dtype, s_bias is not None)
+        ctx.cfg = (fn, s_rows, t_rows, temperature, chunk, dtype)
         tok_t, lse_t, ent_t = torch.cat(tok), torch.cat(lse), torch.cat(ent)
         ctx.mark_non_differentiable(tok_t, lse_t, ent_t)
         return torch.cat(vals), tok_t, lse_t, ent_t
@@ -64,7 +64,7 @@ class _FullVocab(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
         s_feats, s_weight, s_bias, t_feats, t_weight, t_bias = ctx.saved_tensors
-        fn, s_rows, t_rows, temperature, chunk, dtype, _ = ctx.cfg
+        fn, s_rows, t_rows, temperature, chunk, dtype = ctx.cfg
         n = s_feats.shape[0]
         grads = HeadGrads(ctx, s_feats, s_weight, s_bias, s_rows, dtype)
         if g_vals is None:

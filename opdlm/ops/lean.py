@@ -121,7 +121,7 @@ class _LeanHead(torch.autograd.Function):
                 bl[s:e] = sums.div_(tot.unsqueeze(1)).log_()
             del z
         ctx.save_for_backward(feats, weight, bias, tgt, support, buckets, lse, bl)
-        ctx.cfg = (rows, temperature, chunk, dtype, bias is not None)
+        ctx.cfg = (rows, temperature, chunk, dtype)
         ctx.mark_non_differentiable(ent)
         return tok, lse, sl, bl, ent
 
@@ -129,7 +129,7 @@ class _LeanHead(torch.autograd.Function):
     def backward(ctx, g_tok: Tensor | None, g_lse: Tensor | None, g_sl: Tensor | None, g_bl: Tensor | None,
                  _g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
         feats, weight, bias, tgt, support, buckets, lse, bl = ctx.saved_tensors
-        rows, temperature, chunk, dtype, _ = ctx.cfg
+        rows, temperature, chunk, dtype = ctx.cfg
         n = feats.shape[0]
         grads = HeadGrads(ctx, feats, weight, bias, rows, dtype)
         # per position: dz = p * (c + d[bucket]) + sparse terms

@@ -68,8 +68,7 @@ def run_case(name: str, overrides: list[str], out: Path) -> None:
     module.sample = lambda batch: rollouts.append(sample(batch)) or rollouts[-1]
     rec = Record()
     st = cfg["stages"]["opd"]
-    data = TaskData(plan.task, mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3, eval_batch_size=4,
-                    val_prompts=4, test_prompts=4)
+    data = TaskData(plan.task, mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3)
     trainer = make_trainer(cfg, out / name, "opd", st["steps"])
     trainer.callbacks.append(rec)
     trainer.fit(module, datamodule=data)
@@ -103,8 +102,7 @@ def run_sft_case(out: Path) -> None:
         def on_before_optimizer_step(self, trainer, m, optimizer) -> None:  # noqa: ANN001
             grads.append([p.grad.detach().clone() for p in m.model.parameters()])
 
-    data = TaskData(plan.task, mode="sft", batch_size=8, steps=1, seed=3, eval_batch_size=4, val_prompts=4,
-                    test_prompts=4, tokenizer=plan.student.tokenizer)
+    data = TaskData(plan.task, mode="sft", batch_size=8, steps=1, seed=3, tokenizer=plan.student.tokenizer)
     trainer = make_trainer(cfg, out / "sft", "student_sft", 1)
     trainer.callbacks.append(RecordSFT())
     trainer.fit(module, datamodule=data)
