@@ -13,6 +13,7 @@ import torch
 from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
+from opdlm.reads import check_reads, probe
 from opdlm.registry import (
     ALIGNERS,
     LOSSES,
@@ -27,7 +28,10 @@ from opdlm.trainer import check_trainer
 
 
 @dataclass
-class Plan:
+class BuiltRun:
+    """Everything a run is made of, built and cross-checked from its config before any weights
+    load: the task, both models' specs (tokenizers, configs), every plugin and their Context."""
+
     cfg: dict[str, Any]
     world: int  # processes of the run (devices x nodes)
     dropped: dict[str, int]  # examples left out per split as too long for the models (data.too_long: skip)
@@ -72,11 +76,12 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         for key in ("batch_size", "prompts_per_step", "mini_batches", "micro_batches"):
             if key in st:
                 need(st[key] >= 1, f"{k}.{key}", ">= 1", st[key])
-        if "chunk_size" in st:
-            need(st["chunk_size"] >= 0, f"{k}.chunk_size", ">= 0 (0 = no chunking)", st["chunk_size"])
+        if "teacher_head_block" in st:
+            need(st["teacher_head_block"] >= 0, f"{k}.teacher_head_block", ">= 0 (0 = all positions at once)",
+                 st["teacher_head_block"])
         if "head" in st:
             need(st["head"] in ("naive", "lean"), f"{k}.head", "naive or lean", st["head"])
-            need(st["head_chunk"] >= 1, f"{k}.head_chunk", ">= 1", st["head_chunk"])
+            need(st["student_head_block"] >= 1, f"{k}.student_head_block", ">= 1", st["student_head_block"])
     ev = cfg["eval"]
     need(ev["batch_size"] >= 1, "eval.batch_size", ">= 1", ev["batch_size"])
     need(ev["val_prompts"] >= 0, "eval.val_prompts", ">= 0", ev["val_prompts"])
@@ -137,7 +142,7 @@ def check_world(cfg: Mapping[str, Any], world: int) -> None:
                               f"evenly over the {world} processes of trainer.devices x trainer.num_nodes")
 
 
-def build_plan(cfg: Mapping[str, Any]) -> Plan:
+def build_run(cfg: Mapping[str, Any]) -> BuiltRun:
     """Construct and cross-check every plugin of a composed config (see opdlm.config.compose)."""
     cfg = dict(cfg)
     check_values(cfg)
@@ -178,13 +183,12 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
         _bind(m, ctx, f"maskers.{i}")
     _bind(loss, ctx, "loss")
     loss.check_support(support, "support")
-    if not aligner.shared_vocabulary:
-        if loss.full_vocabulary:
-            raise ConfigError(f"loss: '{loss.plugin_name}' compares the full vocabulary id by id, but aligner "
-                              f"'{aligner.plugin_name}' joins two vocabularies; use a support loss with mapped_topk")
-        if not support.cross_vocabulary:
-            raise ConfigError(f"support: '{support.plugin_name}' returns ids of one vocabulary, but aligner "
-                              f"'{aligner.plugin_name}' joins two; use a support that maps ids (mapped_topk)")
+    check_reads(loss, support, aligner)
+    for key, part in [*((f"loss.terms.{i}", p) for i, p in enumerate(loss.parts())), ("loss", loss)]:
+        probe(part, support.size, key)  # a loss that reads a field it does not declare fails here
+    if not aligner.shared_vocabulary and not support.cross_vocabulary:
+        raise ConfigError(f"support: '{support.plugin_name}' returns ids of one vocabulary, but aligner "
+                          f"'{aligner.plugin_name}' joins two; use a support that maps ids (mapped_topk)")
     if not aligner.uses_teacher_prompt and cfg["teacher"]["chat_template"] != cfg["student"]["chat_template"]:
         raise ConfigError(
             f"teacher.chat_template: aligner '{aligner.plugin_name}' shows the teacher the student's prompt "
@@ -193,5 +197,5 @@ def build_plan(cfg: Mapping[str, Any]) -> Plan:
         )
     task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
     ctx.task = task
-    return Plan(cfg=cfg, world=world, dropped=dropped, task=task, teacher=teacher, student=student, sampler=sampler,
+    return BuiltRun(cfg=cfg, world=world, dropped=dropped, task=task, teacher=teacher, student=student, sampler=sampler,
                 aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx)

@@ -32,6 +32,9 @@ def _list() -> str:
             lines.append(f"  {name:<{width}} {reg.summary(name)}")
             if opts:
                 lines.append(f"  {'':<{width}} options: {opts}")
+        for alias, (target, preset) in sorted(reg.aliases().items()):
+            fixed = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in preset.items())
+            lines.append(f"  {alias:<{width}} = {target} with {fixed}")
     return "\n".join(lines)
 
 
@@ -58,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     where = Where()
     try:
         cfg = compose(confs, overrides, where)
-        from opdlm.build import build_plan
+        from opdlm.build import build_run
         try:
-            plan = build_plan(cfg)
+            built = build_run(cfg)
         except ConfigError as e:
             raise where.locate(e) from None
     except ConfigError as e:
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
     quiet_libraries()  # again: now it knows the rank
-    runner = Runner(cfg, plan)
+    runner = Runner(cfg, built)
     try:
         runner.run()
     except ConfigError as e:

@@ -236,6 +236,9 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
                 raise where.err(path, why)
             continue  # any other lightning.Trainer argument: Lightning checks its value
         if k not in base:
+            new = RENAMED.get(k)
+            if new in base:
+                raise where.err(path, f"unknown key (renamed: did you mean '{new}'?); valid keys here: {', '.join(base)}")
             raise where.err(path, f"unknown key{did_you_mean(k, base)}; valid keys here: {', '.join(base)}")
         ref = base[k]
         if isinstance(ref, Mapping):
@@ -266,6 +269,12 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
 
 
 #: framework keys whose default is null, and the type of any other value they take
+#: framework keys that were renamed: old name -> new name (the error names the new one)
+RENAMED: dict[str, str] = {
+    "chunk_size": "teacher_head_block",
+    "head_chunk": "student_head_block",
+}
+
 NULLABLE: dict[str, type] = {
     "run.stage_cache": str,
     "teacher.path": str, "teacher.tokenizer_path": str,

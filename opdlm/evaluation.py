@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from opdlm.build import Plan
+from opdlm.build import BuiltRun
 from opdlm.dist import step_seed
 from opdlm.models import render_prompt
 from opdlm.types import Example
@@ -20,7 +20,7 @@ SPLIT_SEED = {"val": 101, "test": 102}
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer: Any, plan: Plan, chat_template: bool, batch: list[Example],
+def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_template: bool, batch: list[Example],
                    modes: list[str], seed: int) -> dict[str, dict[str, Tensor]]:
     """Per mode (greedy / sampled), per example: correct (0/1), response length and truncation.
     The sampled mode draws from a generator seeded with ``seed`` alone, so a batch's result does
@@ -29,13 +29,13 @@ def generate_batch(model: nn.Module, tokenizer: Any, plan: Plan, chat_template: 
     out = {}
     for i, mode in enumerate(modes):
         torch.manual_seed(step_seed(seed, i))
-        ro = plan.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=1)
-        correct = torch.tensor([float(plan.task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)])
+        ro = built.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=1)
+        correct = torch.tensor([float(built.task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)])
         out[mode] = {"acc": correct, "len": ro.lengths.float().cpu(), "trunc": ro.truncated.float().cpu()}
     return out
 
 
-def evaluate(model: nn.Module, tokenizer: Any, plan: Plan, config: dict[str, Any], chat_template: bool,
+def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str, Any], chat_template: bool,
              split: str = "test", progress: bool = False) -> dict[str, float]:
     """Accuracy, mean response length and truncated fraction of ``model`` on the first
     ``eval.<split>_prompts`` prompts of a split, per evaluation mode. Sharded over the processes of
@@ -46,7 +46,7 @@ def evaluate(model: nn.Module, tokenizer: Any, plan: Plan, config: dict[str, Any
 
     ev = config["eval"]
     modes = eval_modes(config)
-    items = eval_items(plan.task, split, ev[f"{split}_prompts"])
+    items = eval_items(built.task, split, ev[f"{split}_prompts"])
     batches = EvalBatches(items, ev["batch_size"], dist.rank(), dist.world())
     device = next(model.parameters()).device
     sums = torch.zeros(len(modes), 4, dtype=torch.float64)  # correct, length, truncated, count
@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, tokenizer: Any, plan: Plan, config: dict[str, Any
         from tqdm.auto import tqdm
         bar = tqdm(total=len(batches), desc=f"{split} evaluation", leave=False, dynamic_ncols=True)
     for b, batch in batches:
-        res = generate_batch(model, tokenizer, plan, chat_template, batch, modes, step_seed(config["run"]["seed"], SPLIT_SEED[split], b))
+        res = generate_batch(model, tokenizer, built, chat_template, batch, modes, step_seed(config["run"]["seed"], SPLIT_SEED[split], b))
         for i, mode in enumerate(modes):
             r = res[mode]
             sums[i] += torch.tensor([r["acc"].sum(), r["len"].sum(), r["trunc"].sum(), len(batch)], dtype=torch.float64)
@@ -83,8 +83,8 @@ class GenerationEval(L.LightningModule):
 
     MODES = ("greedy", "sampled")
 
-    def setup_eval(self, plan: Plan, modes: list[str], chat_template: bool, val_every: int = 0) -> None:
-        self.plan = plan
+    def setup_eval(self, built: BuiltRun, modes: list[str], chat_template: bool, val_every: int = 0) -> None:
+        self.built = built
         self.eval_modes = modes
         self.chat_template = chat_template
         self.val_every = val_every
@@ -120,9 +120,9 @@ class GenerationEval(L.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if gather is not None:
                 with gather(wrapped, writeback=False, recurse=True):
-                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.plan, config, self.chat_template, "val")
+                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.built, config, self.chat_template, "val")
             else:
-                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.plan, config, self.chat_template, "val")
+                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.built, config, self.chat_template, "val")
         for k, v in metrics.items():
             self.log(k, v, on_step=True, on_epoch=False, prog_bar=k.startswith("val/acc"))
 

@@ -66,11 +66,11 @@ def plugin_files(objects: list[Any]) -> list[str]:
     return sorted(f for f in files if f)
 
 
-def code_digest(stage: str, plan: Any) -> str:
+def code_digest(stage: str, built: Any) -> str:
     """Hash of the opdlm package and of the plugin files ``stage`` uses."""
-    used = [plan.task, plan.sampler]
+    used = [built.task, built.sampler]
     if stage == "opd":
-        used += [plan.aligner, plan.support, *plan.maskers, plan.loss]
+        used += [built.aligner, built.support, *built.maskers, built.loss]
     h = hashlib.sha256(package_digest().encode())
     for f in plugin_files(used):
         h.update(f.encode() + b"\0" + Path(f).read_bytes() + b"\0")
@@ -82,26 +82,26 @@ def vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprint(cfg: dict[str, Any], stage: str, plan: Any, code: bool = True) -> str:
+def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
     leaves the code out (what a run folder's result was made with, as configuration)."""
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "data": cfg["data"], "teacher": cfg["teacher"],
-                             "teacher_vocab": vocab_digest(plan.teacher.tokenizer),
+                             "teacher_vocab": vocab_digest(built.teacher.tokenizer),
                              "teacher_sft": cfg["stages"]["teacher_sft"],
-                             "precision": cfg["trainer"]["precision"], "code": code_digest(stage, plan) if code else ""}
+                             "precision": cfg["trainer"]["precision"], "code": code_digest(stage, built) if code else ""}
     if stage in ("student_sft", "opd"):
         parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"],
-                     student_vocab=vocab_digest(plan.student.tokenizer))
+                     student_vocab=vocab_digest(built.student.tokenizer))
     if stage == "opd":
         parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
         parts["opd"] = cfg["stages"]["opd"]
-        parts["processes"] = plan.world  # each process samples with its own random stream
+        parts["processes"] = built.world  # each process samples with its own random stream
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def eval_fingerprint(cfg: dict[str, Any], stage: str, plan: Any, code: bool = True) -> str:
+def eval_fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True) -> str:
     """Hash of what a stage's test metrics depend on beyond its weights: the evaluation keys and the
     sampler (the sampled mode decodes with it), on top of the training fingerprint."""
-    parts = {"train": fingerprint(cfg, stage, plan, code), "eval": cfg["eval"], "sampler": cfg["sampler"]}
+    parts = {"train": fingerprint(cfg, stage, built, code), "eval": cfg["eval"], "sampler": cfg["sampler"]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

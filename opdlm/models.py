@@ -218,7 +218,7 @@ class ModelSpec:
                 )
 
     @property
-    def output_ids(self) -> int:
+    def n_ids(self) -> int:
         """Logit rows that are tokenizer ids (rows past the tokenizer are padding and never used)."""
         return min(self.vocab_rows, len(self.tokenizer))
 

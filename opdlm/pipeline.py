@@ -35,14 +35,15 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from opdlm import dist
-from opdlm.build import Plan, build_plan
+from opdlm.build import BuiltRun, build_run
 from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, write_json
 from opdlm.config import to_yaml
 from opdlm.data import TaskData
 from opdlm.evaluation import evaluate
 from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint, vocab_digest
-from opdlm.models import load_weights, n_params, save_hf
-from opdlm.module import OPDModule, SFTModule, load_or_build
+from opdlm.models import load_or_build, load_weights, n_params, save_hf
+from opdlm.module import OPDModule
+from opdlm.sft import SFTModule
 from opdlm.trainer import trainer_kwargs
 
 __all__ = ["STAGES", "FolderBusy", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]
@@ -108,10 +109,10 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, eve
     )
 
 
-def _data(plan: Plan, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
+def _data(built: BuiltRun, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
     st = cfg["stages"][stage]
     steps = -(-st["steps"] // st["mini_batches"]) if stage == "opd" else st["steps"]  # rollout batches
-    return TaskData(plan.task, mode="opd" if stage == "opd" else "sft",
+    return TaskData(built.task, mode="opd" if stage == "opd" else "sft",
                     batch_size=st["prompts_per_step"] if stage == "opd" else st["batch_size"],
                     steps=steps, seed=cfg["run"]["seed"],
                     tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start)
@@ -153,9 +154,9 @@ class RunInterrupted(Exception):
 
 
 class Runner:
-    def __init__(self, cfg: dict[str, Any], plan: Plan | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], built: BuiltRun | None = None) -> None:
         self.cfg = cfg
-        self.plan = plan or build_plan(cfg)
+        self.built = built or build_run(cfg)
         self.run_dir = Path(cfg["run"]["out_dir"]) / cfg["run"]["name"]
         self.main = dist.is_main()
         self.log: Callable[[str], None] = print if self.main else (lambda _msg: None)
@@ -196,7 +197,7 @@ class Runner:
     def _stage(self, stage: str, folder: Path, build: Callable[[], L.LightningModule], model_of: Callable[[Any], nn.Module],
                spec: Any, steps: int, describe: Callable[[Any], str],
                every: int | None = None) -> dict[str, Any]:
-        fp, efp = fingerprint(self.cfg, stage, self.plan), eval_fingerprint(self.cfg, stage, self.plan)
+        fp, efp = fingerprint(self.cfg, stage, self.built), eval_fingerprint(self.cfg, stage, self.built)
         lock = None
         if self.main and self.cfg["run"]["stage_cache"] and folder.parent != self.run_dir:  # a shared cache entry
             lock = Lock(folder.with_name(f".{folder.name}.lock"), str(folder), wait=True)
@@ -216,7 +217,7 @@ class Runner:
         t0 = time.time()
         self.current = stage
         model = load_weights(folder, f"stage folder {folder}", getattr(torch, spec.node["dtype"])).to(self._device())
-        metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
+        metrics = evaluate(model, spec.tokenizer, self.built, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
         evaluations = {**info.get("evaluations", {}), efp: {"test": metrics, "seconds": round(time.time() - t0, 3)}}
         info = info | {"evaluations": evaluations}
@@ -247,7 +248,7 @@ class Runner:
         self._seed(stage)
         module = build()
         module.fingerprint = fp
-        data = _data(self.plan, self.cfg, stage, spec, start=lambda: module.batches_done)
+        data = _data(self.built, self.cfg, stage, spec, start=lambda: module.batches_done)
         trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every)
         self.log(f"[opdlm] stage {stage}: {describe(module)}"
                  + (f", on {dist.world()} processes" if dist.world() > 1 else ""))
@@ -261,7 +262,7 @@ class Runner:
                 raise
         model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0)
         t1 = time.time()
-        metrics = evaluate(model, spec.tokenizer, self.plan, self.cfg, spec.node["chat_template"], "test",
+        metrics = evaluate(model, spec.tokenizer, self.built, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
         t2 = time.time()
         info = {"stage": stage, "fingerprint": fp, "train_seconds": round(t1 - t0, 3),
@@ -309,13 +310,13 @@ class Runner:
         stage = f"{role}_sft"
         folder = self.run_dir / role if role == "teacher" else self.run_dir / "student_sft"
         if self.cfg["run"]["stage_cache"]:  # shared between runs (sweeps): keyed by fingerprint
-            folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.plan)}"
-        spec = self.plan.teacher if role == "teacher" else self.plan.student
+            folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.built)}"
+        spec = self.built.teacher if role == "teacher" else self.built.student
         st = self.cfg["stages"][stage]
         seed = self.cfg["run"]["seed"] + (1 if role == "teacher" else 0)
 
         def build() -> SFTModule:
-            return SFTModule(self.cfg, role, init, plan=self.plan, model=load_or_build(spec, init, seed))
+            return SFTModule(self.cfg, role, init, built=self.built, model=load_or_build(spec, init, seed))
 
         return self._stage(stage, folder, build, lambda m: m.model, spec, st["steps"],
                            lambda m: f"{n_params(m.model):,} parameters, {st['steps']} steps of {st['batch_size']} sequences")
@@ -324,13 +325,13 @@ class Runner:
         st = self.cfg["stages"]["opd"]
 
         def build() -> OPDModule:
-            return OPDModule(self.cfg, student_init, teacher_init, plan=self.plan)
+            return OPDModule(self.cfg, student_init, teacher_init, built=self.built)
 
         def describe(_m: Any) -> str:
             return (f"loss {self.cfg['loss']['name']}, support {self.cfg['support']['name']}, {st['steps']} steps of "
-                    f"{st['prompts_per_step']} prompts x {self.plan.sampler.n} rollouts")
+                    f"{st['prompts_per_step']} prompts x {self.built.sampler.n} rollouts")
 
-        return self._stage("opd", self.run_dir / "student", build, lambda m: m.student, self.plan.student,
+        return self._stage("opd", self.run_dir / "student", build, lambda m: m.student, self.built.student,
                            st["steps"], describe, every=self.cfg["run"]["checkpoint_every"] * st["mini_batches"])
 
     def run(self) -> dict[str, Any]:
@@ -359,7 +360,7 @@ class Runner:
     def _config_fingerprints(self) -> dict[str, list[str]]:
         """Per stage, the training and evaluation fingerprints of the config alone (the code left out:
         a re-run of the same config after a code change updates its own result)."""
-        return {s: [fingerprint(self.cfg, s, self.plan, code=False), eval_fingerprint(self.cfg, s, self.plan, code=False)]
+        return {s: [fingerprint(self.cfg, s, self.built, code=False), eval_fingerprint(self.cfg, s, self.built, code=False)]
                 for s in STAGES}
 
     def _claim_folder(self) -> str | None:
@@ -394,14 +395,14 @@ class Runner:
                 fp = json.loads((folder / "stage.json").read_text()).get("fingerprint")
             except (OSError, ValueError, AttributeError):
                 fp = None
-            if folder.is_dir() and fp != fingerprint(self.cfg, stage, self.plan):
+            if folder.is_dir() and fp != fingerprint(self.cfg, stage, self.built):
                 shutil.rmtree(folder)
 
     def _run_stages(self) -> dict[str, Any]:
         cfg = self.cfg
         dist.barrier()
-        if any(self.plan.dropped.values()):
-            counts = ", ".join(f"{n} {s}" for s, n in self.plan.dropped.items())
+        if any(self.built.dropped.values()):
+            counts = ", ".join(f"{n} {s}" for s, n in self.built.dropped.items())
             self.log(f"[opdlm] data.too_long=skip: left out {counts} examples longer than the models' positions")
         L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         t0 = time.time()

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from opdlm.reads import Reads
 from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
 
 
@@ -122,27 +123,22 @@ class Masker(Plugin):
 class Loss(Plugin):
     """Per-token loss from gathered quantities (see opdlm.types.LossInputs)."""
 
-    needs_entropy: bool = False
-    #: which positions the loss reads (TeacherView.positions): 'token' (the teacher's distribution
-    #: for the same token: every position with one tokenizer, same-token chunks across tokenizers),
-    #: 'start' (chunk starts) or 'chunk' (every aligned token)
-    positions: str = "token"
-    #: reads Scores.chunk_logprob (the teacher's log-prob of each chunk)
-    needs_chunk_logprob: bool = False
-    #: reads Scores.byte_logprobs (first-byte marginals of both models)
-    needs_first_byte: bool = False
-    #: compare the whole vocabulary: the engine passes a support of every id instead of the
-    #: configured one (full-vocabulary references such as reverse_kl / forward_kl)
-    full_vocabulary: bool = False
+    #: the Scores fields, positions and vocabulary the loss reads (opdlm.reads.Reads); the engine
+    #: computes exactly those, and ``--check`` fails on a loss that reads a field it does not list
+    reads: Reads = Reads()
 
     def check_support(self, support: SupportSelector, key: str) -> None:  # noqa: B027
         """Raise ConfigError if this loss cannot work with the support."""
+
+    def parts(self) -> list[Loss]:
+        """The losses this one is made of (weighted_sum's terms); the config check probes each."""
+        return []
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         raise NotImplementedError
 
     def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
-        """Full-vocabulary losses: ℓ per position [n] from both models' log-probs over the whole
-        vocabulary [n, V], differentiable in ``student_logprobs``. The lean head calls it on one chunk
-        of positions at a time, so no [B, T, V] tensor is ever held."""
+        """Losses with ``reads.vocabulary == "full"``: ℓ per position [n] from both models' log-probs
+        over the whole vocabulary [n, V], differentiable in ``student_logprobs``. The lean head calls
+        it on one block of positions at a time, so no [B, T, V] tensor is ever held."""
         raise NotImplementedError

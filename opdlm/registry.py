@@ -115,6 +115,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, type[T]] = {}
+        self._aliases: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._retired: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
         """Class decorator: ``@LOSSES.register("lsm")``. A duplicate name is an error naming both
@@ -136,11 +138,27 @@ class Registry(Generic[T]):
 
         return deco
 
+    def alias(self, name: str, target: str, **preset: Any) -> None:
+        """Register ``name`` as another name of ``target`` with some options preset (a plugin that
+        became an option of another keeps its old name): ``{name: lsm_unnormalised}`` is completed
+        to ``{name: reverse_kl, full: false}``."""
+        if name in self._entries:
+            raise ConfigError(f"{self.kind} '{name}' is registered, so it cannot also be an alias of '{target}'")
+        self._aliases[name] = (target, dict(preset))
+
+    def retire(self, name: str, why: str) -> None:
+        """A plugin that was removed: naming it is an error that says ``why`` (and what to do)."""
+        self._retired[name] = why
+
+    def aliases(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """alias -> (plugin name, preset options)."""
+        return dict(self._aliases)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases
 
     def get(self, name: str, key: str | None = None) -> type[T]:
         """The class registered as ``name``; ``key`` is the config key used in the error."""
@@ -150,9 +168,13 @@ class Registry(Generic[T]):
                 f"{key}.name: expected a {self.kind} name (string), got {name!r}; "
                 f"choices: {', '.join(self.names())}"
             )
+        if name in self._aliases:
+            name = self._aliases[name][0]
+        if name in self._retired and name not in self._entries:
+            raise ConfigError(f"{key}.name: {self.kind} '{name}' was removed: {self._retired[name]}")
         if name not in self._entries:
             raise ConfigError(
-                f"{key}.name: unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
+                f"{key}.name: unknown {self.kind} '{name}'{did_you_mean(name, [*self._entries, *self._aliases])}; "
                 f"choices: {', '.join(self.names()) or '(none registered)'}"
             )
         return self._entries[name]
@@ -184,6 +206,13 @@ class Registry(Generic[T]):
             )
         name = node["name"]
         cls = self.get(name, key)
+        if isinstance(name, str) and name in self._aliases:  # the plugin's own name, the preset options
+            name, preset = self._aliases[name]
+            for k, v in preset.items():
+                if k in node and node[k] != v:
+                    raise ConfigError(f"{key}.{k}: '{node['name']}' is '{name}' with {k}: {v!r}; for other "
+                                      f"values use name: {name}")
+            node = {**node, **preset, "name": name}
         opts = plugin_options(cls)
         hints = _hints(cls)
         out: dict[str, Any] = {"name": name}
@@ -262,6 +291,8 @@ SUPPORTS: Registry[Any] = Registry("support")
 MASKERS: Registry[Any] = Registry("masker")
 LOSSES: Registry[Any] = Registry("loss")
 TASKS: Registry[Any] = Registry("task")
+MASKERS.retire("response", "the engine itself keeps only response tokens (up to and including EOS) at the "
+               "positions the loss reads; delete this entry")
 
 #: kind name -> (registry, plugins/ sub-folder)
 def _complete_nested(value: Any, reg: Registry[Any], extra: Mapping[str, Any], key: str) -> Any:

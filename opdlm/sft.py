@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from opdlm.build import Plan
+from opdlm.build import BuiltRun
 from opdlm.evaluation import GenerationEval, eval_modes
 from opdlm.models import load_or_build
 from opdlm.optim import make_optimizer
@@ -16,16 +16,16 @@ class SFTModule(GenerationEval):
     """Cross-entropy on reference solutions (prompt tokens are not learned)."""
 
     def __init__(self, config: dict[str, Any], role: str, init: str | None = None, *,
-                 plan: Plan | None = None, model: nn.Module | None = None) -> None:
+                 built: BuiltRun | None = None, model: nn.Module | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config, "role": role, "init": init})
-        if plan is None:
-            from opdlm.build import build_plan
-            plan = build_plan(config)
-        self.spec = plan.teacher if role == "teacher" else plan.student
+        if built is None:
+            from opdlm.build import build_run
+            built = build_run(config)
+        self.spec = built.teacher if role == "teacher" else built.student
         self.model = model if model is not None else load_or_build(self.spec, init, config["run"]["seed"])
         self.stage = config["stages"][f"{role}_sft"]
-        self.setup_eval(plan, eval_modes(config), self.spec.node["chat_template"], self.stage["val_every"])
+        self.setup_eval(built, eval_modes(config), self.spec.node["chat_template"], self.stage["val_every"])
 
     @property
     def eval_model(self) -> nn.Module:

@@ -1,18 +1,18 @@
-"""Bad input is a one-line ConfigError before any weights load (build_plan loads none)."""
+"""Bad input is a one-line ConfigError before any weights load (build_run loads none)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import demo_cfg
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.models import char_tokenizer
 from opdlm.registry import ConfigError
 
 
 def plan_err(*overrides: str) -> str:
     with pytest.raises(ConfigError) as e:
-        build_plan(demo_cfg(*overrides))
+        build_run(demo_cfg(*overrides))
     msg = str(e.value)
     assert "\n" not in msg
     return msg
@@ -35,8 +35,8 @@ def test_sampler_ranges():
 
 
 def test_special_token_that_is_not_one_token():
-    msg = plan_err("maskers.1.tokens=[<think>,zz]")
-    assert msg.startswith("maskers.1.tokens: 'zz' is not a single token of the student tokenizer")
+    msg = plan_err("maskers.0.tokens=[<think>,zz]")
+    assert msg.startswith("maskers.0.tokens: 'zz' is not a single token of the student tokenizer")
 
 
 def test_missing_model_folder(tmp_path):

@@ -27,15 +27,20 @@ def test_unknown_plugin_name_says_did_you_mean_and_lists_choices():
 
 
 def test_unknown_masker_name_in_a_list_slot():
-    msg = err("maskers.0.name=respons")
-    assert msg.startswith("command line: maskers.0.name: unknown masker 'respons' (did you mean 'response'?)")
+    msg = err("maskers.0.name=special_tokenz")
+    assert msg.startswith("command line: maskers.0.name: unknown masker 'special_tokenz' (did you mean 'special_tokens'?)")
+
+
+def test_a_removed_masker_says_why():
+    msg = err("maskers.0.name=response")
+    assert msg.startswith("command line: maskers.0.name: masker 'response' was removed: the engine itself keeps only")
 
 
 def test_unknown_framework_key():
     assert err("stages.opd.step=3") == (
         "command line: stages.opd.step: unknown key (did you mean 'steps'?); valid keys here: steps, "
         "prompts_per_step, mini_batches, micro_batches, lr, weight_decay, warmup_steps, schedule, "
-        "max_grad_norm, chunk_size, head, head_chunk, val_every"
+        "max_grad_norm, head, teacher_head_block, student_head_block, val_every"
     )
 
 
@@ -50,7 +55,7 @@ def test_wrong_types():
     assert err("support.k=abc") == "command line: support.k: expected integer, got 'abc' (str)"
     assert err("stages.opd.steps=1.5") == "command line: stages.opd.steps: expected integer, got 1.5 (float)"
     assert err("run.checkpoints=3") == "command line: run.checkpoints: expected boolean, got 3 (int)"
-    assert err("maskers.1.tokens=5") == "command line: maskers.1.tokens: expected list of string or null, got 5 (int)"
+    assert err("maskers.0.tokens=5") == "command line: maskers.0.tokens: expected list of string or null, got 5 (int)"
 
 
 def test_int_is_accepted_for_float():
@@ -110,9 +115,9 @@ def test_resolved_config_has_plugin_defaults():
 
 
 def test_list_override_and_index():
-    cfg = demo_cfg("maskers.1.tokens=[<think>]")
-    assert cfg["maskers"][1]["tokens"] == ["<think>"]
-    assert err("maskers.5.name=response").startswith("command line: maskers.5.name: index 5 is out of range")
+    cfg = demo_cfg("maskers.0.tokens=[<think>]")
+    assert cfg["maskers"][0]["tokens"] == ["<think>"]
+    assert err("maskers.5.name=chunks").startswith("command line: maskers.5.name: index 5 is out of range")
 
 
 def test_later_layers_win(tmp_path):
@@ -124,8 +129,8 @@ def test_later_layers_win(tmp_path):
 
 
 def test_renaming_a_list_slot_item_replaces_it():
-    cfg = demo_cfg("maskers.1.name=response")
-    assert cfg["maskers"] == [{"name": "response"}, {"name": "response"}]
+    cfg = demo_cfg("maskers.0.name=chunks")
+    assert [m["name"] for m in cfg["maskers"]] == ["chunks"] and "tokens" not in cfg["maskers"][0]
 
 
 def test_new_parent_key_on_the_command_line_is_blamed_on_it():
@@ -172,11 +177,11 @@ def test_every_null_default_has_a_declared_type():
 
 
 def test_config_errors_carry_their_key_and_origin(tmp_path):
-    from opdlm.build import build_plan
+    from opdlm.build import build_run
     from opdlm.config import Where
     where = Where()
     with pytest.raises(ConfigError) as e:
-        build_plan(compose([str(ROOT / "conf/demo.yaml")], ["support.k=1"], where))
+        build_run(compose([str(ROOT / "conf/demo.yaml")], ["support.k=1"], where))
     err = where.locate(e.value)
     assert (err.origin, err.key) == ("command line", "support.k")
     assert err.detail.startswith("loss 'lsm' needs a support of at least 2 tokens")

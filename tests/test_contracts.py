@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_plan
-from opdlm.module import OPDModule, full_support
+from opdlm.build import build_run
+from opdlm.module import OPDModule
+from opdlm.ops.batch import full_support
 from opdlm.plugin_api import Context
 from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS
 from opdlm.types import LossInputs, Scores
@@ -32,17 +33,17 @@ FIXTURE_OPTIONS = {
 def world(tmp_path_factory):
     torch.manual_seed(0)
     cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", "sampler.n=2")
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
-    ex = plan.task.examples("train")[:3]
-    tok = plan.student.tokenizer
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
+    ex = built.task.examples("train")[:3]
+    tok = built.student.tokenizer
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
-    rollout = plan.sampler.sample(module.student, tok, prompts, ex)
-    view = plan.aligner.align(rollout)
+    rollout = built.sampler.sample(module.student, tok, prompts, ex)
+    view = built.aligner.align(rollout)
     teacher = module.score_teacher(view)
     jsonl = tmp_path_factory.mktemp("data") / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(20)))
-    return {"cfg": cfg, "plan": plan, "module": module, "rollout": rollout, "view": view,
+    return {"cfg": cfg, "built": built, "module": module, "rollout": rollout, "view": view,
             "teacher": teacher, "prompts": prompts, "examples": ex, "jsonl": str(jsonl)}
 
 
@@ -51,17 +52,17 @@ def build(kind_reg, name, world, key):
     for k, v in FIXTURE_OPTIONS.get(kind_reg.kind, {}).get(name, {}).items():
         node[k] = world["jsonl"] if v == "{jsonl}" else v
     plugin = kind_reg.build(node, key)
-    plan = world["plan"]
-    plugin.bind(Context(plan.student.tokenizer, plan.teacher.tokenizer, plan.student.vocab_rows,
-                        plan.teacher.vocab_rows, plan.task))
+    built = world["built"]
+    plugin.bind(Context(built.student.tokenizer, built.teacher.tokenizer, built.student.vocab_rows,
+                        built.teacher.vocab_rows, built.task))
     return plugin
 
 
 @pytest.mark.parametrize("name", SAMPLERS.names())
 def test_sampler_contract(name, world):
     s = build(SAMPLERS, name, world, "sampler")
-    plan = world["plan"]
-    ro = s.sample(world["module"].student, plan.student.tokenizer, world["prompts"], world["examples"], n=2)
+    built = world["built"]
+    ro = s.sample(world["module"].student, built.student.tokenizer, world["prompts"], world["examples"], n=2)
     B, L = ro.input_ids.shape
     T = L - ro.prompt_len
     assert B == 2 * len(world["prompts"])
@@ -72,11 +73,11 @@ def test_sampler_contract(name, world):
     assert torch.all(m[:, 1:] <= m[:, :-1])
     assert torch.all(ro.behaviour_logprobs[ro.response_mask] <= 1e-6)
     assert torch.isfinite(ro.behaviour_logprobs).all()
-    eos = plan.student.tokenizer.eos_token_id
+    eos = built.student.tokenizer.eos_token_id
     assert torch.all(ro.truncated == ~(ro.targets.eq(eos) & ro.response_mask).any(-1))
     assert len(ro.examples) == len(ro.texts) == B
-    g = s.sample(world["module"].student, plan.student.tokenizer, world["prompts"], world["examples"], greedy=True, n=1)
-    g2 = s.sample(world["module"].student, plan.student.tokenizer, world["prompts"], world["examples"], greedy=True, n=1)
+    g = s.sample(world["module"].student, built.student.tokenizer, world["prompts"], world["examples"], greedy=True, n=1)
+    g2 = s.sample(world["module"].student, built.student.tokenizer, world["prompts"], world["examples"], greedy=True, n=1)
     assert torch.equal(g.input_ids, g2.input_ids), "greedy decoding is deterministic"
 
 
@@ -84,8 +85,8 @@ def test_sampler_contract(name, world):
 def test_aligner_contract(name, world):
     a = build(ALIGNERS, name, world, "aligner")
     ro = world["rollout"]
-    plan = world["plan"]
-    t_prompts = [plan.teacher.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] for ex in ro.examples]
+    built = world["built"]
+    t_prompts = [built.teacher.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] for ex in ro.examples]
     v = a.align(ro, t_prompts if a.uses_teacher_prompt else None)
     B, T = ro.response_mask.shape
     assert v.pred_columns.shape == v.targets.shape == v.aligned.shape == (B, T)
@@ -116,7 +117,7 @@ def test_support_contract(name, world):
     assert sup.valid.dtype == torch.bool and sup.valid.any(-1)[view.positions("token")].all()
     if sup.teacher_ids is not None:
         assert sup.teacher_ids.shape == sup.ids.shape
-    assert sup.ids.min() >= 0 and sup.ids.max() < world["plan"].teacher.vocab_rows
+    assert sup.ids.min() >= 0 and sup.ids.max() < world["built"].teacher.vocab_rows
 
 
 @pytest.mark.parametrize("name", MASKERS.names())
@@ -132,14 +133,14 @@ def test_loss_contract(name, world):
     loss = build(LOSSES, name, world, "loss")
     ro, module = world["rollout"], world["module"]
     sup = SUPPORTS.build({"name": "teacher_topk", "k": 4}).select(world["teacher"], None, ro)
-    if loss.full_vocabulary:
-        sup = full_support(ro.targets, len(world["plan"].student.tokenizer))
+    if loss.reads.vocabulary == "full":
+        sup = full_support(ro.targets, len(world["built"].student.tokenizer))
     loss.check_support(SUPPORTS.build({"name": "teacher_topk", "k": 4}), "support")
     module.student.zero_grad()
-    student = module.score_student(ro, sup.ids, first_byte=loss.needs_first_byte)
+    student = module.score_student(ro, sup.ids, first_byte=loss.reads.reads("student", "byte_logprobs"))
     t = world["teacher"]
     with torch.no_grad():
-        t_sup = module.score_student(ro, sup.ids, first_byte=loss.needs_first_byte)  # any fixed values will do
+        t_sup = module.score_student(ro, sup.ids, first_byte=loss.reads.reads("student", "byte_logprobs"))  # any fixed values will do
     t_bytes = None
     if t_sup.byte_logprobs is not None:
         t_bytes = torch.log_softmax(t_sup.byte_logprobs + 0.3 * torch.randn_like(t_sup.byte_logprobs), -1)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.data import global_batch
 from opdlm.module import OPDModule
 from opdlm.ops.batch import concat_rollouts
@@ -54,9 +54,9 @@ def reference(name: str, ranks: list[dict]):
     torch.set_default_dtype(torch.float64)
     try:
         cfg = demo_cfg(*TINY, *cases()[name], "trainer.accelerator=cpu")
-        plan = build_plan(cfg)
-        module = OPDModule(cfg, plan=plan, student=plan.student.build(0).double(), teacher=plan.teacher.build(1).double())
-        rollout = concat_rollouts([r["rollout"] for r in ranks], plan.student.tokenizer.pad_token_id)
+        built = build_run(cfg)
+        module = OPDModule(cfg, built=built, student=built.student.build(0).double(), teacher=built.teacher.build(1).double())
+        rollout = concat_rollouts([r["rollout"] for r in ranks], built.student.tokenizer.pad_token_id)
         opt_cfg = module.configure_optimizers()
         opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
         grads = []
@@ -64,12 +64,12 @@ def reference(name: str, ranks: list[dict]):
         view, teacher, support, mask = module.prepare(rollout)
         start = [p.detach().clone() for p in module.student.parameters()]
         module.update(rollout, view, teacher, support, mask, optimizer=opt, scheduler=sched)
-        return module, plan, rollout, grads, start
+        return module, built, rollout, grads, start
     finally:
         torch.set_default_dtype(torch.float32)
 
 
-def per_rank_mean_grad(module: OPDModule, plan, ranks: list[dict]) -> torch.Tensor:
+def per_rank_mean_grad(module: OPDModule, built, ranks: list[dict]) -> torch.Tensor:
     """The gradient a per-rank token mean would give (each rank normalised by its own tokens)."""
     torch.set_default_dtype(torch.float64)
     try:
@@ -93,11 +93,11 @@ def test_two_ranks_equal_one_process_on_the_concatenated_rollouts(ddp_run, name)
     # each rank drew its own slice of the global batch: no prompt twice, and the order is the
     # global batch's (prompts_per_step = 4 over 2 ranks, n = 2 rollouts each)
     cfg = demo_cfg(*TINY, *cases()[name])
-    train = build_plan(cfg).task.examples("train")
+    train = build_run(cfg).task.examples("train")
     want = [train[i].prompt for i in global_batch(len(train), 4, 0, 3)]
     got = [[e.prompt for e in r["rollout"].examples[::2]] for r in ranks]
     assert got[0] == want[:2] and got[1] == want[2:] and not set(got[0]) & set(got[1])
-    module, plan, rollout, grads, start = reference(name, ranks)
+    module, built, rollout, grads, start = reference(name, ranks)
     # the ranks' losses count different numbers of tokens (else a per-rank mean could not be told apart)
     counts = [int(module.prepare(r["rollout"])[3].sum()) for r in ranks]
     assert counts[0] != counts[1], counts
@@ -112,7 +112,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_rollouts(ddp_run, name)
         assert rel(flat(r["params"]) - before, after - before) <= REL_TOL
         assert rel(flat(r["params"]), after) <= REL_TOL
     if steps == 1:  # the per-rank mean gives a gradient this test would reject
-        wrong = per_rank_mean_grad(module, plan, ranks)
+        wrong = per_rank_mean_grad(module, built, ranks)
         assert rel(wrong, flat(grads[0])) > 100 * REL_TOL, rel(wrong, flat(grads[0]))
 
 
@@ -126,13 +126,13 @@ def test_sft_on_two_ranks_is_the_token_mean_over_both(ddp_run):
     assert counts[0] != counts[1], counts
     L = max(b["input_ids"].shape[1] for b in batches)
     cfg = demo_cfg(*TINY, *SFT, "trainer.accelerator=cpu")
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     torch.set_default_dtype(torch.float64)
     try:
-        model = plan.student.build(0).double()
+        model = built.student.build(0).double()
     finally:
         torch.set_default_dtype(torch.float32)
-    pad_id = plan.student.tokenizer.pad_token_id
+    pad_id = built.student.tokenizer.pad_token_id
     cat = {k: torch.cat([pad(b[k], (0, L - b[k].shape[1]), value=v) for b in batches])
            for k, v in (("input_ids", pad_id), ("attention_mask", 0), ("labels", -100))}
     model(**cat, use_cache=False).loss.backward()

@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY, demo_cfg, start_until_opd_checkpoint
 from test_bad_input import plan_err
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.cli import main
 from opdlm.models import save_hf
 
@@ -68,9 +68,9 @@ def test_a_loss_that_returns_nothing_is_named(tmp_path):
 
 def test_damaged_or_missing_weights_are_found_at_check(tmp_path, capsys):
     cfg = demo_cfg(*TINY)
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     folder = tmp_path / "t"
-    save_hf(plan.teacher.build(0), plan.teacher.tokenizer, folder)
+    save_hf(built.teacher.build(0), built.teacher.tokenizer, folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     capsys.readouterr()
@@ -106,7 +106,7 @@ def test_jsonl_faults_name_the_file_and_line(tmp_path):
     data.write_text("\n".join(lines) + "\n")
     assert plan_err("task.name=jsonl", f"task.path={data}").startswith(
         "task: stages.teacher_sft trains on reference solutions, but the train split has examples without one")
-    build_plan(demo_cfg("task.name=jsonl", f"task.path={data}", "stages.teacher_sft.steps=0",
+    build_run(demo_cfg("task.name=jsonl", f"task.path={data}", "stages.teacher_sft.steps=0",
                         "stages.student_sft.steps=0"))
 
 
@@ -152,9 +152,9 @@ def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_p
     msg = plan_err(*base)
     assert msg.startswith("task: ") and "(line " in msg and "of the task's file) needs" in msg
     assert "for the teacher, more than its 256 (teacher.max_positions); set data.too_long=skip" in msg
-    plan = build_plan(demo_cfg(*base, "data.too_long=skip"))
-    assert sum(plan.dropped.values()) == 2
-    kept = [e.prompt for s in ("train", "val", "test") for e in plan.task.examples(s)]
+    built = build_run(demo_cfg(*base, "data.too_long=skip"))
+    assert sum(built.dropped.values()) == 2
+    kept = [e.prompt for s in ("train", "val", "test") for e in built.task.examples(s)]
     assert len(kept) == 38 and rows[7]["prompt"] not in kept
     # the run says what it left out
     res = cli(*TINY, *base, "data.too_long=skip", f"run.out_dir={tmp_path / 'runs'}")

@@ -8,26 +8,26 @@ import torch
 from conftest import TINY, demo_cfg
 from test_contracts import FIXTURE_OPTIONS
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.module import OPDModule
 from opdlm.registry import LOSSES
 from opdlm.types import Example
 
 XTOK = ["teacher.tiny_tokenizer=char", "student.tiny_tokenizer=bpe", "student.tiny_vocab=320",
-        "aligner.name=byte_span", "support.name=mapped_topk", "support.k=4", "maskers=[{name: response}]"]
+        "aligner.name=byte_span", "support.name=mapped_topk", "support.k=4", "maskers=[]"]
 
 
 def grads_for(loss_node: dict, head: str, extra: list[str], chunk: int = 7, bf16: bool = False):
     torch.manual_seed(0)
     cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", *extra,
-                   f"stages.opd.head={head}", f"stages.opd.head_chunk={chunk}")
+                   f"stages.opd.head={head}", f"stages.opd.student_head_block={chunk}")
     cfg["loss"] = loss_node
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("train")[:3]
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
+    tok = built.student.tokenizer
+    ex = built.task.examples("train")[:3]
     torch.manual_seed(1)
-    ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
+    ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         view, teacher, support, mask = module.prepare(ro)
         module.student.zero_grad()
@@ -70,20 +70,20 @@ def test_lean_equals_naive_across_tokenizers(node):
 
 def test_lean_path_config_errors():
     from opdlm.registry import ConfigError
-    with pytest.raises(ConfigError, match=r"stages.opd.head_chunk: must be >= 1, got 0"):
-        build_plan(demo_cfg(*TINY, "stages.opd.head=lean", "stages.opd.head_chunk=0"))
+    with pytest.raises(ConfigError, match=r"stages.opd.student_head_block: must be >= 1, got 0"):
+        build_run(demo_cfg(*TINY, "stages.opd.head=lean", "stages.opd.student_head_block=0"))
     with pytest.raises(ConfigError, match=r"stages.opd.head: must be naive or lean, got 'fast'"):
-        build_plan(demo_cfg(*TINY, "stages.opd.head=fast"))
+        build_run(demo_cfg(*TINY, "stages.opd.head=fast"))
 
 
 def test_unsplittable_head_falls_back_with_a_warning():
     cfg = demo_cfg(*TINY, "stages.opd.head=lean")
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
     module.student.config.final_logit_softcapping = 30.0  # the head can no longer be split off
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("train")[:2]
-    ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=1)
+    tok = built.student.tokenizer
+    ex = built.task.examples("train")[:2]
+    ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=1)
     view, teacher, support, mask = module.prepare(ro)
     with pytest.warns(UserWarning, match="cannot be separated from its body.*using the naive head path"):
         module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
@@ -131,7 +131,7 @@ def test_lean_function_matches_autograd_of_head_scores_float64():
         x = feats.clone().requires_grad_(True)
         head.zero_grad()
         kw = dict(support_ids=sup, temperature=0.8, vocab_rows=V, buckets=buckets, n_buckets=5)
-        s = (lean_scores(x, head, targets, chunk_size=3, **kw) if fn == "lean" else head_scores(x, head, targets, **kw))
+        s = (lean_scores(x, head, targets, block=3, **kw) if fn == "lean" else head_scores(x, head, targets, **kw))
         bl = torch.where(torch.isfinite(s.byte_logprobs), s.byte_logprobs, torch.zeros_like(s.byte_logprobs))
         total = (w[0] * s.token_logprob).sum() + (w[1] * s.lse).sum() + (w[2] * s.support_logits).sum() + (w[3] * bl).sum()
         total.backward()
@@ -148,15 +148,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(head):
     for ckpt in ("false", "true"):
         torch.manual_seed(0)
         cfg = demo_cfg(*TINY, "support.k=4", "sampler.max_new_tokens=10", f"stages.opd.head={head}",
-                       f"student.gradient_checkpointing={ckpt}", "stages.opd.head_chunk=7")
-        plan = build_plan(cfg)
-        module = OPDModule(cfg, plan=plan)
+                       f"student.gradient_checkpointing={ckpt}", "stages.opd.student_head_block=7")
+        built = build_run(cfg)
+        module = OPDModule(cfg, built=built)
         assert module.student.is_gradient_checkpointing == (ckpt == "true")
         module.student.train()
-        tok = plan.student.tokenizer
-        ex = plan.task.examples("train")[:3]
+        tok = built.student.tokenizer
+        ex = built.task.examples("train")[:3]
         torch.manual_seed(1)
-        ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
+        ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
         view, teacher, support, mask = module.prepare(ro)
         module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
         outs.append(torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None]))

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, demo_cfg
 from transformers import AutoModelForCausalLM
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.data import TaskData
 from opdlm.module import OPDModule
 from opdlm.pipeline import Runner, make_trainer
@@ -22,11 +22,11 @@ def tiny(*extra: str, tmp=None) -> dict:
     return demo_cfg(*TINY, *(f"run.out_dir={tmp}",) if tmp else (), *extra)
 
 
-def rollout_for(module: OPDModule, plan, n: int = 2):
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("train")[:3]
+def rollout_for(module: OPDModule, built, n: int = 2):
+    tok = built.student.tokenizer
+    ex = built.task.examples("train")[:3]
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
-    return plan.sampler.sample(module.student, tok, prompts, ex, n=n)
+    return built.sampler.sample(module.student, tok, prompts, ex, n=n)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -34,10 +34,10 @@ def test_behaviour_logprobs_equal_training_scores(temperature):
     """Off-by-one guard: with top_p = 1 the sampler's log-probs of the tokens it drew equal the
     training forward's log-probs of the same tokens (left padding and positions included)."""
     cfg = tiny("sampler.top_p=1.0", f"sampler.temperature={temperature}", "sampler.max_new_tokens=10")
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     torch.manual_seed(0)
-    module = OPDModule(cfg, plan=plan)
-    ro = rollout_for(module, plan)
+    module = OPDModule(cfg, built=built)
+    ro = rollout_for(module, built)
     assert len({len(p) for p in [e.prompt for e in ro.examples]}) > 1 or True
     s = module.score_student(ro, None)
     m = ro.response_mask
@@ -47,22 +47,22 @@ def test_behaviour_logprobs_equal_training_scores(temperature):
 
 def test_teacher_scores_its_own_greedy_tokens_like_the_sampler():
     cfg = tiny("sampler.top_p=1.0", "sampler.max_new_tokens=10")
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("val")[:4]
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
+    tok = built.student.tokenizer
+    ex = built.task.examples("val")[:4]
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
-    ro = plan.sampler.sample(module.teacher, tok, prompts, ex, n=1)
-    t = module.score_teacher(plan.aligner.align(ro))
+    ro = built.sampler.sample(module.teacher, tok, prompts, ex, n=1)
+    t = module.score_teacher(built.aligner.align(ro))
     m = ro.response_mask
     torch.testing.assert_close(t.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
 
 
 def fit(cfg, steps: int, student=None, teacher=None, seed: int = 0):
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     L.seed_everything(seed, verbose=False)
-    module = OPDModule(cfg, plan=plan, student=student, teacher=teacher)
-    data = TaskData(plan.task, mode="opd", batch_size=cfg["stages"]["opd"]["prompts_per_step"], steps=steps,
+    module = OPDModule(cfg, built=built, student=student, teacher=teacher)
+    data = TaskData(built.task, mode="opd", batch_size=cfg["stages"]["opd"]["prompts_per_step"], steps=steps,
                     seed=seed)
     cfg = copy.deepcopy(cfg)
     trainer = make_trainer(cfg, __import__("pathlib").Path(cfg["run"]["out_dir"]) / "fit", "opd", steps)
@@ -72,9 +72,9 @@ def fit(cfg, steps: int, student=None, teacher=None, seed: int = 0):
 
 def test_teacher_stays_frozen_and_out_of_the_optimizer(tmp_path):
     cfg = tiny(tmp=tmp_path)
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     torch.manual_seed(1)
-    student, teacher = plan.student.build(0), plan.teacher.build(1)
+    student, teacher = built.student.build(0), built.teacher.build(1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     s_before = {k: v.clone() for k, v in student.state_dict().items()}
     module, trainer = fit(cfg, 2, student=student, teacher=teacher)
@@ -89,9 +89,9 @@ def test_teacher_stays_frozen_and_out_of_the_optimizer(tmp_path):
 
 def test_lsm_is_zero_and_student_unchanged_when_teacher_equals_student(tmp_path):
     cfg = tiny("stages.opd.weight_decay=0.0", tmp=tmp_path)
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     torch.manual_seed(2)
-    student = plan.student.build(0)
+    student = built.student.build(0)
     teacher = copy.deepcopy(student)
     module, trainer = fit(cfg, 1, student=student, teacher=teacher)
     assert float(trainer.logged_metrics["train/loss"]) == pytest.approx(0.0, abs=1e-6)
@@ -108,8 +108,8 @@ def test_micro_batches_keep_the_global_token_mean(tmp_path, loss):
     for micro in (1, 3):
         cfg = tiny(f"stages.opd.micro_batches={micro}", "stages.opd.prompts_per_step=3", *extra,
                    "stages.opd.max_grad_norm=1000.0", tmp=tmp_path / str(micro))
-        plan = build_plan(cfg)
-        student, teacher = plan.student.build(0), plan.teacher.build(1)
+        built = build_run(cfg)
+        student, teacher = built.student.build(0), built.teacher.build(1)
         module, _ = fit(cfg, 1, student=student, teacher=teacher, seed=5)
         params.append(torch.cat([p.detach().flatten() for p in module.student.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
@@ -152,8 +152,8 @@ def test_end_to_end_demo_pipeline(tmp_path, capsys):
 
 def test_llama_models_train_one_step(tmp_path):
     cfg = tiny("teacher.arch=llama", "student.arch=llama", "student.kv_heads=1", tmp=tmp_path)
-    plan = build_plan(cfg)
-    assert type(plan.student.hf_config).__name__ == "LlamaConfig"
+    built = build_run(cfg)
+    assert type(built.student.hf_config).__name__ == "LlamaConfig"
     module, trainer = fit(cfg, 1)
     assert type(module.student).__name__ == "LlamaForCausalLM"
     assert torch.isfinite(torch.tensor(float(trainer.logged_metrics["train/loss"])))
@@ -162,15 +162,15 @@ def test_llama_models_train_one_step(tmp_path):
 def test_models_load_from_local_folders(tmp_path):
     """A teacher and a student given as Hugging Face folders are used as loaded (SFT steps 0)."""
     cfg = tiny(tmp=tmp_path / "a")
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     from opdlm.models import save_hf
-    save_hf(plan.teacher.build(3), plan.teacher.tokenizer, tmp_path / "t")
-    save_hf(plan.student.build(4), plan.student.tokenizer, tmp_path / "s")
+    save_hf(built.teacher.build(3), built.teacher.tokenizer, tmp_path / "t")
+    save_hf(built.student.build(4), built.student.tokenizer, tmp_path / "s")
     cfg = tiny(f"teacher.path={tmp_path / 't'}", f"student.path={tmp_path / 's'}",
                "stages.teacher_sft.steps=0", "stages.student_sft.steps=0", tmp=tmp_path / "b")
-    plan = build_plan(cfg)
-    assert plan.teacher.vocab_rows == len(plan.teacher.tokenizer)
-    res = Runner(cfg, plan).run()
+    built = build_run(cfg)
+    assert built.teacher.vocab_rows == len(built.teacher.tokenizer)
+    res = Runner(cfg, built).run()
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "t", local_files_only=True)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "demo" / "teacher", local_files_only=True)
     for k, v in loaded.state_dict().items():
@@ -195,11 +195,11 @@ def test_model_generation_defaults_do_not_change_the_sampler():
     """A model folder's own generation settings (repetition penalty, min_p, ...) must not alter
     the distribution the sampler draws from and records."""
     cfg = tiny("sampler.top_p=1.0", "sampler.max_new_tokens=10")
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
     module.student.generation_config.repetition_penalty = 30.0
     module.student.generation_config.min_p = 0.9
-    ro = rollout_for(module, plan)
+    ro = rollout_for(module, built)
     s = module.score_student(ro, None)
     m = ro.response_mask
     torch.testing.assert_close(s.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
@@ -225,11 +225,11 @@ def test_full_vocabulary_reverse_kl_equals_lsm_with_k_equal_to_the_vocabulary(tm
     params = []
     for extra in (["loss.name=reverse_kl"], ["support.k=27"]):
         cfg = tiny(*extra, "stages.opd.max_grad_norm=1000.0", tmp=tmp_path / extra[0])
-        plan = build_plan(cfg)
-        assert len(plan.student.tokenizer) == 27
-        module, _ = fit(cfg, 1, student=plan.student.build(0), teacher=plan.teacher.build(1), seed=7)
+        built = build_run(cfg)
+        assert len(built.student.tokenizer) == 27
+        module, _ = fit(cfg, 1, student=built.student.build(0), teacher=built.teacher.build(1), seed=7)
         params.append(torch.cat([p.detach().flatten() for p in module.student.parameters()]))
-    start = torch.cat([p.detach().flatten() for p in plan.student.build(0).parameters()])
+    start = torch.cat([p.detach().flatten() for p in built.student.build(0).parameters()])
     assert (params[0] - start).abs().max() > 1e-4  # the step moved the weights (Adam: ~lr = 6e-4)
     # float32 reductions differ in order between the two paths; Adam can amplify that to ~1e-6
     torch.testing.assert_close(params[0], params[1], atol=2e-5, rtol=0)

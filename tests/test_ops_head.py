@@ -56,7 +56,7 @@ def _check_against_reference(s, z, lse, logp, ent, targets, support, topk):
 def test_matches_direct_computation(chunk, grad):
     head, feats, targets, support = _setup(0)
     with torch.set_grad_enabled(grad):
-        s = head_scores(feats, head, targets, support_ids=support, topk=3, chunk_size=chunk)
+        s = head_scores(feats, head, targets, support_ids=support, topk=3, block=chunk)
     assert s.token_logprob.shape == (B, T) and s.lse.shape == (B, T) and s.entropy.shape == (B, T)
     assert s.support_logits.shape == (B, T, K) and s.topk_ids.shape == (B, T, 3)
     _check_against_reference(s, *_reference(feats, head.weight, head.bias), targets, support, 3)
@@ -65,7 +65,7 @@ def test_matches_direct_computation(chunk, grad):
 def test_chunked_equals_unchunked():
     head, feats, targets, support = _setup(1)
     a = head_scores(feats, head, targets, support_ids=support, topk=4)
-    b = head_scores(feats, head, targets, support_ids=support, topk=4, chunk_size=3)  # 10 = 3+3+3+1
+    b = head_scores(feats, head, targets, support_ids=support, topk=4, block=3)  # 10 = 3+3+3+1
     for name in ("token_logprob", "lse", "support_logits", "topk_logits", "entropy"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-6, rtol=1e-6)
     assert torch.equal(a.topk_ids, b.topk_ids)
@@ -79,7 +79,7 @@ def test_chunked_equals_unchunked():
 def test_temperature_divides_logits(temperature):
     head, feats, targets, support = _setup(2)
     with torch.no_grad():
-        s = head_scores(feats, head, targets, support_ids=support, topk=2, temperature=temperature, chunk_size=4)
+        s = head_scores(feats, head, targets, support_ids=support, topk=2, temperature=temperature, block=4)
         plain = head_scores(feats, head, targets, support_ids=support, topk=2)
     ref = _reference(feats, head.weight, head.bias, temperature=temperature)
     _check_against_reference(s, *ref, targets, support, 2)
@@ -90,7 +90,7 @@ def test_temperature_divides_logits(temperature):
 def test_vocab_rows_excludes_trailing_rows():
     head, feats, targets, support = _setup(3, extra_rows=3)
     with torch.no_grad():
-        s = head_scores(feats, head, targets, support_ids=support, topk=V, vocab_rows=V, chunk_size=3)
+        s = head_scores(feats, head, targets, support_ids=support, topk=V, vocab_rows=V, block=3)
         leaky = head_scores(feats, head, targets, support_ids=support, topk=V)
     _check_against_reference(s, *_reference(feats, head.weight, head.bias, rows=V), targets, support, V)
     assert (s.topk_ids < V).all()
@@ -104,7 +104,7 @@ def test_logits_path_without_head():
     logits = torch.randn(B, T, V, generator=g) * 3
     targets = torch.randint(0, V, (B, T), generator=g)
     support = torch.randint(0, V, (B, T, K), generator=g)
-    s = head_scores(logits, None, targets, support_ids=support, topk=3, temperature=1.5, chunk_size=4)
+    s = head_scores(logits, None, targets, support_ids=support, topk=3, temperature=1.5, block=4)
     z = logits.double() / 1.5
     m = z.max(-1, keepdim=True).values
     lse = m.squeeze(-1) + torch.log(torch.exp(z - m).sum(-1))
@@ -134,7 +134,7 @@ def test_gradient_matches_autograd_of_direct_computation(chunk):
     w_tok, w_lse = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
     w_sup = torch.randn(B, T, K, generator=g)
     feats = feats.requires_grad_(True)
-    s = head_scores(feats, head, targets, support_ids=support, temperature=1.3, chunk_size=chunk)
+    s = head_scores(feats, head, targets, support_ids=support, temperature=1.3, block=chunk)
     assert not s.entropy.requires_grad  # a diagnostic: no graph is kept for it
     obj = (s.token_logprob * w_tok).sum() + (s.lse * w_lse).sum() + (s.support_logits * w_sup).sum()
     g_feats, g_w, g_b = torch.autograd.grad(obj, (feats, head.weight, head.bias))
@@ -159,7 +159,7 @@ def test_one_pass_equals_autograd_path_with_buckets_rows_and_temperature(with_he
     differentiable path, first-byte buckets, padding rows and temperature included."""
     head, feats, targets, support = _setup(3, extra_rows=2)
     buckets = torch.randint(0, 5, (V + 2,), generator=torch.Generator().manual_seed(1))
-    kw = dict(support_ids=support, topk=3, temperature=0.7, vocab_rows=V, chunk_size=4, buckets=buckets, n_buckets=6)
+    kw = dict(support_ids=support, topk=3, temperature=0.7, vocab_rows=V, block=4, buckets=buckets, n_buckets=6)
     x = feats if with_head else head(feats).detach()
     h = head if with_head else None
     a = head_scores(x.requires_grad_(True) if not with_head else x, h, targets, **kw)  # autograd path

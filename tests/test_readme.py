@@ -26,17 +26,17 @@ def readme_plugin(tmp_path: Path) -> Path:
 
 
 def test_readme_plugin_example_is_three_times_lsm(tmp_path):
-    from opdlm.build import build_plan
+    from opdlm.build import build_run
     from opdlm.module import OPDModule
     from opdlm.registry import LOSSES
     folder = readme_plugin(tmp_path)
     cfg = demo_cfg(*TINY, f"plugin_paths=[{folder}]", "loss.name=scaled_lsm", "loss.scale=3", "support.k=4")
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     torch.manual_seed(0)
-    module = OPDModule(cfg, plan=plan)
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("train")[:3]
-    ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
+    module = OPDModule(cfg, built=built)
+    tok = built.student.tokenizer
+    ex = built.task.examples("train")[:3]
+    ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
     view, teacher, support, mask = module.prepare(ro)
     inputs, out = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     lsm = LOSSES.build({"name": "lsm"}).compute(inputs).token_loss

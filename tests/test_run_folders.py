@@ -118,8 +118,11 @@ def test_overwriting_leaves_nothing_of_the_other_config(tmp_path, capsys):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "broken.py").write_text(
-        "from opdlm.plugin_api import Loss\nfrom opdlm.registry import LOSSES\n\n\n"
-        "@LOSSES.register('broken')\nclass Broken(Loss):\n    def compute(self, inputs):\n        return None\n")
+        "from opdlm.plugin_api import Loss\nfrom opdlm.registry import LOSSES\nfrom opdlm.types import LossOutput\n\n\n"
+        "@LOSSES.register('broken')\nclass Broken(Loss):\n    def compute(self, inputs):\n"
+        "        if not inputs.rollout.examples:  # the config check's probe batch: pass it\n"
+        "            return LossOutput(token_loss=inputs.student.token_logprob * 0)\n"
+        "        return None  # real rollouts: break the contract\n")
     with pytest.raises(PluginError):
         run(tmp_path, f"plugin_paths=[{plugins}]", "loss.name=broken", "run.overwrite=true")
     assert yaml.safe_load((demo / "config.yaml").read_text())["loss"]["name"] == "broken"

@@ -16,7 +16,7 @@ from test_bad_input import plan_err as err
 from transformers import AutoModelForCausalLM
 
 from opdlm import fingerprint as fpmod
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.data import EvalBatches, StepBatches, global_batch
 from opdlm.evaluation import evaluate
 from opdlm.pipeline import Runner, make_trainer
@@ -46,13 +46,13 @@ def test_two_process_run_prints_and_writes_one_table(tmp_path):
     # the test metrics were computed on 2 shards (batches of 4 prompts: one per rank) and summed;
     # one process evaluating the exported models gets the same numbers (seeds are per batch)
     cfg = demo_cfg(*over, "trainer.accelerator=cpu", "eval.test_prompts=8", "stages.opd.prompts_per_step=4")
-    plan = build_plan(cfg)
-    for key, folder, spec in (("teacher", "teacher", plan.teacher), ("student_after", "student", plan.student)):
+    built = build_run(cfg)
+    for key, folder, spec in (("teacher", "teacher", built.teacher), ("student_after", "student", built.student)):
         info = json.loads((tmp_path / "demo" / folder / "stage.json").read_text())
         (test,) = [e["test"] for e in info["evaluations"].values()]
         assert info["processes"] == 2 and test == results[key]["test"]
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / folder, local_files_only=True)
-        again = evaluate(model, spec.tokenizer, plan, cfg, False, "test")
+        again = evaluate(model, spec.tokenizer, built, cfg, False, "test")
         assert again == pytest.approx(test, abs=1e-12)
 
 
@@ -82,7 +82,7 @@ def test_batches_are_split_over_ranks_without_repeats():
 def test_trainer_takes_any_lightning_argument(tmp_path):
     cfg = demo_cfg(*TINY, "trainer.reload_dataloaders_every_n_epochs=3", "trainer.num_nodes=1",
                    "trainer.enable_model_summary=true", f"run.out_dir={tmp_path}")
-    build_plan(cfg)
+    build_run(cfg)
     trainer = make_trainer(cfg, tmp_path, "opd", 2)
     assert trainer.reload_dataloaders_every_n_epochs == 3 and trainer.num_nodes == 1
     assert "trainer.max_steps: set by opdlm; use stages.<stage>.steps" in err("trainer.max_steps=5")

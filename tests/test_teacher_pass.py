@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, demo_cfg
 from test_lean_head import compare
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.module import OPDModule
 from opdlm.plugin_api import SupportSelector
 from opdlm.types import Support
@@ -27,12 +27,12 @@ SUPPORTS = {
 def setup(*extra: str):
     torch.manual_seed(0)
     cfg = demo_cfg(*TINY, "sampler.max_new_tokens=10", "sampler.n=2", *extra)
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("train")[:3]
-    ro = plan.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex)
-    return module, plan, ro
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
+    tok = built.student.tokenizer
+    ex = built.task.examples("train")[:3]
+    ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex)
+    return module, built, ro
 
 
 def full_teacher_logits(module: OPDModule, view) -> torch.Tensor:
@@ -41,7 +41,7 @@ def full_teacher_logits(module: OPDModule, view) -> torch.Tensor:
         out = module.teacher(input_ids=view.input_ids, attention_mask=view.attention_mask,
                              position_ids=view.position_ids).logits
     z = out.gather(1, view.pred_columns.clamp_min(0).unsqueeze(-1).expand(-1, -1, out.shape[-1]))
-    return z[..., : module.plan.teacher.output_ids] / module.temperature
+    return z[..., : module.built.teacher.n_ids] / module.temperature
 
 
 def prepare_counting_head_calls(module: OPDModule, ro):
@@ -56,7 +56,7 @@ def prepare_counting_head_calls(module: OPDModule, ro):
 
 @pytest.mark.parametrize("name", list(SUPPORTS))
 def test_one_head_pass_gives_every_teacher_quantity(name):
-    module, plan, ro = setup(*SUPPORTS[name])
+    module, built, ro = setup(*SUPPORTS[name])
     (view, teacher, support, mask), calls = prepare_counting_head_calls(module, ro)
     assert calls == 1  # one pass (one chunk here) over the teacher's head
     z = full_teacher_logits(module, view)
@@ -88,8 +88,8 @@ class OddIds(SupportSelector):
 
 
 def test_ids_outside_the_pass_cost_a_second_pass_with_the_same_values():
-    module, plan, ro = setup("support.k=2")
-    module.plan.support = OddIds()
+    module, built, ro = setup("support.k=2")
+    module.built.support = OddIds()
     (view, teacher, support, mask), calls = prepare_counting_head_calls(module, ro)
     assert calls == 2
     z = full_teacher_logits(module, view)

@@ -13,7 +13,7 @@ from conftest import TINY, demo_cfg
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from opdlm.build import build_plan
+from opdlm.build import build_run
 from opdlm.models import render_prompt
 from opdlm.module import OPDModule
 from opdlm.registry import LOSSES
@@ -21,7 +21,7 @@ from opdlm.types import Example, LossInputs, Rollout
 
 XTOK = ["teacher.tiny_tokenizer=char", "student.tiny_tokenizer=bpe", "student.tiny_vocab=320",
         "aligner.name=byte_span", "support.name=mapped_topk", "support.k=4",
-        "maskers=[{name: response}, {name: chunks}]"]
+        "maskers=[{name: chunks}]"]
 
 
 def forced_rollout(tok, examples: list[Example], completions: list[list[int]]) -> Rollout:
@@ -45,9 +45,9 @@ def forced_rollout(tok, examples: list[Example], completions: list[list[int]]) -
                    examples=list(examples), texts=[tok.decode(c, skip_special_tokens=True) for c in completions])
 
 
-def solutions(plan, n: int = 6) -> tuple[list[Example], list[list[int]]]:
-    tok = plan.student.tokenizer
-    ex = plan.task.examples("train")[:n]
+def solutions(built, n: int = 6) -> tuple[list[Example], list[list[int]]]:
+    tok = built.student.tokenizer
+    ex = built.task.examples("train")[:n]
     comp = [tok(e.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for e in ex]
     return ex, comp
 
@@ -79,15 +79,15 @@ def bytes_bpe(tmp_path_factory):
 def xworld(bytes_bpe):
     torch.manual_seed(0)
     cfg = demo_cfg(*TINY, *XTOK, "loss.name=chunk_pg", f"student.tokenizer_path={bytes_bpe}")
-    plan = build_plan(cfg)
-    return cfg, plan, OPDModule(cfg, plan=plan)
+    built = build_run(cfg)
+    return cfg, built, OPDModule(cfg, built=built)
 
 
 def test_the_two_tokenizers_really_differ(xworld):
-    _, plan, _ = xworld
-    s, t = plan.student.tokenizer, plan.teacher.tokenizer
+    _, built, _ = xworld
+    s, t = built.student.tokenizer, built.teacher.tokenizer
     assert len(s) > len(t) and s.eos_token != t.eos_token
-    text = " ".join(e.solution for e in plan.task.examples("train")[:50])
+    text = " ".join(e.solution for e in built.task.examples("train")[:50])
     s_pieces = s.convert_ids_to_tokens(s(text, add_special_tokens=False)["input_ids"])
     t_pieces = t.convert_ids_to_tokens(t(text, add_special_tokens=False)["input_ids"])
     assert any(p.isdigit() and len(p) > 1 for p in s_pieces), "the student groups digits"
@@ -96,14 +96,14 @@ def test_the_two_tokenizers_really_differ(xworld):
 
 
 def test_chunk_log_ratios_sum_to_the_sequence_log_ratio(xworld):
-    _, plan, module = xworld
-    ex, comp = solutions(plan)
-    ro = forced_rollout(plan.student.tokenizer, ex, comp)
+    _, built, module = xworld
+    ex, comp = solutions(built)
+    ro = forced_rollout(built.student.tokenizer, ex, comp)
     view, teacher, _, _ = module.prepare(ro)
     assert view.aligned.equal(ro.response_mask), "reference solutions align completely"
     student = module.score_student(ro, None)
     starts = view.positions("start")
-    st, tt = plan.student.tokenizer, plan.teacher.tokenizer
+    st, tt = built.student.tokenizer, built.teacher.tokenizer
     multi = 0
     for b in range(len(ex)):
         ch = view.chunk[b][ro.response_mask[b]]
@@ -158,21 +158,21 @@ def permuted_copy(tok, model, seed: int = 0):
 def test_off_by_one_guard_teacher_is_the_student_behind_another_tokenizer(tmp_path):
     torch.manual_seed(1)
     cfg = demo_cfg(*TINY, "aligner.name=byte_span", "support.name=mapped_topk", "support.k=4",
-                   "maskers=[{name: response}]", "loss.name=chunk_pg")
-    plan = build_plan(cfg)
-    st = plan.student.tokenizer
-    module = OPDModule(cfg, plan=plan)
+                   "maskers=[]", "loss.name=chunk_pg")
+    built = build_run(cfg)
+    st = built.student.tokenizer
+    module = OPDModule(cfg, built=built)
     ttok, teacher = permuted_copy(st, module.student)
     cfg2 = dict(cfg)
-    plan2 = build_plan(cfg2)
+    plan2 = build_run(cfg2)
     plan2.teacher.tokenizer = ttok
     plan2.ctx.teacher_tokenizer = ttok
     plan2.aligner.bind(plan2.ctx)
     plan2.support.bind(plan2.ctx)
-    module2 = OPDModule(cfg2, plan=plan2, student=module.student, teacher=teacher)
-    ex = plan.task.examples("train")[:4]
+    module2 = OPDModule(cfg2, built=plan2, student=module.student, teacher=teacher)
+    ex = built.task.examples("train")[:4]
     prompts = [render_prompt(st, e.prompt, False) for e in ex]
-    ro = plan.sampler.sample(module.student, st, prompts, ex, n=2)
+    ro = built.sampler.sample(module.student, st, prompts, ex, n=2)
     view, t_scores, _, _ = module2.prepare(ro)
     s_scores = module2.score_student(ro, None)
     same = view.positions("token")
@@ -200,15 +200,15 @@ def test_byte_span_with_one_tokenizer_gives_the_identity_losses(loss, opts):
     for aligner in ("identity", "byte_span"):
         torch.manual_seed(2)
         cfg = demo_cfg(*TINY, f"aligner.name={aligner}", "support.name=mapped_topk", "support.k=4",
-                       "maskers=[{name: response}]", f"loss.name={loss}")
+                       "maskers=[]", f"loss.name={loss}")
         cfg["loss"] = {"name": loss, **opts}
-        plan = build_plan(cfg)
-        module = OPDModule(cfg, plan=plan)
-        ex, comp = solutions(plan, 5)
-        ro = forced_rollout(plan.student.tokenizer, ex, comp)
+        built = build_run(cfg)
+        module = OPDModule(cfg, built=built)
+        ex, comp = solutions(built, 5)
+        ro = forced_rollout(built.student.tokenizer, ex, comp)
         view, teacher, support, mask = module.prepare(ro)
         student = module.score_student(ro, support.ids)
-        out = plan.loss.compute(LossInputs(student=student, teacher=teacher, support=support,
+        out = built.loss.compute(LossInputs(student=student, teacher=teacher, support=support,
                                            old_logprob=student.token_logprob.detach() - 0.1, mask=mask,
                                            rollout=ro, view=view))
         total = (out.token_loss * mask).sum() / mask.sum()
@@ -224,9 +224,9 @@ def test_byte_span_with_one_tokenizer_gives_the_identity_losses(loss, opts):
 
 def test_chunk_pg_gradient_is_the_chunk_advantage_times_the_chunk_score(xworld):
     """∇ Σ_t ℓ_t = -Σ_c A_c ∇ lp_S(c) at ratio 1, with A_c = lp_T(c) - lp_S(c) (brute force per chunk)."""
-    _, plan, module = xworld
-    ex, comp = solutions(plan, 4)
-    ro = forced_rollout(plan.student.tokenizer, ex, comp)
+    _, built, module = xworld
+    ex, comp = solutions(built, 4)
+    ro = forced_rollout(built.student.tokenizer, ex, comp)
     view, teacher, support, mask = module.prepare(ro)
     loss = LOSSES.build({"name": "chunk_pg"})
     student = module.score_student(ro, None)
@@ -251,20 +251,20 @@ def test_chunk_pg_gradient_is_the_chunk_advantage_times_the_chunk_score(xworld):
 
 
 def test_first_byte_marginal_matches_a_python_sum(xworld):
-    _, plan, module = xworld
-    ex, comp = solutions(plan, 2)
-    ro = forced_rollout(plan.student.tokenizer, ex, comp)
+    _, built, module = xworld
+    ex, comp = solutions(built, 2)
+    ro = forced_rollout(built.student.tokenizer, ex, comp)
     s = module.score_student(ro, None, first_byte=True)
     from opdlm.xtok.tables import tables_for
-    tb = tables_for(plan.ctx)
+    tb = tables_for(built.ctx)
     cols = torch.arange(ro.prompt_len - 1, ro.input_ids.shape[1] - 1)
     with torch.no_grad():
         logits = module.student(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
                                 position_ids=ro.position_ids).logits[:, cols].double()
-    probs = torch.softmax(logits[..., : plan.student.output_ids], -1)
+    probs = torch.softmax(logits[..., : built.student.n_ids], -1)
     for b, t in [(0, 0), (0, 3), (1, 5)]:
         ref = [0.0] * 257
-        for v in range(plan.student.output_ids):
+        for v in range(built.student.n_ids):
             ref[int(tb.s_bins[v])] += float(probs[b, t, v])
         got = s.byte_logprobs[b, t].double().exp()
         torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float64), atol=1e-6, rtol=1e-4)
@@ -272,17 +272,17 @@ def test_first_byte_marginal_matches_a_python_sum(xworld):
 
 
 def test_mapped_topk_maps_by_bytes_and_adds_the_sampled_token(xworld):
-    _, plan, module = xworld
-    ex, comp = solutions(plan, 3)
-    ro = forced_rollout(plan.student.tokenizer, ex, comp)
+    _, built, module = xworld
+    ex, comp = solutions(built, 3)
+    ro = forced_rollout(built.student.tokenizer, ex, comp)
     view, teacher, support, _ = module.prepare(ro)
-    sb = plan.student.tokenizer.convert_ids_to_tokens(list(range(len(plan.student.tokenizer))))
-    tb = plan.teacher.tokenizer
+    sb = built.student.tokenizer.convert_ids_to_tokens(list(range(len(built.student.tokenizer))))
+    tb = built.teacher.tokenizer
     from opdlm.xtok.tables import byte_decoder
     dec = byte_decoder()
     s_bytes = {i: bytes(dec[c] for c in p) for i, p in enumerate(sb) if p not in ("<pad>", "<|eot_id|>")}
     from opdlm.xtok.tables import tables_for
-    safe = tables_for(plan.ctx).safe
+    safe = tables_for(built.ctx).safe
     same = view.positions("token")
     assert same.any() and not same.all()
     for b, t in same.nonzero().tolist()[:20]:
@@ -291,7 +291,7 @@ def test_mapped_topk_maps_by_bytes_and_adds_the_sampled_token(xworld):
         for tid in tids:
             piece = tb.convert_ids_to_tokens(tid)
             hit = [i for i, x in s_bytes.items() if x == piece.encode()] if tid not in tb.all_special_ids else \
-                ([plan.student.tokenizer.eos_token_id] if tid == tb.eos_token_id else [])
+                ([built.student.tokenizer.eos_token_id] if tid == tb.eos_token_id else [])
             if hit and safe[min(hit)] and min(hit) not in want:  # digits are not mapped (tail class)
                 want.append(min(hit))
         sampled = int(ro.targets[b, t])
@@ -302,17 +302,17 @@ def test_mapped_topk_maps_by_bytes_and_adds_the_sampled_token(xworld):
         # the teacher ids of the entries hold the same bytes
         for sid, tid in zip(support.ids[b, t][support.valid[b, t]].tolist(),
                             support.teacher_ids[b, t][support.valid[b, t]].tolist()):
-            if sid != plan.student.tokenizer.eos_token_id:
+            if sid != built.student.tokenizer.eos_token_id:
                 assert s_bytes[sid] == tb.convert_ids_to_tokens(tid).encode()
     off = ~same & ro.response_mask
     assert not support.valid[off].any(), "no support outside same-token positions"
 
 
 def test_alignment_metrics_count_broken_utf8(xworld):
-    from opdlm.module import alignment_stats
-    _, plan, module = xworld
-    st = plan.student.tokenizer
-    ex, comp = solutions(plan, 2)
+    from opdlm.ops.batch import alignment_stats
+    _, built, module = xworld
+    st = built.student.tokenizer
+    ex, comp = solutions(built, 2)
     cut = st.convert_tokens_to_ids("Ã")  # byte 0xC3: the first byte of a two-byte character
     comp[1] = comp[1][:5] + [cut]
     ro = forced_rollout(st, ex, comp)
@@ -328,9 +328,9 @@ def test_alignment_metrics_count_broken_utf8(xworld):
 
 
 def test_characters_the_teacher_cannot_read_are_scored_as_its_unknown_token(xworld):
-    _, plan, module = xworld
-    st, tt = plan.student.tokenizer, plan.teacher.tokenizer
-    ex, comp = solutions(plan, 2)
+    _, built, module = xworld
+    st, tt = built.student.tokenizer, built.teacher.tokenizer
+    ex, comp = solutions(built, 2)
     y = st.convert_tokens_to_ids("Y")  # a byte the task never uses: the character teacher has no "Y"
     bad = st.convert_tokens_to_ids("Ã")  # a lone lead byte: invalid UTF-8 inside the text
     comp[0] = comp[0][:3] + [y] + comp[0][3:]
@@ -346,7 +346,7 @@ def test_characters_the_teacher_cannot_read_are_scored_as_its_unknown_token(xwor
     tp = render_prompt(tt, ex[0].prompt, False)
     t_comp = tt(st.decode(comp[0][:3]), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        logits = module.teacher(input_ids=torch.tensor([tp + t_comp])).logits[0, -1, : plan.teacher.output_ids]
+        logits = module.teacher(input_ids=torch.tensor([tp + t_comp])).logits[0, -1, : built.teacher.n_ids]
     ref = float(torch.log_softmax(logits.double(), -1)[tt.unk_token_id])
     assert float(teacher.chunk_logprob[0, 3]) == pytest.approx(ref, abs=1e-4)
 
@@ -355,33 +355,33 @@ def test_special_token_rule_on_the_teacher_side_drops_the_whole_chunk(xworld):
     """A student that spells <think> in seven byte tokens: the teacher's first <think> is one token,
     and its chunk (all seven student tokens) is dropped; the second <think> is kept."""
     from opdlm.registry import MASKERS
-    _, plan, module = xworld
-    st = plan.student.tokenizer
-    ex, comp = solutions(plan, 1)
+    _, built, module = xworld
+    st = built.student.tokenizer
+    ex, comp = solutions(built, 1)
     spelled = [st.convert_tokens_to_ids(c) for c in "<think>"]
     body = st(" 1+1=2", add_special_tokens=False)["input_ids"]
     comp = [spelled + body + spelled + body + [st.eos_token_id]]
     ro = forced_rollout(st, ex, comp)
     view, _, _, _ = module.prepare(ro)
     m = MASKERS.build({"name": "special_tokens", "tokens": [], "teacher_tokens": ["<think>"]}, "maskers.0")
-    m.bind(plan.ctx)
+    m.bind(built.ctx)
     keep = m.mask(ro, view)[0, : len(comp[0])]
     assert keep.tolist() == [False] * 7 + [True] * (len(comp[0]) - 7)
-    assert int((view.teacher_targets[0] == plan.teacher.tokenizer.convert_tokens_to_ids("<think>")).sum()) == 2
+    assert int((view.teacher_targets[0] == built.teacher.tokenizer.convert_tokens_to_ids("<think>")).sum()) == 2
 
 
 def test_config_errors_across_tokenizers():
     from opdlm.registry import ConfigError
     with pytest.raises(ConfigError, match="aligner: 'identity' needs one vocabulary"):
-        build_plan(demo_cfg(*TINY, "student.tiny_tokenizer=bpe", "student.tiny_vocab=320"))
+        build_run(demo_cfg(*TINY, "student.tiny_tokenizer=bpe", "student.tiny_vocab=320"))
     with pytest.raises(ConfigError, match=r"support: 'teacher_topk' returns ids of one vocabulary.*mapped_topk"):
-        build_plan(demo_cfg(*TINY, *XTOK, "support.name=teacher_topk", "support.k=4"))
+        build_run(demo_cfg(*TINY, *XTOK, "support.name=teacher_topk", "support.k=4"))
     with pytest.raises(ConfigError, match=r"loss: 'reverse_kl' compares the full vocabulary id by id"):
-        build_plan(demo_cfg(*TINY, *XTOK, "loss.name=reverse_kl"))
+        build_run(demo_cfg(*TINY, *XTOK, "loss.name=reverse_kl"))
     with pytest.raises(ConfigError, match=r"aligner.roles: '<\|eot\|>' is not a token of the student tokenizer"):
-        build_plan(demo_cfg(*TINY, *XTOK, 'aligner.roles={"<|eot|>": "<|im_end|>"}'))
+        build_run(demo_cfg(*TINY, *XTOK, 'aligner.roles={"<|eot|>": "<|im_end|>"}'))
     with pytest.raises(ConfigError, match=r"student.tiny_vocab: must be >= 64, got 10"):
-        build_plan(demo_cfg(*TINY, *XTOK, "student.tiny_vocab=10"))
+        build_run(demo_cfg(*TINY, *XTOK, "student.tiny_vocab=10"))
 
 
 def test_demo_xtok_runs_end_to_end(tmp_path):

@@ -61,7 +61,7 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
             f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={args.seq}",
             f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}", f"loss.name={args.loss}",
-            f"stages.opd.head_chunk={args.chunk}", f"stages.opd.chunk_size={args.chunk}",
+            f"stages.opd.student_head_block={args.chunk}", f"stages.opd.teacher_head_block={args.chunk}",
             "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
     return compose([str(CONF_DIR / "base.yaml")], over)
 
@@ -69,7 +69,7 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
 def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     import torch
 
-    from opdlm.build import build_plan
+    from opdlm.build import build_run
     from opdlm.discovery import discover
     from opdlm.models import render_prompt
     from opdlm.module import OPDModule
@@ -77,19 +77,19 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     discover()
     torch.manual_seed(0)
     cfg = _config(mode, tokens, args)
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan)
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
     cuda = args.device == "cuda"
     if cuda:
         module.to("cuda")
     autocast = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=args.bf16)
-    tok = plan.student.tokenizer
+    tok = built.student.tokenizer
     n = cfg["stages"]["opd"]["prompts_per_step"]
-    ex = plan.task.examples("train")[:n]
+    ex = built.task.examples("train")[:n]
     prompts = [render_prompt(tok, e.prompt, False) for e in ex]
-    out: dict[str, Any] = {"mode": mode, "rows": plan.student.vocab_rows, "hidden": cfg["student"]["hidden_size"]}
+    out: dict[str, Any] = {"mode": mode, "rows": built.student.vocab_rows, "hidden": cfg["student"]["hidden_size"]}
     loss_time = [0.0]
-    compute = plan.loss.compute
+    compute = built.loss.compute
 
     def timed(inputs):  # noqa: ANN001, ANN202
         t0 = time.perf_counter()
@@ -97,10 +97,10 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         loss_time[0] += time.perf_counter() - t0
         return r
 
-    plan.loss.compute = timed
+    built.loss.compute = timed
     if mode == "compare":  # the two paths on one rollout: relative gradient difference
         with torch.no_grad(), autocast:
-            ro = plan.sampler.sample(module.student, tok, prompts, ex)
+            ro = built.sampler.sample(module.student, tok, prompts, ex)
         with autocast:
             view, teacher, support, mask = module.prepare(ro)
         grads = {}
@@ -140,7 +140,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         mem.clear()
         t0 = time.perf_counter()
         with torch.no_grad(), autocast:
-            ro = plan.sampler.sample(module.student, tok, prompts, ex)
+            ro = built.sampler.sample(module.student, tok, prompts, ex)
         sync()
         t1 = time.perf_counter()
         with autocast:

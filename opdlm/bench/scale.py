@@ -28,7 +28,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
     from lightning.pytorch.callbacks import Callback
 
     from opdlm import dist
-    from opdlm.build import build_plan
+    from opdlm.build import build_run
     from opdlm.config import compose
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
@@ -45,9 +45,9 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
             f"stages.opd.prompts_per_step={args.prompts}", f"stages.opd.steps={args.steps + 1}", "stages.opd.val_every=0",
             f"run.out_dir={args.out}", *args.overrides]
     cfg = compose([str(CONF_DIR / "demo.yaml")], over)
-    plan = build_plan(cfg)
+    built = build_run(cfg)
     torch.manual_seed(0)
-    module = OPDModule(cfg, plan=plan, student=plan.student.build(0), teacher=plan.teacher.build(1))
+    module = OPDModule(cfg, built=built, student=built.student.build(0), teacher=built.teacher.build(1))
     times: dict[str, list[float]] = {}
     tokens: list[int] = []
 
@@ -96,7 +96,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
         def on_train_batch_end(self, *_: Any) -> None:
             step_comm.append(sum(comm))
 
-    data = TaskData(plan.task, mode="opd", batch_size=args.prompts, steps=args.steps + 1, seed=0)
+    data = TaskData(built.task, mode="opd", batch_size=args.prompts, steps=args.steps + 1, seed=0)
     trainer = make_trainer(cfg, Path(args.out), "opd", args.steps + 1)
     trainer.callbacks.append(Timer())
     t0 = time.perf_counter()

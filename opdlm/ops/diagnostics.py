@@ -1,9 +1,15 @@
-"""Diagnostics of rollouts that the paper plots but gives no formula for."""
+"""Diagnostics of a step: of the rollouts (what the paper plots but gives no formula for) and of
+the loss inputs (what the step log shows)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+from opdlm.ops.batch import alignment_stats
+from opdlm.types import LossInputs, Rollout, TeacherView, masked_mean
 
 
 def tail_repeats(tokens: list[int], max_n: int = 4, repeats: int = 3) -> bool:
@@ -28,3 +34,40 @@ def repetition_frac(targets: Tensor, lengths: Tensor, eos_id: int | None, max_n:
             toks = toks[:-1]
         hits += tail_repeats(toks, max_n, repeats)
     return torch.tensor(hits / max(1, len(lengths)))
+
+
+@torch.no_grad()
+def loss_diagnostics(x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What the step log shows of one micro-batch: the loss, the teacher-student log-prob gap of the
+    sampled tokens and the share of them the teacher likes less, both entropies, the token count,
+    the teacher's top-k mass and how often the sampled token falls outside it, and the loss's stats."""
+    loss = masked_mean(token_loss.detach(), x.mask)
+    m = x.mask if x.view is None else x.mask & x.view.positions("token")  # teacher values of the same token
+    gap = x.teacher.token_logprob - x.student.token_logprob.detach()
+    out = {
+        "loss": loss,
+        "logprob_gap": masked_mean(gap, m),
+        "neg_reward_frac": masked_mean((gap < 0).float(), m),
+        "student_entropy": masked_mean(x.student.entropy, m) if x.student.entropy is not None else None,
+        "teacher_entropy": masked_mean(x.teacher.entropy, m) if x.teacher.entropy is not None else None,
+        "tokens": m.sum().float(),
+    }
+    if x.teacher.topk_ids is not None and x.teacher.topk_logits is not None:
+        mass = (x.teacher.topk_logits - x.teacher.lse.unsqueeze(-1)).exp().sum(-1)
+        sampled = x.rollout.targets if x.view is None else x.view.targets  # as a teacher id
+        inside = (x.teacher.topk_ids == sampled.unsqueeze(-1)).any(-1)
+        out["teacher_topk_mass"] = masked_mean(mass, m)
+        out["sampled_outside_topk"] = masked_mean((~inside).float(), m)
+    out.update({k: v.detach() for k, v in stats.items()})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def rollout_diagnostics(rollout: Rollout, view: TeacherView, tokenizer: Any) -> dict[str, Tensor]:
+    """What the step log shows of the rollouts: mean response length, the share truncated by the
+    length budget, the share ending in a repetition loop, and (across tokenizers) the alignment."""
+    return {
+        "response_len": rollout.lengths.float().mean(),
+        "truncated_frac": rollout.truncated.float().mean(),
+        "repetition_frac": repetition_frac(rollout.targets, rollout.lengths, tokenizer.eos_token_id),
+        **alignment_stats(rollout, view),
+    }

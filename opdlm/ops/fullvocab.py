@@ -1,12 +1,12 @@
 """Full-vocabulary divergences (reverse KL, forward KL, the full JSD) on the lean path: the
-student's and the teacher's [B, T, V] logits exist for one chunk of positions at a time, in the
+student's and the teacher's [B, T, V] logits exist for one block of positions at a time, in the
 forward and in the backward pass. The teacher's hidden states are kept (small: [B, T, H]) and its
-head is run again per chunk, instead of keeping its [B, T, V] logits.
+head is run again per block, instead of keeping its [B, T, V] logits.
 
 ``full_vocab_loss`` is an autograd Function of the student's hidden states and head parameters:
 forward computes ℓ_t = divergence(log π(·|c_t), log q(·|c_t)) per position (plus the student's
-sampled-token log-prob, log-sum-exp and entropy for diagnostics); backward recomputes each chunk's
-logits of both models and differentiates the loss plugin's own ``divergence`` on that chunk, then
+sampled-token log-prob, log-sum-exp and entropy for diagnostics); backward recomputes each block's
+logits of both models and differentiates the loss plugin's own ``divergence`` on that block, then
 returns dh = dz W and dW = dzᵀ h like opdlm.ops.lean.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from opdlm.ops.lean import HeadGrads, _chunk_logits, _matmul_dtype
+from opdlm.ops.lean import HeadGrads, _block_logits, _matmul_dtype
 from opdlm.types import Scores
 
 Divergence = Callable[[Tensor, Tensor], Tensor]  # (student log-probs [n, V], teacher log-probs [n, V]) -> [n]
@@ -31,7 +31,7 @@ def _teacher_logprobs(h: Tensor, weight: Tensor | None, bias: Tensor | None, row
         z = h[:, :rows].float() if h.dtype in (torch.float16, torch.bfloat16) else h[:, :rows]
         z = z / temperature if temperature != 1.0 else z
     else:
-        z = _chunk_logits(h, weight, bias, rows, temperature, _matmul_dtype(h.device.type, weight))
+        z = _block_logits(h, weight, bias, rows, temperature, _matmul_dtype(h.device.type, weight))
     return torch.log_softmax(z, -1)[:, :cols]
 
 
@@ -39,14 +39,14 @@ class _FullVocab(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_feats: Tensor, s_weight: Tensor, s_bias: Tensor | None, t_feats: Tensor,
                 t_weight: Tensor | None, t_bias: Tensor | None, targets: Tensor, fn: Divergence,
-                s_rows: int, t_rows: int, temperature: float, chunk: int) -> tuple[Tensor, ...]:
+                s_rows: int, t_rows: int, temperature: float, block: int) -> tuple[Tensor, ...]:
         n = s_feats.shape[0]
         dtype = _matmul_dtype(s_feats.device.type, s_weight)
         vals, tok, lse, ent = [], [], [], []
         tgt = targets.clamp_min(0)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            zs = _chunk_logits(s_feats[s:e], s_weight, s_bias, s_rows, temperature, dtype)
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            zs = _block_logits(s_feats[s:e], s_weight, s_bias, s_rows, temperature, dtype)
             z_lse = torch.logsumexp(zs, -1)
             ls = zs.sub_(z_lse.unsqueeze(1))  # log π, in place
             lt = _teacher_logprobs(t_feats[s:e], t_weight, t_bias, t_rows, s_rows, temperature)
@@ -56,7 +56,7 @@ class _FullVocab(torch.autograd.Function):
             ent.append(-torch.linalg.vecdot(ls.exp(), ls))
             del zs, ls, lt
         ctx.save_for_backward(s_feats, s_weight, s_bias, t_feats, t_weight, t_bias)
-        ctx.cfg = (fn, s_rows, t_rows, temperature, chunk, dtype)
+        ctx.cfg = (fn, s_rows, t_rows, temperature, block, dtype)
         tok_t, lse_t, ent_t = torch.cat(tok), torch.cat(lse), torch.cat(ent)
         ctx.mark_non_differentiable(tok_t, lse_t, ent_t)
         return torch.cat(vals), tok_t, lse_t, ent_t
@@ -64,17 +64,17 @@ class _FullVocab(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals: Tensor | None, *_: Tensor | None) -> tuple[Tensor | None, ...]:
         s_feats, s_weight, s_bias, t_feats, t_weight, t_bias = ctx.saved_tensors
-        fn, s_rows, t_rows, temperature, chunk, dtype = ctx.cfg
+        fn, s_rows, t_rows, temperature, block, dtype = ctx.cfg
         n = s_feats.shape[0]
         grads = HeadGrads(ctx, s_feats, s_weight, s_bias, s_rows, dtype)
         if g_vals is None:
             return *grads.result(), *([None] * 9)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
+        for s in range(0, n, block):
+            e = min(n, s + block)
             h = s_feats[s:e]
             with torch.no_grad():
                 lt = _teacher_logprobs(t_feats[s:e], t_weight, t_bias, t_rows, s_rows, temperature)
-            z = _chunk_logits(h.detach(), s_weight.detach(), s_bias.detach() if s_bias is not None else None,
+            z = _block_logits(h.detach(), s_weight.detach(), s_bias.detach() if s_bias is not None else None,
                               s_rows, temperature, dtype).requires_grad_(True)
             with torch.enable_grad():
                 v = fn(torch.log_softmax(z, -1), lt)
@@ -88,7 +88,7 @@ class _FullVocab(torch.autograd.Function):
 
 def full_vocab_loss(feats: Tensor, head: nn.Linear, teacher_feats: Tensor, teacher_head: nn.Linear | None,
                     targets: Tensor, divergence: Divergence, *, student_rows: int, teacher_rows: int,
-                    temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Scores]:
+                    temperature: float = 1.0, block: int = 1024) -> tuple[Tensor, Scores]:
     """(ℓ [B, T] with gradients to ``feats`` and ``head``, the student's Scores without gradients:
     sampled-token log-prob, log-sum-exp, entropy). feats [B, T, H]; teacher_feats [B, T, H'] (the
     teacher's logits [B, T, V'] when ``teacher_head`` is None); divergence(log π [n, V], log q [n, V])
@@ -99,5 +99,5 @@ def full_vocab_loss(feats: Tensor, head: nn.Linear, teacher_feats: Tensor, teach
     tb = teacher_head.bias.detach() if teacher_head is not None and teacher_head.bias is not None else None
     vals, tok, lse, ent = _FullVocab.apply(
         feats.reshape(n, H), head.weight, head.bias, teacher_feats.reshape(n, -1).detach(), tw, tb,
-        targets.reshape(n), divergence, student_rows, teacher_rows, float(temperature), max(1, int(chunk_size)))
+        targets.reshape(n), divergence, student_rows, teacher_rows, float(temperature), max(1, int(block)))
     return vals.reshape(B, T), Scores(token_logprob=tok.reshape(B, T), lse=lse.reshape(B, T), entropy=ent.reshape(B, T))

@@ -2,8 +2,8 @@
 (sampled-token log-probs, log-sum-exp, logits gathered on a support, the model's own top-k,
 entropy), so that no loss ever touches a [B, T, V] tensor itself.
 
-``head_scores`` walks the positions in chunks: under ``torch.no_grad`` (the teacher) the full
-logits exist for one chunk at a time; with gradients (the student, naive path) each chunk's logits
+``head_scores`` walks the positions in blocks: under ``torch.no_grad`` (the teacher) the full
+logits exist for one block at a time; with gradients (the student, naive path) each block's logits
 stay alive for backward, which is what the memory-lean path replaces.
 """
 
@@ -83,13 +83,13 @@ def _flat_support(support_ids: Tensor | None, n: int) -> Tensor | None:
     return support_ids.reshape(n, -1) if support_ids is not None else None
 
 
-def _chunk_logits(f: Tensor, head: nn.Linear | None, targets: Tensor, sup: Tensor | None, temperature: float,
-                  vocab_rows: int | None, chunk_size: int | None):
-    """For each chunk of positions of ``f`` [n, H]: (logits [c, V] over the tokenizer's rows divided
+def _block_logits(f: Tensor, head: nn.Linear | None, targets: Tensor, sup: Tensor | None, temperature: float,
+                  vocab_rows: int | None, block: int | None):
+    """For each block of positions of ``f`` [n, H]: (logits [c, V] over the tokenizer's rows divided
     by the temperature, the sampled ids [c] (negative read as 0), the support ids [c, K] or None)."""
     n = f.shape[0]
     tgt = targets.reshape(n).clamp_min(0)
-    step = max(1, chunk_size or n)
+    step = max(1, block or n)
     for s in range(0, n, step):
         logits = _logits(f[s : s + step], head, temperature)
         if vocab_rows is not None and vocab_rows < logits.shape[-1]:
@@ -99,28 +99,28 @@ def _chunk_logits(f: Tensor, head: nn.Linear | None, targets: Tensor, sup: Tenso
 
 def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, temperature: float = 1.0,
                 support_ids: Tensor | None = None, topk: int = 0, entropy: bool = True,
-                vocab_rows: int | None = None, chunk_size: int | None = None,
+                vocab_rows: int | None = None, block: int | None = None,
                 buckets: Tensor | None = None, n_buckets: int = 0) -> Scores:
     """Scores at every position of ``feats`` [B, T, H] (or logits, when ``head`` is None).
 
     targets [B, T] sampled ids (negative = none); support_ids [B, T, K]; topk: how many of the
     model's own top ids to return; vocab_rows: logits past this row (tokenizer padding rows) are
-    excluded from everything; chunk_size: positions per chunk (None = all at once); buckets [V]
+    excluded from everything; block: positions per block (None = all at once); buckets [V]
     long: a partition of the ids into n_buckets bins whose log-probabilities are returned as
     Scores.byte_logprobs (the first-byte marginal).
 
     Without gradients (the teacher, the student's old log-probs and own top-k) every quantity comes
-    from one pass over each chunk's logits (``_stats_pass``); with gradients (the student's naive
+    from one pass over each block's logits (``_head_stats``); with gradients (the student's naive
     path) the quantities are differentiable functions of the logits.
     """
     if not torch.is_grad_enabled() or not (feats.requires_grad or (head is not None and head.weight.requires_grad)):
         with torch.no_grad():
             return _head_stats(feats, head, targets, temperature, support_ids, topk, entropy, vocab_rows,
-                               chunk_size, buckets, n_buckets)
+                               block, buckets, n_buckets)
     B, T = targets.shape
     f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
     tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
-    for logits, tgt, sup_c in _chunk_logits(f, head, targets, sup, temperature, vocab_rows, chunk_size):
+    for logits, tgt, sup_c in _block_logits(f, head, targets, sup, temperature, vocab_rows, block):
         z = torch.logsumexp(logits, dim=-1)
         lse.append(z)
         tok.append(logits.gather(1, tgt[:, None]).squeeze(1) - z)
@@ -143,7 +143,7 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
 def _scores(B: int, T: int, like: Tensor, tok: list[Tensor], lse: list[Tensor], sl: list[Tensor], ti: list[Tensor],
             tl: list[Tensor], ent: list[Tensor], bk: list[Tensor], sup: Tensor | None, topk: int, entropy: bool,
             with_buckets: bool, n_buckets: int) -> Scores:
-    """Scores [B, T, ...] from the per-chunk pieces of a head pass."""
+    """Scores [B, T, ...] from the per-block pieces of a head pass."""
     def cat(xs: list[Tensor], *tail: int) -> Tensor:
         return torch.cat(xs).reshape(B, T, *tail) if xs else like.new_zeros(B, T, *tail)
     return Scores(
@@ -159,14 +159,14 @@ def _scores(B: int, T: int, like: Tensor, tok: list[Tensor], lse: list[Tensor], 
 
 def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperature: float,
                 support_ids: Tensor | None, topk: int, entropy: bool, vocab_rows: int | None,
-                chunk_size: int | None, buckets: Tensor | None, n_buckets: int) -> Scores:
-    """head_scores without gradients, one pass per chunk: the logits z once; the maximum from the
+                block: int | None, buckets: Tensor | None, n_buckets: int) -> Scores:
+    """head_scores without gradients, one pass per block: the logits z once; the maximum from the
     top-k (or one max); e = exp(z - max) once; lse, entropy (log Σe − Σ e·(z − max) / Σe) and the
     bucket sums from e."""
     B, T = targets.shape
     f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
     tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
-    for z, tgt, sup_c in _chunk_logits(f, head, targets, sup, temperature, vocab_rows, chunk_size):
+    for z, tgt, sup_c in _block_logits(f, head, targets, sup, temperature, vocab_rows, block):
         if head is None or z.data_ptr() == f.data_ptr():
             z = z.clone()  # the caller's logits are not ours to change in place
         tok_logit = z.gather(1, tgt[:, None]).squeeze(1)

@@ -1,13 +1,13 @@
-"""The memory-lean student head, as an autograd Function: the [B, T, V] logits exist for one chunk
+"""The memory-lean student head, as an autograd Function: the [B, T, V] logits exist for one block
 of positions at a time, in the forward pass and in the backward pass, so the extra memory of the
-loss path grows with the chunk size and K, never with B·T·V.
+loss path grows with the block size and K, never with B·T·V.
 
-Forward: per chunk, logits = h Wᵀ + b (restricted to the tokenizer's rows, divided by the
+Forward: per block, logits = h Wᵀ + b (restricted to the tokenizer's rows, divided by the
 temperature), and from them the [B, T, K]-sized quantities every loss reads: the sampled token's
 log-prob, the log-sum-exp, the logits on the support, the first-byte marginals, and (without
 gradient) the entropy. Nothing of size V is kept.
 
-Backward: per chunk, the logits are recomputed and their gradient is written in closed form from
+Backward: per block, the logits are recomputed and their gradient is written in closed form from
 the gradients of those quantities (p = softmax(z), e_v = one-hot):
 
     ∂ token_logprob / ∂z = e_target − p        ∂ lse / ∂z = p
@@ -20,7 +20,7 @@ loss is computed once, over the [B, T, K] quantities.
 
 Cost: the head's matmul runs once in the forward pass and three times in the backward pass (the
 recomputation, dh and dW), against once and twice on the naive path; in exchange the backward pass
-makes two passes over each chunk's logits instead of the naive path's many over [B, T, V].
+makes two passes over each block's logits instead of the naive path's many over [B, T, V].
 
 Under autocast (bf16-mixed) the matmuls run in the autocast dtype, as the naive path's linear layer
 does, and the softmax statistics in fp32.
@@ -28,10 +28,12 @@ does, and the softmax statistics in fp32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from opdlm.ops.head import exp_stats
+from opdlm.ops.head import exp_stats, head_scores
 from opdlm.types import Scores
 
 
@@ -41,7 +43,7 @@ def _matmul_dtype(device_type: str, weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, temperature: float,
+def _block_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, temperature: float,
                   dtype: torch.dtype) -> Tensor:
     """fp32 (at least) logits [n, rows] of hidden states h [n, H], divided by the temperature."""
     w = weight[:rows]
@@ -56,8 +58,8 @@ def _chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, tem
 
 
 class HeadGrads:
-    """Gradients of a head's input (hidden states [n, H]) and parameters, filled chunk by chunk from
-    the gradient of the chunk's logits: dh = dz W, dW = dzᵀ h, db = Σ dz (the matmuls in ``dtype``,
+    """Gradients of a head's input (hidden states [n, H]) and parameters, filled block by block from
+    the gradient of the block's logits: dh = dz W, dW = dzᵀ h, db = Σ dz (the matmuls in ``dtype``,
     the sums in the parameters' dtype). Only what autograd asks for (ctx.needs_input_grad) is made."""
 
     def __init__(self, ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, rows: int, dtype: torch.dtype) -> None:
@@ -92,7 +94,7 @@ class _LeanHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, feats: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, support: Tensor | None,
-                buckets: Tensor | None, n_buckets: int, rows: int, temperature: float, chunk: int,
+                buckets: Tensor | None, n_buckets: int, rows: int, temperature: float, block: int,
                 entropy: bool) -> tuple[Tensor, ...]:
         n = feats.shape[0]
         dtype = _matmul_dtype(feats.device.type, weight)
@@ -103,14 +105,14 @@ class _LeanHead(torch.autograd.Function):
         bl = feats.new_empty((n, n_buckets) if buckets is not None else (0,), dtype=stat)
         ent = feats.new_empty(n if entropy else 0, dtype=stat)
         tgt = targets.clamp_min(0)
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            z = _chunk_logits(feats[s:e], weight, bias, rows, temperature, dtype)
+        for s in range(0, n, block):
+            e = min(n, s + block)
+            z = _block_logits(feats[s:e], weight, bias, rows, temperature, dtype)
             tok_logit = z.gather(1, tgt[s:e, None]).squeeze(1)
             if support is not None:
                 sl[s:e] = z.gather(1, support[s:e])
             m = z.amax(-1, keepdim=True)
-            z = z.sub_(m)  # z - max, in place: the chunk's only [n, V] tensor
+            z = z.sub_(m)  # z - max, in place: the block's only [n, V] tensor
             tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
             lse_c = tot.log() + m.squeeze(-1)
             lse[s:e] = lse_c
@@ -121,7 +123,7 @@ class _LeanHead(torch.autograd.Function):
                 bl[s:e] = sums.div_(tot.unsqueeze(1)).log_()
             del z
         ctx.save_for_backward(feats, weight, bias, tgt, support, buckets, lse, bl)
-        ctx.cfg = (rows, temperature, chunk, dtype)
+        ctx.cfg = (rows, temperature, block, dtype)
         ctx.mark_non_differentiable(ent)
         return tok, lse, sl, bl, ent
 
@@ -129,7 +131,7 @@ class _LeanHead(torch.autograd.Function):
     def backward(ctx, g_tok: Tensor | None, g_lse: Tensor | None, g_sl: Tensor | None, g_bl: Tensor | None,
                  _g_ent: Tensor | None) -> tuple[Tensor | None, ...]:
         feats, weight, bias, tgt, support, buckets, lse, bl = ctx.saved_tensors
-        rows, temperature, chunk, dtype = ctx.cfg
+        rows, temperature, block, dtype = ctx.cfg
         n = feats.shape[0]
         grads = HeadGrads(ctx, feats, weight, bias, rows, dtype)
         # per position: dz = p * (c + d[bucket]) + sparse terms
@@ -145,10 +147,10 @@ class _LeanHead(torch.autograd.Function):
             d = torch.where(prob > 0, g_bl / prob.clamp_min(torch.finfo(prob.dtype).tiny), torch.zeros_like(prob))
         use_sup = g_sl is not None and support is not None and g_sl.numel() > 0
         scale = 1.0 / temperature
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
+        for s in range(0, n, block):
+            e = min(n, s + block)
             h = feats[s:e]
-            z = _chunk_logits(h, weight, bias, rows, temperature, dtype)
+            z = _block_logits(h, weight, bias, rows, temperature, dtype)
             dz = z.sub_(lse[s:e, None]).exp_()  # p, in place
             if d is not None:
                 dz.mul_(c[s:e, None] + d[s:e].index_select(1, buckets[:rows]))
@@ -166,7 +168,7 @@ class _LeanHead(torch.autograd.Function):
 
 
 def lean_scores(feats: Tensor, head: nn.Linear, targets: Tensor, *, support_ids: Tensor | None = None,
-                temperature: float = 1.0, vocab_rows: int | None = None, chunk_size: int = 1024,
+                temperature: float = 1.0, vocab_rows: int | None = None, block: int = 1024,
                 buckets: Tensor | None = None, n_buckets: int = 0, entropy: bool = True) -> Scores:
     """The student's Scores at every position of ``feats`` [B, T, H] through the lean head; the
     same values as ``head_scores`` (opdlm.ops.head) and, through autograd, the same gradients.
@@ -179,7 +181,7 @@ def lean_scores(feats: Tensor, head: nn.Linear, targets: Tensor, *, support_ids:
     sup = support_ids.reshape(n, -1) if support_ids is not None else None
     tok, lse, sl, bl, ent = _LeanHead.apply(
         feats.reshape(n, H), head.weight, head.bias, targets.reshape(n), sup,
-        buckets, n_buckets, rows, float(temperature), max(1, int(chunk_size)), entropy)
+        buckets, n_buckets, rows, float(temperature), max(1, int(block)), entropy)
     return Scores(
         token_logprob=tok.reshape(B, T),
         lse=lse.reshape(B, T),
@@ -187,3 +189,13 @@ def lean_scores(feats: Tensor, head: nn.Linear, targets: Tensor, *, support_ids:
         entropy=ent.reshape(B, T) if entropy else None,
         byte_logprobs=bl.reshape(B, T, n_buckets) if buckets is not None else None,
     )
+
+
+def trained_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, lean: bool, block: int,
+                   support_ids: Tensor | None = None, **kw: Any) -> Scores:
+    """The trained model's Scores with gradients: through the lean head (``lean``: one block of
+    positions' logits at a time, backward in closed form) or by autograd over the whole logits
+    (opdlm.ops.head.head_scores). The same values and gradients either way; ``kw`` as both take."""
+    if lean and head is not None:
+        return lean_scores(feats, head, targets, support_ids=support_ids, block=block, **kw)
+    return head_scores(feats, head, targets, support_ids=support_ids, **kw)

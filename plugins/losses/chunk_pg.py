@@ -17,6 +17,7 @@ import torch
 from opdlm.ops.batch import per_chunk_sum
 from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
@@ -31,8 +32,7 @@ def chunk_sums(values: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
 class ChunkPG(Loss):
     """PPO-clipped policy gradient with the chunk log-ratio lp_T(c) - lp_S(c) as advantage."""
 
-    positions = "chunk"
-    needs_chunk_logprob = True
+    reads = Reads(student=frozenset({"token_logprob"}), teacher=frozenset({"chunk_logprob"}), positions="chunk")
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         check_clip_options(clip_eps, dual_clip)

@@ -11,6 +11,7 @@ import torch
 
 from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
@@ -28,6 +29,8 @@ def discounted_returns(cost: torch.Tensor, gamma: float) -> torch.Tensor:
 @LOSSES.register("discounted_pg")
 class DiscountedPG(Loss):
     """γ-discounted OPD policy gradient (γ = 0 token-level, γ = 1 reward-to-go)."""
+
+    reads = Reads.of("token_logprob")
 
     def __init__(self, *, gamma: float = 0.0, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         if not 0.0 <= gamma <= 1.0:

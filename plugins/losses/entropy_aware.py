@@ -9,6 +9,7 @@ from __future__ import annotations
 from opdlm.ops.kl import support_forward_kl
 from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
@@ -17,6 +18,7 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class EntropyAware(Loss):
     """Sampled-token OPD + alpha * 1[H(teacher) > tau] * forward KL on the support."""
 
+    reads = Reads.of("token_logprob", "support_logits", "lse", teacher=("entropy",))
 
     def __init__(self, *, alpha: float = 1.0, tau: float = 0.8, clip_eps: float = 0.2,
                  dual_clip: float | None = 3.0) -> None:
@@ -31,8 +33,6 @@ class EntropyAware(Loss):
         old = inputs.old_logprob.detach()
         adv = (inputs.teacher.token_logprob - old).detach()
         pg, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
-        if inputs.teacher.entropy is None:
-            raise RuntimeError("entropy_aware needs the teacher's entropy in its Scores")
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
         fkl = support_forward_kl(ls, lt, inputs.support.valid)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput
 
@@ -23,8 +24,7 @@ class FirstByte(Loss):
     """KL between the two models' next-byte marginals at chunk starts."""
 
 
-    positions = "start"
-    needs_first_byte = True
+    reads = Reads.of("byte_logprobs", positions="start")
 
     def __init__(self, *, direction: str = "reverse") -> None:
         if direction not in ("reverse", "forward"):

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from opdlm.ops.kl import masked_log_softmax, masked_sum
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput
 
@@ -28,7 +29,8 @@ class JSD(Loss):
         if not 0.0 <= beta <= 1.0:
             raise ConfigError(f"beta: must be in [0, 1], got {beta}")
         self.beta = beta
-        self.full_vocabulary = full
+        self.full = full
+        self.reads = Reads.of("support_logits", vocabulary="full" if full else "support")
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         valid = inputs.support.valid

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from opdlm.plugin_api import Loss, SupportSelector
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES, ConfigError
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
@@ -31,6 +32,7 @@ def renormalised_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.
 class LSM(Loss):
     """Renormalised truncated reverse KL on the support (teacher top-K local support matching)."""
 
+    reads = Reads.of("support_logits", student=("lse",))  # lse: the student_support_mass diagnostic
 
     def __init__(self) -> None:
         pass

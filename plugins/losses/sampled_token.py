@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
@@ -20,6 +21,7 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class SampledTokenOPD(Loss):
     """PPO-clipped policy gradient with reward log q - log π_old on the sampled tokens."""
 
+    reads = Reads.of("token_logprob")
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         check_clip_options(clip_eps, dual_clip)

@@ -11,6 +11,7 @@ import torch
 
 from opdlm.ops.kl import log1mexp, masked_sum
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput
 
@@ -19,6 +20,7 @@ from opdlm.types import LossInputs, LossOutput
 class TailAware(Loss):
     """Reverse KL over the support plus one tail class (no renormalisation, stable log1mexp)."""
 
+    reads = Reads.of("support_logits", "lse")
 
     def __init__(self) -> None:
         pass

@@ -17,6 +17,7 @@ import torch
 from opdlm.ops.kl import support_forward_kl
 from opdlm.ops.pg import check_clip_options, ppo_token_loss
 from opdlm.plugin_api import Loss
+from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
@@ -25,6 +26,7 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 class TrustRegion(Loss):
     """TrOPD: policy gradient on trusted tokens (weight min(q/π, 1)), forward KL on the rest."""
 
+    reads = Reads.of("token_logprob", "support_logits", "lse")
 
     def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
         check_clip_options(clip_eps, dual_clip)

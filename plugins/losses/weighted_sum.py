@@ -5,10 +5,11 @@
       name: weighted_sum
       terms:
         - {name: sampled_token, weight: 1.0}
-        - {name: forward_kl_topk, weight: 0.5}
+        - {name: forward_kl, full: false, weight: 0.5}
 
 ℓ_t = Σ_i w_i ℓ^i_t. Options: terms (non-empty list of loss nodes; weight >= 0, default 1).
 Every term sees the same support; its stats are logged as "<i>_<name>/<stat>" plus its mean loss.
+It reads what its terms read together (the union of their `reads`).
 Terms may read different positions (across tokenizers: chunk_pg every aligned token, first_byte
 chunk starts, support losses same-token positions): the sum reads the widest set, and each term
 counts only on its own positions (0 elsewhere), all over one global token mean.
@@ -47,14 +48,16 @@ class WeightedSum(Loss):
                 raise ConfigError(f"terms.{i}.name: nest the terms directly instead of a weighted_sum inside one")
             loss = LOSSES.build(node, f"terms.{i}")
             self.terms.append((float(weight), loss, f"{i}_{node['name']}"))
-        if len({t[1].full_vocabulary for t in self.terms}) > 1:
-            raise ConfigError("terms: full-vocabulary losses (reverse_kl, forward_kl) cannot be mixed with support losses")
-        self.full_vocabulary = self.terms[0][1].full_vocabulary
-        kinds = {t[1].positions for t in self.terms}
-        self.positions = next(k for k in ("chunk", "start", "token") if k in kinds)
-        self.needs_entropy = any(t[1].needs_entropy for t in self.terms)
-        self.needs_chunk_logprob = any(t[1].needs_chunk_logprob for t in self.terms)
-        self.needs_first_byte = any(t[1].needs_first_byte for t in self.terms)
+        reads = self.terms[0][1].reads
+        for i, (_, loss, _) in enumerate(self.terms[1:], 1):
+            try:
+                reads = reads.union(loss.reads)
+            except ConfigError as e:
+                raise ConfigError(f"terms.{i}.name: {e.detail}") from None
+        self.reads = reads
+
+    def parts(self) -> list[Loss]:
+        return [loss for _, loss, _ in self.terms]
 
     def bind(self, ctx: Context) -> None:
         for _, loss, _ in self.terms:
@@ -69,8 +72,8 @@ class WeightedSum(Loss):
         stats = {}
         for w, loss, tag in self.terms:
             x = inputs
-            if loss.positions != self.positions and inputs.view is not None:
-                x = dataclasses.replace(inputs, mask=inputs.mask & inputs.view.positions(loss.positions))
+            if loss.reads.positions != self.reads.positions and inputs.view is not None:
+                x = dataclasses.replace(inputs, mask=inputs.mask & inputs.view.positions(loss.reads.positions))
             out = loss.compute(x)
             term = torch.where(x.mask, out.token_loss, torch.zeros_like(out.token_loss))
             total = w * term if total is None else total + w * term

@@ -30,7 +30,7 @@ def cases() -> dict[str, list[str]]:
               "stages.opd.max_grad_norm=null", "stages.opd.lr=1.0e-2", "stages.opd.steps=1"]
     return {
         "lsm": [*common, "support.k=4"],
-        "lsm_lean": [*common, "support.k=4", "stages.opd.head=lean", "stages.opd.head_chunk=5"],
+        "lsm_lean": [*common, "support.k=4", "stages.opd.head=lean", "stages.opd.student_head_block=5"],
         "sampled_token_mini2_micro2": [*common, "loss.name=sampled_token", "support.name=sampled_token",
                                        "stages.opd.mini_batches=2", "stages.opd.micro_batches=2", "stages.opd.steps=2"],
         # the untrained BPE student rarely ends a response early: the chunks masker (one-to-one
@@ -55,20 +55,20 @@ class Record(Callback):
 def run_case(name: str, overrides: list[str], out: Path) -> None:
     from conftest import TINY, demo_cfg
 
-    from opdlm.build import build_plan
+    from opdlm.build import build_run
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
     from opdlm.pipeline import make_trainer
 
     cfg = demo_cfg(*TINY, f"run.out_dir={out}", *overrides, *DDP)
-    plan = build_plan(cfg)
-    module = OPDModule(cfg, plan=plan, student=plan.student.build(0), teacher=plan.teacher.build(1))
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built, student=built.student.build(0), teacher=built.teacher.build(1))
     rollouts = []
     sample = module.sample
     module.sample = lambda batch: rollouts.append(sample(batch)) or rollouts[-1]
     rec = Record()
     st = cfg["stages"]["opd"]
-    data = TaskData(plan.task, mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3)
+    data = TaskData(built.task, mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3)
     trainer = make_trainer(cfg, out / name, "opd", st["steps"])
     trainer.callbacks.append(rec)
     trainer.fit(module, datamodule=data)
@@ -85,14 +85,14 @@ def run_sft_case(out: Path) -> None:
     """One SFT step of the student: the global token mean of the cross-entropy over both ranks."""
     from conftest import TINY, demo_cfg
 
-    from opdlm.build import build_plan
+    from opdlm.build import build_run
     from opdlm.data import TaskData
     from opdlm.pipeline import make_trainer
     from opdlm.sft import SFTModule
 
     cfg = demo_cfg(*TINY, f"run.out_dir={out}", *SFT, *DDP)
-    plan = build_plan(cfg)
-    module = SFTModule(cfg, "student", plan=plan, model=plan.student.build(0))
+    built = build_run(cfg)
+    module = SFTModule(cfg, "student", built=built, model=built.student.build(0))
     batches = []
     step = module.training_step
     module.training_step = lambda batch, batch_idx: batches.append(batch) or step(batch, batch_idx)
@@ -102,7 +102,7 @@ def run_sft_case(out: Path) -> None:
         def on_before_optimizer_step(self, trainer, m, optimizer) -> None:  # noqa: ANN001
             grads.append([p.grad.detach().clone() for p in m.model.parameters()])
 
-    data = TaskData(plan.task, mode="sft", batch_size=8, steps=1, seed=3, tokenizer=plan.student.tokenizer)
+    data = TaskData(built.task, mode="sft", batch_size=8, steps=1, seed=3, tokenizer=built.student.tokenizer)
     trainer = make_trainer(cfg, out / "sft", "student_sft", 1)
     trainer.callbacks.append(RecordSFT())
     trainer.fit(module, datamodule=data)

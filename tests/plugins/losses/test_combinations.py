@@ -34,7 +34,7 @@ def inputs(seed: int, K: int = V):
 def test_weighted_sum_is_the_weighted_sum_of_its_terms():
     x, zs, zt = inputs(1)
     node = {"name": "weighted_sum", "terms": [{"name": "sampled_token", "weight": 1.0},
-                                               {"name": "forward_kl_topk", "weight": 0.5}]}
+                                               {"name": "forward_kl", "full": False, "weight": 0.5}]}
     got = LOSSES.build(node).compute(x)
     # independent: PPO surrogate and forward KL written out here
     adv = x.teacher.token_logprob - x.old_logprob
@@ -44,7 +44,7 @@ def test_weighted_sum_is_the_weighted_sum_of_its_terms():
     lp, lq = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
     fkl = (lq.exp() * (lq - lp)).sum(-1)
     torch.testing.assert_close(got.token_loss, pg + 0.5 * fkl, atol=1e-12, rtol=1e-10)
-    assert set(got.stats) >= {"0_sampled_token/loss", "1_forward_kl_topk/loss", "0_sampled_token/clip_frac"}
+    assert set(got.stats) >= {"0_sampled_token/loss", "1_forward_kl/loss", "0_sampled_token/clip_frac"}
     (g,) = torch.autograd.grad(got.token_loss.sum(), zs, retain_graph=True)
     (want,) = torch.autograd.grad((pg + 0.5 * fkl).sum(), zs)
     torch.testing.assert_close(g, want, atol=1e-12, rtol=1e-10)
@@ -54,7 +54,7 @@ def test_weighted_sum_is_the_weighted_sum_of_its_terms():
 def test_full_vocabulary_kls(name, formula):
     x, zs, zt = inputs(2)
     loss = LOSSES.build({"name": name})
-    assert loss.full_vocabulary
+    assert loss.reads.vocabulary == "full"
     lp, lq = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
     want = (lp.exp() * (lp - lq)).sum(-1) if formula == "reverse" else (lq.exp() * (lq - lp)).sum(-1)
     torch.testing.assert_close(loss.compute(x).token_loss, want, atol=1e-12, rtol=1e-10)
@@ -65,7 +65,7 @@ def test_full_vocabulary_kls(name, formula):
     ({"name": "weighted_sum", "terms": []}, r"^loss\.terms: weighted_sum needs at least one loss node$"),
     ({"name": "weighted_sum", "terms": [{"name": "lsm", "weight": -0.5}]}, r"^loss\.terms\.0\.weight: must be a number >= 0, got -0.5$"),
     ({"name": "weighted_sum", "terms": [{"name": "jsd", "beta": 2.0}]}, r"^loss\.terms\.0\.beta: must be in \[0, 1\], got 2.0$"),
-    ({"name": "weighted_sum", "terms": [{"name": "reverse_kl"}, {"name": "lsm"}]}, r"^loss\.terms: full-vocabulary losses"),
+    ({"name": "weighted_sum", "terms": [{"name": "reverse_kl"}, {"name": "lsm"}]}, r"^loss\.terms\.1\.name: full-vocabulary losses"),
 ])
 def test_weighted_sum_bad_options(node, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -81,7 +81,7 @@ def test_weighted_sum_checks_its_terms_against_the_support():
 def test_jsd_full_asks_for_the_whole_vocabulary_and_then_is_the_full_jsd():
     x, zs, zt = inputs(3)  # the fixture's support already covers all V ids
     loss = LOSSES.build({"name": "jsd", "beta": 0.5, "full": True})
-    assert loss.full_vocabulary and not LOSSES.build({"name": "jsd"}).full_vocabulary
+    assert loss.reads.vocabulary == "full" and LOSSES.build({"name": "jsd"}).reads.vocabulary == "support"
     p, q = torch.softmax(zs, -1), torch.softmax(zt, -1)
     m = 0.5 * p + 0.5 * q
     want = 0.5 * (q * (q / m).log()).sum(-1) + 0.5 * (p * (p / m).log()).sum(-1)

@@ -109,16 +109,3 @@ def test_mask_before_bind_is_an_error():
     rollout = make_rollout(torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(RuntimeError):
         m.mask(rollout, make_view(rollout))
-
-
-def test_response_masker_is_response_and_aligned():
-    g = torch.Generator().manual_seed(11)
-    B, T = 4, 9
-    targets = torch.randint(5, 20, (B, T), generator=g)
-    response = torch.rand(B, T, generator=g) < 0.6
-    aligned = torch.rand(B, T, generator=g) < 0.6
-    rollout = make_rollout(targets, response)
-    got = MASKERS.build({"name": "response"}, "masker").mask(rollout, make_view(rollout, aligned))
-    want = torch.tensor([[bool(response[b, t]) and bool(aligned[b, t]) for t in range(T)] for b in range(B)])
-    assert torch.equal(got, want)
-    assert want.any() and (response & ~aligned).any() and (~response & aligned).any()
