@@ -113,6 +113,29 @@ class SupportSelector(Plugin):
         raise NotImplementedError
 
 
+class TopKSupport(SupportSelector):
+    """Base of the supports built on one side's own top-k (``side``: 'teacher' or 'student'):
+    option k (>= 1, at most that side's vocabulary); the engine computes that side's top-k."""
+
+    side: str = "teacher"
+
+    def __init__(self, *, k: int = 32) -> None:
+        check_support_size("k", k)
+        self.k = k
+        if self.side == "teacher":
+            self.teacher_topk = k
+        else:
+            self.student_topk = k
+
+    @property
+    def size(self) -> int:
+        return self.k
+
+    def bind(self, ctx: Context) -> None:
+        tokenizer = ctx.teacher_tokenizer if self.side == "teacher" else ctx.student_tokenizer
+        check_support_size("k", self.k, tokenizer, self.side)
+
+
 class Masker(Plugin):
     """Which response positions count in the loss; several maskers are combined with AND."""
 

@@ -124,12 +124,7 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
         z = torch.logsumexp(logits, dim=-1)
         lse.append(z)
         tok.append(logits.gather(1, tgt[:, None]).squeeze(1) - z)
-        if sup_c is not None:
-            sl.append(logits.gather(1, sup_c))
-        if topk:
-            v, i = logits.topk(topk, dim=-1)
-            ti.append(i)
-            tl.append(v)
+        _support_and_topk(logits, sup_c, topk, sl, ti, tl)
         if buckets is not None:
             bk.append(bucket_logsumexp(logits, buckets, n_buckets) - z.unsqueeze(-1))
         if entropy:  # a diagnostic: no graph is kept for it; H = lse - Σ p z
@@ -138,6 +133,20 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
                 ent.append(z.detach() - (p * logits).sum(-1))
                 del p
     return _scores(B, T, f, tok, lse, sl, ti, tl, ent, bk, sup, topk, entropy, buckets is not None, n_buckets)
+
+
+def _support_and_topk(logits: Tensor, sup: Tensor | None, topk: int, sl: list[Tensor], ti: list[Tensor],
+                      tl: list[Tensor]) -> Tensor | None:
+    """Append one block's logits on the support ids and its top-k (ids, logits) to the lists;
+    returns the top-k logits (largest first) or None."""
+    if sup is not None:
+        sl.append(logits.gather(1, sup))
+    if not topk:
+        return None
+    v, i = logits.topk(topk, dim=-1)
+    ti.append(i)
+    tl.append(v)
+    return v
 
 
 def _scores(B: int, T: int, like: Tensor, tok: list[Tensor], lse: list[Tensor], sl: list[Tensor], ti: list[Tensor],
@@ -170,15 +179,8 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
         if head is None or z.data_ptr() == f.data_ptr():
             z = z.clone()  # the caller's logits are not ours to change in place
         tok_logit = z.gather(1, tgt[:, None]).squeeze(1)
-        if sup_c is not None:
-            sl.append(z.gather(1, sup_c))
-        if topk:
-            v, i = z.topk(topk, dim=-1)
-            ti.append(i)
-            tl.append(v)
-            m = v[:, :1]
-        else:
-            m = z.amax(-1, keepdim=True)
+        top = _support_and_topk(z, sup_c, topk, sl, ti, tl)
+        m = top[:, :1] if top is not None else z.amax(-1, keepdim=True)
         z = z.sub_(m)  # z - max, in place
         tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
         z_lse = tot.log() + m.squeeze(1)

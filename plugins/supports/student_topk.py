@@ -5,26 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from opdlm.plugin_api import Context, SupportSelector, check_support_size
+from opdlm.plugin_api import TopKSupport
 from opdlm.registry import SUPPORTS
 from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("student_topk")
-class StudentTopK(SupportSelector):
+class StudentTopK(TopKSupport):
     """The K most likely tokens under the student at each position."""
 
-    def __init__(self, *, k: int = 32) -> None:
-        check_support_size("k", k)
-        self.k = k
-        self.student_topk = k
-
-    @property
-    def size(self) -> int:
-        return self.k
-
-    def bind(self, ctx: Context) -> None:
-        check_support_size("k", self.k, ctx.student_tokenizer, "student")
+    side = "student"
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:

@@ -7,26 +7,20 @@ from __future__ import annotations
 
 import torch
 
-from opdlm.plugin_api import Context, SupportSelector, check_support_size
+from opdlm.plugin_api import TopKSupport
 from opdlm.registry import SUPPORTS
 from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("teacher_topk_plus_sampled")
-class TeacherTopKPlusSampled(SupportSelector):
+class TeacherTopKPlusSampled(TopKSupport):
     """The teacher's K most likely tokens and the token the student sampled."""
 
-    def __init__(self, *, k: int = 32) -> None:
-        check_support_size("k", k)
-        self.k = k
-        self.teacher_topk = k
+    side = "teacher"
 
     @property
     def size(self) -> int:
         return self.k + 1
-
-    def bind(self, ctx: Context) -> None:
-        check_support_size("k", self.k, ctx.teacher_tokenizer, "teacher")
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:
