@@ -2,9 +2,20 @@
 of the checkout ship inside the package as opdlm.builtin.plugins and opdlm.builtin.conf, every
 sub-folder included (a new plugin folder needs no edit here)."""
 
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class fresh_build_py(build_py):  # noqa: N801 - setuptools command naming
+    """Start from an empty build/lib/opdlm: setuptools never removes files a previous build copied
+    there, so a plugin deleted from the checkout would otherwise still ship in the wheel."""
+
+    def run(self) -> None:
+        shutil.rmtree(Path(self.build_lib) / "opdlm", ignore_errors=True)
+        super().run()
 
 
 def mapped(src: str, package: str) -> dict[str, str]:
@@ -20,4 +31,5 @@ setup(
     packages=[*find_packages(include=["opdlm", "opdlm.*"]), *DATA],
     package_dir=DATA,
     package_data={name: ["*.py", "*.yaml"] for name in DATA},
+    cmdclass={"build_py": fresh_build_py},
 )

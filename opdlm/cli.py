@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from opdlm.registry import KINDS, ConfigError
+from opdlm.registry import KINDS, ConfigError, PluginError
 
 HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
 
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"opdlm: config error: {e}", file=sys.stderr)
         return 2
+    except PluginError as e:  # a plugin that fails the config check's probe
+        print(f"opdlm: plugin error: {e}", file=sys.stderr)
+        return 1
     if "--check" in flags:
         print(to_yaml(cfg), end="")
         print(f"# ok: {', '.join(confs)} composes and every plugin builds", file=sys.stderr)
@@ -76,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from opdlm import dist
     from opdlm.pipeline import FolderBusy, RunInterrupted, Runner, quiet_libraries
-    from opdlm.registry import PluginError
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
     quiet_libraries()  # again: now it knows the rank

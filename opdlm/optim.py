@@ -1,5 +1,10 @@
 """The optimizer and learning-rate schedule every stage uses: AdamW with a linear warm-up, then a
-constant rate or a cosine decay to 10 % of it."""
+constant rate or a cosine decay to 10 % of it.
+
+After the warm-up the cosine is transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` with
+``min_lr_rate=0.1`` (tests/test_optim.py checks they agree); the warm-up is not: transformers' starts
+at 0 (step / warmup), so its first step does not train, while this one trains at
+(step + 1) / warmup from the first step. Hence the small lambda here instead of the library's."""
 
 from __future__ import annotations
 

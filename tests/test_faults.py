@@ -53,6 +53,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
 
 @pytest.mark.slow
 def test_a_loss_that_returns_nothing_is_named(tmp_path):
+    """Found by the config check's probe, before any stage runs."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "lazy.py").write_text(
@@ -64,6 +65,7 @@ def test_a_loss_that_returns_nothing_is_named(tmp_path):
     assert msg.startswith("opdlm: plugin error: loss 'lazy' (") and str(plugins / "lazy.py") in msg
     assert "compute() returned NoneType; it must return LossOutput(token_loss=<tensor of shape" in msg
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("stage.json"))
 
 
 def test_damaged_or_missing_weights_are_found_at_check(tmp_path, capsys):

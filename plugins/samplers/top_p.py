@@ -23,7 +23,11 @@ from opdlm.types import Example, Rollout
 
 def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Set to -inf every logit outside the smallest set whose probability reaches top_p
-    (the most likely token is always kept). logits [N, V]."""
+    (the most likely token is always kept). logits [N, V]. The rule of transformers'
+    TopPLogitsWarper, which sums the probabilities from the other end of the sorted vocabulary: on
+    rows where a prefix mass falls within rounding of top_p the two can keep different sets (2 of
+    300,000 random rows in tests/plugins/samplers/test_top_p.py's comparison), so this one stays:
+    the behaviour log-probs are computed from exactly the set it keeps."""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
