@@ -12,6 +12,7 @@ import torch
 
 from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
+from opdlm.ops.aggregate import AGGREGATIONS
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
 from opdlm.reads import check_reads, probe
 from opdlm.registry import (
@@ -69,6 +70,14 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         need(st["steps"] >= 0, f"{k}.steps", ">= 0", st["steps"])
         need(st["lr"] > 0, f"{k}.lr", "> 0", st["lr"])
         need(st["weight_decay"] >= 0, f"{k}.weight_decay", ">= 0", st["weight_decay"])
+        betas = st["betas"]
+        need(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"{k}.betas", "two numbers in [0, 1)", betas)
+        need(st["eps"] > 0, f"{k}.eps", "> 0", st["eps"])
+        if "loss_aggregation" in st:
+            need(st["loss_aggregation"] in AGGREGATIONS, f"{k}.loss_aggregation", " | ".join(AGGREGATIONS),
+                 st["loss_aggregation"])
+            need(st["loss_norm_length"] >= 0, f"{k}.loss_norm_length", ">= 0 (0 = sampler.max_new_tokens)",
+                 st["loss_norm_length"])
         need(st["warmup_steps"] >= 0, f"{k}.warmup_steps", ">= 0", st["warmup_steps"])
         need(st["schedule"] in ("constant", "cosine"), f"{k}.schedule", "constant or cosine", st["schedule"])
         need(st["val_every"] >= 0, f"{k}.val_every", ">= 0", st["val_every"])

@@ -266,15 +266,20 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
         elif isinstance(ref, list):
             if not isinstance(v, list):
                 raise where.err(path, f"expected a list, got {v!r} ({type(v).__name__})")
+            kinds = {type(x) for x in ref} - {bool}
+            if kinds and kinds <= {int, float}:  # a list of numbers (betas, ...): every item a number
+                bad = [x for x in v if isinstance(x, bool) or not isinstance(x, (int, float))]
+                if bad:
+                    raise where.err(path, f"expected a list of numbers, got {v!r} ({bad[0]!r} is not a number)")
 
 
-#: framework keys whose default is null, and the type of any other value they take
 #: framework keys that were renamed: old name -> new name (the error names the new one)
 RENAMED: dict[str, str] = {
     "chunk_size": "teacher_head_block",
     "head_chunk": "student_head_block",
 }
 
+#: framework keys whose default is null, and the type of any other value they take
 NULLABLE: dict[str, type] = {
     "run.stage_cache": str,
     "teacher.path": str, "teacher.tokenizer_path": str,

@@ -23,6 +23,7 @@ from opdlm import dist
 from opdlm.build import BuiltRun
 from opdlm.evaluation import GenerationEval, eval_modes
 from opdlm.models import load_or_build, render_prompt
+from opdlm.ops.aggregate import aggregation
 from opdlm.ops.batch import full_support, micro_batch_rows, mini_batch_rows, take
 from opdlm.ops.diagnostics import loss_diagnostics, rollout_diagnostics
 from opdlm.ops.extra_scores import FirstByteBins, chunk_logprob
@@ -59,6 +60,7 @@ class OPDModule(GenerationEval):
         self.temperature = built.sampler.temperature
         self.reads = built.loss.reads
         self.lean = self.stage["head"] == "lean"
+        self.norm_length = self.stage["loss_norm_length"] or built.sampler.max_new_tokens
         self.automatic_optimization = False
         self.first_byte = FirstByteBins(built.ctx, built.student.n_ids, built.teacher.n_ids)
         self.setup_eval(built, eval_modes(config), built.student.node["chat_template"], self.stage["val_every"])
@@ -144,8 +146,8 @@ class OPDModule(GenerationEval):
                optimizer: Any = None, scheduler: Any = None) -> dict[str, list[Tensor]]:
         """Loss, backward and optimizer step(s) on one rollout batch: ``mini_batches`` (a count)
         optimizer steps on strided row sets (later ones are off-policy against π_old), each
-        accumulating ``micro_batches`` (a count) backward passes, each normalised by the tokens of
-        the whole mini-batch on every rank. Outside a fit, pass the optimizer (and the scheduler)."""
+        accumulating ``micro_batches`` (a count) backward passes, the loss aggregated over the whole
+        mini-batch on every rank (``loss_aggregation``). Outside a fit, pass the optimizer (and the scheduler)."""
         st, world = self.stage, self._world()
         opt = optimizer if optimizer is not None else self.optimizers()
         sched = scheduler if scheduler is not None or optimizer is not None else self.lr_schedulers()
@@ -154,13 +156,16 @@ class OPDModule(GenerationEval):
             with torch.no_grad():
                 old_logprob = self.score_student(rollout, None).token_logprob
         logs: dict[str, list[Tensor]] = {}
+        all_sum = dist.all_sum if world > 1 else (lambda x: x)
         for rows in mini_batch_rows(rollout.input_ids.shape[0], st["mini_batches"]):
-            n_tokens = mask[rows.to(mask.device)].sum().float()
-            n_tokens = (dist.all_sum(n_tokens) if world > 1 else n_tokens).clamp_min(1.0)
+            weights, denominator = aggregation(mask[rows.to(mask.device)], st["loss_aggregation"],
+                                               norm_length=self.norm_length, all_sum=all_sum)
             for micro in micro_batch_rows(rows, st["micro_batches"]):
                 old = take(old_logprob, micro) if old_logprob is not None else None
+                within = torch.searchsorted(rows.to(micro.device), micro)  # the micro-batch's rows in `weights`
                 inputs, out = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher, micro),
-                                                 old, take(mask, micro), take(view, micro), n_tokens * (1.0 / world))
+                                                 old, take(mask, micro), take(view, micro),
+                                                 denominator * (1.0 / world), take(weights, within))
                 for k, v in loss_diagnostics(inputs, out.token_loss, out.stats).items():
                     logs.setdefault(k, []).append(v)
             logs.setdefault("grad_norm", []).append(self._clip(st["max_grad_norm"]))
@@ -173,9 +178,11 @@ class OPDModule(GenerationEval):
         return logs
 
     def loss_backward(self, ro: Rollout, sup: Support, teacher: Scores, old: Tensor | None, mask: Tensor,
-                      view: TeacherView, denominator: Tensor) -> tuple[LossInputs, LossOutput]:
-        """The student's scores (naive or lean head), the loss Σ mask·ℓ / ``denominator`` and one
-        backward pass through head and body. Returns the loss inputs and output (for the log)."""
+                      view: TeacherView, denominator: Tensor, weights: Tensor | None = None) -> tuple[LossInputs, LossOutput]:
+        """The student's scores (naive or lean head), the loss Σ weights·ℓ / ``denominator`` (the
+        step's aggregation, opdlm.ops.aggregate; weights default to the mask) and one backward pass
+        through head and body.
+        Returns the loss inputs and output (for the log)."""
         feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids, self._cols(ro))
         if self.lean and head is None:
             self._warn_no_split()
@@ -196,7 +203,8 @@ class OPDModule(GenerationEval):
         inputs = LossInputs(student=student, teacher=teacher, support=sup, mask=mask, rollout=ro, view=view,
                             old_logprob=old if old is not None else student.token_logprob.detach())
         out = LossOutput(token_loss) if full_lean else checked_output(loss, loss.compute(inputs), mask)
-        self._backward((out.token_loss * mask.to(out.token_loss.dtype)).sum() / denominator)
+        w = (mask if weights is None else weights).to(out.token_loss.dtype)
+        self._backward((out.token_loss * w).sum() / denominator.to(out.token_loss.dtype))
         self._phase("loss_path_end")
         return inputs, out
 

@@ -27,6 +27,7 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 
 def make_optimizer(module: L.LightningModule, params: Any, st: dict[str, Any]) -> Any:
-    opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=tuple(st["betas"]),
+                            eps=st["eps"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st["warmup_steps"], st["steps"], st["schedule"]))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

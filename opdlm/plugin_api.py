@@ -136,6 +136,17 @@ class TopKSupport(SupportSelector):
         check_support_size("k", self.k, tokenizer, self.side)
 
 
+def with_sampled(top: Tensor, sampled: Tensor) -> Support:
+    """The support ``top`` [B, T, K] plus the sampled token ``sampled`` [B, T] as entry K, marked
+    invalid where it is already among the top K (so no token counts twice)."""
+    import torch
+
+    s = sampled.unsqueeze(-1)
+    inside = (top == s).any(-1, keepdim=True)
+    return Support(ids=torch.cat([top, s], dim=-1),
+                   valid=torch.cat([torch.ones_like(top, dtype=torch.bool), ~inside], dim=-1))
+
+
 class Masker(Plugin):
     """Which response positions count in the loss; several maskers are combined with AND."""
 

@@ -1,7 +1,10 @@
 """Special-token masking of the LSM paper: in each response, drop from the loss the first
 occurrence of each configured token. The tokens are given as strings and resolved through the
-student tokenizer; each must encode to exactly one id (else a ConfigError before training).
+student tokenizer. A string the tokenizer spells in several ids masks the first occurrence of each
+of those ids, as the official code does (``strict: true`` makes such a string a ConfigError
+instead); a string holding characters the tokenizer does not know is always an error.
 Options: tokens (list of strings; the paper's Qwen default is ["<", "think", "<|im_end|>"]);
+strict (every string must be one token, default false);
 teacher_tokens (list of strings resolved through the teacher tokenizer, default []): across
 tokenizers, the chunk holding the first occurrence of each in the teacher's re-tokenised completion
 is dropped too (e.g. a Qwen teacher's one-token "<think>" that a Llama student spells in three).
@@ -43,8 +46,10 @@ def first_occurrences(targets: Tensor, ids: Tensor, allowed: Tensor) -> Tensor:
 class SpecialTokens(Masker):
     """Drops the first occurrence per response of each configured token string."""
 
-    def __init__(self, *, tokens: list[str] | None = None, teacher_tokens: list[str] | None = None) -> None:
+    def __init__(self, *, tokens: list[str] | None = None, teacher_tokens: list[str] | None = None,
+                 strict: bool = False) -> None:
         self.tokens = list(tokens) if tokens is not None else ["<", "think", "<|im_end|>"]
+        self.strict = strict
         self.teacher_tokens = list(teacher_tokens or [])
         for key, vals in (("tokens", self.tokens), ("teacher_tokens", self.teacher_tokens)):
             if not all(isinstance(t, str) and t for t in vals):
@@ -52,20 +57,23 @@ class SpecialTokens(Masker):
         self.ids: Tensor | None = None
         self.teacher_ids: Tensor | None = None
 
-    @staticmethod
-    def _resolve(tok, strings: list[str], key: str, side: str) -> Tensor:  # noqa: ANN001 - an HF tokenizer
-        ids = []
+    def _resolve(self, tok, strings: list[str], key: str, side: str) -> Tensor:  # noqa: ANN001 - an HF tokenizer
+        ids: list[int] = []
         for t in strings:
             i = single_token_id(tok, t)
-            if i is None:
-                enc = tok(t, add_special_tokens=False)["input_ids"]
-                how = ("contains characters it does not know" if tok.unk_token_id in enc
-                       else f"encodes to {len(enc)} ids {enc[:8]}")
+            if i is not None:
+                ids.append(i)
+                continue
+            enc = tok(t, add_special_tokens=False)["input_ids"]
+            if tok.unk_token_id is not None and tok.unk_token_id in enc:
+                raise ConfigError(f"{key}: '{t}' contains characters the {side} tokenizer does not know")
+            if self.strict:
                 raise ConfigError(
-                    f"{key}: '{t}' is not a single token of the {side} tokenizer (it {how}); "
-                    f"list strings the tokenizer has as one token"
+                    f"{key}: '{t}' is not a single token of the {side} tokenizer (it encodes to {len(enc)} ids "
+                    f"{enc[:8]}); list strings the tokenizer has as one token, or set strict: false to mask "
+                    f"the first occurrence of each of its ids"
                 )
-            ids.append(i)
+            ids.extend(int(i) for i in enc)
         return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
     def bind(self, ctx: Context) -> None:

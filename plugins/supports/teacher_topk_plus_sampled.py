@@ -5,9 +5,7 @@ Output ids [B, T, K + 1]."""
 
 from __future__ import annotations
 
-import torch
-
-from opdlm.plugin_api import TopKSupport
+from opdlm.plugin_api import TopKSupport, with_sampled
 from opdlm.registry import SUPPORTS
 from opdlm.types import Rollout, Scores, Support, TeacherView
 
@@ -25,9 +23,4 @@ class TeacherTopKPlusSampled(TopKSupport):
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:
         assert teacher.topk_ids is not None and teacher.topk_ids.shape[-1] >= self.k
-        top = teacher.topk_ids[..., : self.k]
-        sampled = rollout.targets.unsqueeze(-1)
-        inside = (top == sampled).any(-1, keepdim=True)
-        ids = torch.cat([top, sampled], dim=-1)
-        valid = torch.cat([torch.ones_like(top, dtype=torch.bool), ~inside], dim=-1)
-        return Support(ids=ids, valid=valid)
+        return with_sampled(teacher.topk_ids[..., : self.k], rollout.targets)

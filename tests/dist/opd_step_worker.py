@@ -30,6 +30,8 @@ def cases() -> dict[str, list[str]]:
               "stages.opd.max_grad_norm=null", "stages.opd.lr=1.0e-2", "stages.opd.steps=1"]
     return {
         "lsm": [*common, "support.k=4"],
+        "lsm_seq_mean_micro2": [*common, "support.k=4", "stages.opd.loss_aggregation=seq_mean_token_mean",
+                                "stages.opd.micro_batches=2"],
         "lsm_lean": [*common, "support.k=4", "stages.opd.head=lean", "stages.opd.student_head_block=5"],
         "sampled_token_mini2_micro2": [*common, "loss.name=sampled_token", "support.name=sampled_token",
                                        "stages.opd.mini_batches=2", "stages.opd.micro_batches=2", "stages.opd.steps=2"],

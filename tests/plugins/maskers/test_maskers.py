@@ -1,4 +1,5 @@
-"""Maskers: special-token masking (first occurrence per response) and the response masker."""
+"""Maskers: special-token masking (first occurrence per response; multi-token strings mask the
+first occurrence of each of their ids unless strict)."""
 
 from __future__ import annotations
 
@@ -83,8 +84,23 @@ def test_response_without_special_tokens_keeps_everything():
     assert m.mask(rollout, make_view(rollout)).all()
 
 
+def test_multi_token_string_masks_the_first_occurrence_of_each_of_its_ids():
+    vocab = char_tok.get_vocab()
+    one, plus, eq = vocab["1"], vocab["+"], vocab["="]
+    m = _special(["1+"], make_ctx())  # two ids in the char tokenizer
+    assert sorted(m.ids.tolist()) == sorted([one, plus])
+    targets = torch.tensor([[eq, plus, one, plus, one], [one, one, eq, eq, plus]])
+    rollout = make_rollout(targets)
+    want = _reference_drop(targets, torch.ones_like(targets, dtype=torch.bool), {one, plus})
+    assert torch.equal(m.mask(rollout, make_view(rollout)), want)
+    assert want.tolist() == [[True, False, False, True, True], [False, True, True, True, False]]
+    strict = MASKERS.build({"name": "special_tokens", "tokens": ["<think>", "1+"], "strict": True}, "masker")
+    with pytest.raises(ConfigError, match=r"^tokens: '1\+' is not a single token of the student tokenizer .*strict: false"):
+        strict.bind(make_ctx())
+
+
 @pytest.mark.parametrize("bad", ["think", "zz", "<"])
-def test_string_that_is_not_one_token_raises_at_bind(bad):
+def test_string_with_characters_the_tokenizer_lacks_raises_at_bind(bad):
     m = MASKERS.build({"name": "special_tokens", "tokens": ["<think>", bad]}, "masker")
     with pytest.raises(ConfigError) as e:
         m.bind(make_ctx())
