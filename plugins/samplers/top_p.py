@@ -25,9 +25,9 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     """Set to -inf every logit outside the smallest set whose probability reaches top_p
     (the most likely token is always kept). logits [N, V]. The rule of transformers'
     TopPLogitsWarper, which sums the probabilities from the other end of the sorted vocabulary: on
-    rows where a prefix mass falls within rounding of top_p the two can keep different sets (2 of
-    300,000 random rows in tests/plugins/samplers/test_top_p.py's comparison), so this one stays:
-    the behaviour log-probs are computed from exactly the set it keeps."""
+    rows where a prefix mass falls within rounding of top_p the two can keep different sets
+    (measured: 2 of 300,000 random rows of 50 logits, p in {0.1, 0.5, 0.9, 0.95, 0.99}), so this
+    one stays: the behaviour log-probs are computed from exactly the set it keeps."""
     if top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)
