@@ -95,6 +95,14 @@ def check_values(cfg: Mapping[str, Any]) -> None:
     need(ev["batch_size"] >= 1, "eval.batch_size", ">= 1", ev["batch_size"])
     need(ev["val_prompts"] >= 0, "eval.val_prompts", ">= 0", ev["val_prompts"])
     need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
+    for split in ("val", "test"):
+        n = ev["samples"][split]
+        need(isinstance(n, int) and n >= 1, f"eval.samples.{split}", "an integer >= 1", n)
+        for k in ev["pass_k"][split]:
+            need(isinstance(k, int) and 1 <= k <= n, f"eval.pass_k.{split}",
+                 f"integers between 1 and eval.samples.{split} ({n})", ev["pass_k"][split])
+        need(not ev["pass_k"][split] or ev["sampled"], f"eval.pass_k.{split}", "empty when eval.sampled is false",
+             ev["pass_k"][split])
     need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
     need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
     need(cfg["data"]["too_long"] in ("error", "skip"), "data.too_long", "error or skip", cfg["data"]["too_long"])

@@ -19,37 +19,84 @@ from opdlm.types import Example
 SPLIT_SEED = {"val": 101, "test": 102}
 
 
+def task_extracts(task: Any) -> bool:
+    """Whether the task reads answers out of responses (Task.extract): maj@k and unparsed need it."""
+    from opdlm.plugin_api import Task
+    return type(task).extract is not Task.extract
+
+
+def metric_names(modes: list[str], pass_k: list[int], extracts: bool) -> list[str]:
+    """The per-prompt metrics of an evaluation, in a fixed order (the same on every process)."""
+    names = []
+    for mode in modes:
+        names += [f"acc_{mode}", f"len_{mode}", f"trunc_{mode}"] + ([f"unparsed_{mode}"] if extracts else [])
+        if mode == "sampled":
+            names += [f"pass@{k}" for k in pass_k] + ([f"maj@{k}" for k in pass_k] if extracts else [])
+    return names
+
+
 @torch.no_grad()
 def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_template: bool, batch: list[Example],
-                   modes: list[str], seed: int) -> dict[str, dict[str, Tensor]]:
-    """Per mode (greedy / sampled), per example: correct (0/1), response length and truncation.
-    The sampled mode draws from a generator seeded with ``seed`` alone, so a batch's result does
-    not depend on which process evaluates it or on what ran before."""
+                   modes: list[str], seed: int, samples: int = 1, pass_k: list[int] | tuple[int, ...] = ()
+                   ) -> dict[str, Tensor]:
+    """Per-prompt metrics [len(batch)] of one batch (metric_names): greedy decodes once; the sampled
+    mode draws ``samples`` responses per prompt, acc_sampled is their mean correctness (avg@n),
+    pass@k the unbiased estimate from them and maj@k the majority vote of the first k. Length,
+    truncation and the unparsed share are means over a prompt's responses. The sampled mode draws
+    from a generator seeded with ``seed`` alone, so a batch's result does not depend on which
+    process evaluates it or on what ran before."""
+    from opdlm.metrics import majority_correct, pass_at_k
+    task = built.task
+    extracts = task_extracts(task)
     prompts = [render_prompt(tokenizer, ex.prompt, chat_template) for ex in batch]
-    out = {}
+    out: dict[str, Tensor] = {}
     for i, mode in enumerate(modes):
         torch.manual_seed(step_seed(seed, i))
-        ro = built.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=1)
-        correct = torch.tensor([float(built.task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)])
-        out[mode] = {"acc": correct, "len": ro.lengths.float().cpu(), "trunc": ro.truncated.float().cpu()}
+        n = 1 if mode == "greedy" else samples
+        ro = built.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=n)
+        correct = [bool(task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)]
+        answers = [task.extract(t) for t in ro.texts] if extracts else [None] * len(correct)
+
+        def per_prompt(values: list[float] | Tensor, n: int = n) -> Tensor:  # a prompt's mean over its responses
+            return torch.as_tensor(values, dtype=torch.float64).reshape(len(batch), n).mean(-1)
+
+        out[f"acc_{mode}"] = per_prompt([float(c) for c in correct])
+        out[f"len_{mode}"] = per_prompt(ro.lengths.double().cpu())
+        out[f"trunc_{mode}"] = per_prompt(ro.truncated.double().cpu())
+        if extracts:
+            out[f"unparsed_{mode}"] = per_prompt([float(a is None) for a in answers])
+        if mode == "sampled":
+            rows = [range(p * n, (p + 1) * n) for p in range(len(batch))]
+            for k in pass_k:
+                out[f"pass@{k}"] = torch.tensor([pass_at_k(n, sum(correct[r] for r in rs), k) for rs in rows],
+                                                dtype=torch.float64)
+                if extracts:
+                    out[f"maj@{k}"] = torch.tensor(
+                        [float(majority_correct([answers[r] for r in rs], [correct[r] for r in rs], k)) for rs in rows],
+                        dtype=torch.float64)
     return out
 
 
 def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str, Any], chat_template: bool,
              split: str = "test", progress: bool = False) -> dict[str, float]:
-    """Accuracy, mean response length and truncated fraction of ``model`` on the first
-    ``eval.<split>_prompts`` prompts of a split, per evaluation mode. Sharded over the processes of
-    a multi-device run (rank r evaluates batches r, r + W, ...) and summed over them: every process
-    gets the same numbers, and they do not depend on the number of processes."""
+    """The metrics (metric_names) of ``model`` on the first ``eval.<split>_prompts`` prompts of a
+    split, as ``<split>/<metric>``: means over prompts. When the split holds several named
+    benchmarks (Example.meta["benchmark"]), each is also reported as ``<split>/<benchmark>/<metric>``
+    and ``<split>/<metric>`` is their mean, as papers' tables average benchmarks. Sharded over the
+    processes of a multi-device run (rank r evaluates batches r, r + W, ...) and summed over them:
+    every process gets the same numbers, and they do not depend on the number of processes."""
     from opdlm import dist
     from opdlm.data import EvalBatches, eval_items
 
     ev = config["eval"]
     modes = eval_modes(config)
+    samples, pass_k = ev["samples"][split], list(ev["pass_k"][split])
+    names = metric_names(modes, pass_k, task_extracts(built.task))
     items = eval_items(built.task, split, ev[f"{split}_prompts"])
+    groups = sorted({ex.meta.get("benchmark", "") for ex in items})  # the same on every process
     batches = EvalBatches(items, ev["batch_size"], dist.rank(), dist.world())
     device = next(model.parameters()).device
-    sums = torch.zeros(len(modes), 4, dtype=torch.float64)  # correct, length, truncated, count
+    sums = torch.zeros(len(groups), len(names) + 1, dtype=torch.float64)  # per group: metric sums, prompts
     was_training = model.training
     model.eval()
     bar = None
@@ -57,10 +104,12 @@ def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str
         from tqdm.auto import tqdm
         bar = tqdm(total=len(batches), desc=f"{split} evaluation", leave=False, dynamic_ncols=True)
     for b, batch in batches:
-        res = generate_batch(model, tokenizer, built, chat_template, batch, modes, step_seed(config["run"]["seed"], SPLIT_SEED[split], b))
-        for i, mode in enumerate(modes):
-            r = res[mode]
-            sums[i] += torch.tensor([r["acc"].sum(), r["len"].sum(), r["trunc"].sum(), len(batch)], dtype=torch.float64)
+        res = generate_batch(model, tokenizer, built, chat_template, batch, modes,
+                             step_seed(config["run"]["seed"], SPLIT_SEED[split], b), samples, pass_k)
+        for p, ex in enumerate(batch):
+            g = groups.index(ex.meta.get("benchmark", ""))
+            sums[g, :-1] += torch.stack([res[m][p] for m in names])
+            sums[g, -1] += 1
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -69,11 +118,11 @@ def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str
     if dist.world() > 1:
         backend = torch.distributed.get_backend()
         sums = dist.all_sum(sums.to(device if backend == "nccl" else "cpu")).cpu()
-    out = {}
-    for i, mode in enumerate(modes):
-        n = max(sums[i, 3].item(), 1.0)
-        out.update({f"{split}/acc_{mode}": sums[i, 0].item() / n, f"{split}/len_{mode}": sums[i, 1].item() / n,
-                    f"{split}/trunc_{mode}": sums[i, 2].item() / n})
+    means = sums[:, :-1] / sums[:, -1:].clamp_min(1.0)
+    out = {f"{split}/{m}": means[:, j].mean().item() for j, m in enumerate(names)}  # mean over benchmarks
+    if groups != [""]:
+        for g, name in enumerate(groups):
+            out.update({f"{split}/{name}/{m}": means[g, j].item() for j, m in enumerate(names)})
     return out
 
 

@@ -445,17 +445,32 @@ def _config_diff(saved: Path, cfg: dict[str, Any], most: int = 3) -> str:
 
 
 def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
-    modes = [m for m in ("greedy", "sampled") if cfg["eval"][m]]
-    head = "| model | " + " | ".join(f"test acc ({m})" for m in modes) + " | mean length | truncated |"
-    sep = "|---" * (3 + len(modes)) + "|"
-    rows = [head, sep]
+    ev = cfg["eval"]
+    modes = [m for m in ("greedy", "sampled") if ev[m]]
+    m0 = modes[0] if modes else "greedy"
+    n = ev["samples"]["test"]
+    cols = [(f"test acc ({m}{', avg@' + str(n) if m == 'sampled' and n > 1 else ''})", f"test/acc_{m}", True)
+            for m in modes]
+    cols += [(name, f"test/{name}", True) for k in ev["pass_k"]["test"] for name in (f"pass@{k}", f"maj@{k}")]
+    cols += [("unparsed", f"test/unparsed_{m0}", True), ("mean length", f"test/len_{m0}", False),
+             ("truncated", f"test/trunc_{m0}", True)]
     names = {"teacher": "teacher", "student_before": "student before OPD", "student_after": "student after OPD"}
-    for key, label in names.items():
-        t = results[key]["test"]
-        m0 = modes[0] if modes else "greedy"
-        accs = " | ".join(f"{100 * t.get(f'test/acc_{m}', float('nan')):.1f} %" for m in modes)
-        rows.append(f"| {label} | {accs} | {t.get(f'test/len_{m0}', float('nan')):.1f} | "
-                    f"{100 * t.get(f'test/trunc_{m0}', float('nan')):.1f} % |")
+    tests = {key: results[key]["test"] for key in names}
+    cols = [c for c in cols if any(c[1] in t for t in tests.values())]  # maj@k, unparsed: tasks that extract
+
+    def cell(t: dict[str, float], key: str, pct: bool) -> str:
+        v = t.get(key, float("nan"))
+        return f"{100 * v:.1f} %" if pct else f"{v:.1f}"
+
+    rows = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---" * (1 + len(cols)) + "|"]
+    rows += [f"| {label} | " + " | ".join(cell(tests[key], k, pct) for _, k, pct in cols) + " |"
+             for key, label in names.items()]
+    benches = sorted({k.split("/")[1] for t in tests.values() for k in t if k.count("/") == 2})
+    if benches:  # one column per benchmark (the first mode's accuracy); the table above averages them
+        rows += ["", f"per benchmark (test acc, {m0}):", "",
+                 "| model | " + " | ".join(benches) + " | mean |", "|---" * (2 + len(benches)) + "|"]
+        rows += [f"| {label} | " + " | ".join(cell(tests[key], f"test/{b}/acc_{m0}", True) for b in benches)
+                 + f" | {cell(tests[key], f'test/acc_{m0}', True)} |" for key, label in names.items()]
     n = cfg["eval"]["test_prompts"]
     procs = results.get("processes", 1)
     wall = results.get("wall_seconds", results["seconds"])

@@ -51,6 +51,12 @@ class Task(Plugin):
         """Whether a decoded response answers the example correctly."""
         raise NotImplementedError
 
+    def extract(self, response: str) -> str | None:
+        """The answer a response gives, normalised so that equal answers compare equal (for maj@k
+        votes), or None when it gives none the verifier can read (counted as ``unparsed``). A task
+        that does not override this reports neither maj@k nor the unparsed share."""
+        raise NotImplementedError
+
     def corpus(self) -> Iterable[str]:
         """Texts that cover the task's characters (used to build tiny tokenizers)."""
         for split in ("train", "val", "test"):

@@ -111,6 +111,13 @@ class Arithmetic(Task):
         except ValueError:
             return False
 
+    def extract(self, response: str) -> str | None:
+        got = boxed_answer(response)
+        try:
+            return str(int(got)) if got is not None else None
+        except ValueError:
+            return None
+
     def corpus(self) -> Iterable[str]:
         digits = "".join(str(i) for i in range(10))
         yield digits + self.ops + "=;-{}\\boxed" + self.template.replace("{expr}", "")

@@ -3,8 +3,19 @@
 Each line is a JSON object; ``prompt_field`` and ``answer_field`` name its prompt and reference
 answer, ``solution_field`` (optional) a reference completion used by the SFT stage. Splits come
 from ``split_field`` (values train/val/test) or, when it is null, from a seeded shuffle with
-``val_fraction``/``test_fraction``. The verifier takes the last \\boxed{...} of a response and
-compares it with the reference after light LaTeX normalisation, numerically when both parse.
+``val_fraction``/``test_fraction``.
+
+Verifier (``verifier``): ``boxed`` takes the last \\boxed{...} of a response and compares it with
+the reference after light LaTeX normalisation, numerically when both parse; ``math_verify`` uses
+the math-verify package (pip install "opdlm[math]"): LaTeX and numeric equivalence such as
+\\frac{1}{2} = 0.5 or \\sqrt{4} = 2. A response whose answer cannot be read counts as wrong and as
+``unparsed`` in the evaluation, never as an error.
+
+``template`` renders each prompt: a string holding ``{prompt}``, or the preset ``math`` (reason
+step by step inside <think></think>, final answer in \\boxed{}; the official code's exact wording
+was not available, so this is ours). ``benchmarks`` ({name: path}) makes the test split out of
+several files, each reported on its own and averaged (then the main file gives train and val only:
+set test_fraction: 0).
 """
 
 from __future__ import annotations
@@ -12,8 +23,10 @@ from __future__ import annotations
 import json
 import random
 import re
+import threading
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from opdlm.plugin_api import Task
 from opdlm.registry import TASKS, ConfigError
@@ -71,13 +84,48 @@ def math_equal(pred: str, ref: str) -> bool:
     return na is not None and nb is not None and na == nb
 
 
+#: named prompt templates
+TEMPLATES = {
+    "math": "{prompt}\n\nPlease reason step by step inside <think></think>, and put your final answer "
+            "within \\boxed{}.",
+}
+VERIFIERS = ("boxed", "math_verify")
+
+
+def _math_verify():  # noqa: ANN202 - the module
+    try:
+        import math_verify
+    except ImportError:
+        raise ConfigError('verifier: math_verify needs the math-verify package: pip install "opdlm[math]"') from None
+    return math_verify
+
+
+def _timeout() -> int | None:
+    """math-verify's timeouts use signal.alarm, which works in the main thread only."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
 @TASKS.register("jsonl")
 class JsonlTask(Task):
     """Prompts and answers from a local JSONL file, with a math \\boxed{} answer verifier."""
 
     def __init__(self, *, path: str = "", prompt_field: str = "prompt", answer_field: str = "answer",
                  solution_field: str | None = None, split_field: str | None = None,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> None:
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                 verifier: str = "boxed", template: str = "{prompt}", benchmarks: dict[str, str] | None = None) -> None:
+        if verifier not in VERIFIERS:
+            raise ConfigError(f"verifier: must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
+        self.verifier = verifier
+        self.mv = _math_verify() if verifier == "math_verify" else None
+        self.template = TEMPLATES.get(template, template)
+        if "{prompt}" not in self.template:
+            raise ConfigError(f"template: must contain {{prompt}} or name a preset ({', '.join(TEMPLATES)}), "
+                              f"got {template!r}")
+        self.benchmarks = dict(benchmarks or {})
+        if self.benchmarks and test_fraction and not split_field:
+            raise ConfigError("test_fraction: with benchmarks the test split comes from the benchmark files; "
+                              "set test_fraction: 0")
+        self._gold: dict[str, Any] = {}
         if not path:
             raise ConfigError("path: the jsonl task needs the path of a local .jsonl file")
         for k, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -89,40 +137,55 @@ class JsonlTask(Task):
         self.fields = (prompt_field, answer_field, solution_field)
         self.split_field = split_field
         self.splits = self._read(val_fraction, test_fraction, seed)
+        if self.benchmarks:
+            self.splits["test"] = [
+                Example(prompt=ex.prompt, answer=ex.answer, solution=ex.solution, meta={**ex.meta, "benchmark": name})
+                for name, bench in sorted(self.benchmarks.items())
+                for ex in self._rows(Path(bench), f"benchmarks.{name}")]
 
     def _read(self, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[Example]]:
-        if not self.path.is_file():
-            raise ConfigError(f"path: no such file '{self.path}'")
+        rows = [(ex.meta.pop("split", None), ex) for ex in self._rows(self.path, "path")]
+        return self._split(rows, val_fraction, test_fraction, seed)
+
+    def _rows(self, path: Path, key: str) -> list[Example]:
+        """The examples of one JSONL file (meta: line, and split when split_field is set); a bad line
+        is a ConfigError naming ``key``, the file and the line."""
+        if not path.is_file():
+            raise ConfigError(f"{key}: no such file '{path}'")
         prompt_f, answer_f, solution_f = self.fields
-        rows: list[tuple[str | None, Example]] = []
-        with self.path.open("rb") as fh:
+        rows: list[Example] = []
+        with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, 1):
-                where = f"{self.path}:{lineno}"
+                where = f"{path}:{lineno}"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise ConfigError(f"path: {where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+                    raise ConfigError(f"{key}: {where}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"path: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                    raise ConfigError(f"{key}: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
-                    raise ConfigError(f"path: {where}: expected a JSON object, got {type(obj).__name__}")
+                    raise ConfigError(f"{key}: {where}: expected a JSON object, got {type(obj).__name__}")
                 for f in (prompt_f, answer_f) + ((solution_f,) if solution_f else ()):
                     if f not in obj:
-                        raise ConfigError(f"path: {where}: missing field '{f}' (fields: {', '.join(obj)})")
-                split = None
-                if self.split_field:
-                    split = obj.get(self.split_field)
-                    if split not in ("train", "val", "test"):
-                        raise ConfigError(f"path: {where}: field '{self.split_field}' must be train, val or test, got {split!r}")
-                rows.append((split, Example(prompt=str(obj[prompt_f]), answer=str(obj[answer_f]),
-                                            solution=str(obj[solution_f]) if solution_f else None,
-                                            meta={"line": lineno})))
+                        raise ConfigError(f"{key}: {where}: missing field '{f}' (fields: {', '.join(obj)})")
+                meta: dict[str, Any] = {"line": lineno}
+                if self.split_field and key == "path":
+                    meta["split"] = obj.get(self.split_field)
+                    if meta["split"] not in ("train", "val", "test"):
+                        raise ConfigError(f"{key}: {where}: field '{self.split_field}' must be train, val or test, "
+                                          f"got {meta['split']!r}")
+                rows.append(Example(prompt=self.template.replace("{prompt}", str(obj[prompt_f])), answer=str(obj[answer_f]),
+                                    solution=str(obj[solution_f]) if solution_f else None, meta=meta))
         if not rows:
-            raise ConfigError(f"path: '{self.path}' holds no examples")
+            raise ConfigError(f"{key}: '{path}' holds no examples")
+        return rows
+
+    def _split(self, rows: list[tuple[str | None, Example]], val_fraction: float, test_fraction: float,
+               seed: int) -> dict[str, list[Example]]:
         out: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
         if self.split_field:
             for split, ex in rows:
@@ -147,5 +210,22 @@ class JsonlTask(Task):
         return self.splits[split]
 
     def verify(self, response: str, example: Example) -> bool:
-        got = last_boxed(response)
-        return got is not None and math_equal(got, example.answer)
+        if self.mv is None:
+            got = last_boxed(response)
+            return got is not None and math_equal(got, example.answer)
+        pred = self.mv.parse(response, parsing_timeout=_timeout())
+        if not pred:
+            return False
+        if example.answer not in self._gold:
+            self._gold[example.answer] = self.mv.parse("$" + example.answer + "$", parsing_timeout=_timeout())
+        try:
+            return bool(self.mv.verify(self._gold[example.answer], pred, timeout_seconds=_timeout()))
+        except Exception:  # noqa: BLE001 - an answer the verifier cannot compare is wrong, never a crash
+            return False
+
+    def extract(self, response: str) -> str | None:
+        if self.mv is None:
+            got = last_boxed(response)
+            return normalise(got) if got is not None and normalise(got) else None
+        pred = self.mv.parse(response, parsing_timeout=_timeout())
+        return str(pred[0]) if pred else None
