@@ -73,6 +73,11 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         betas = st["betas"]
         need(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"{k}.betas", "two numbers in [0, 1)", betas)
         need(st["eps"] > 0, f"{k}.eps", "> 0", st["eps"])
+        if "gap_buckets" in st:
+            edges = st["gap_buckets"]
+            need(all(isinstance(e, int) and e >= 0 for e in edges) and edges == sorted(set(edges)),
+                 f"{k}.gap_buckets", "increasing integers >= 0", edges)
+            need(st["log_rollouts"] >= 0, f"{k}.log_rollouts", ">= 0", st["log_rollouts"])
         if "loss_aggregation" in st:
             need(st["loss_aggregation"] in AGGREGATIONS, f"{k}.loss_aggregation", " | ".join(AGGREGATIONS),
                  st["loss_aggregation"])

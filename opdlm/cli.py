@@ -8,10 +8,11 @@ import sys
 from opdlm.registry import KINDS, ConfigError, PluginError
 
 HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
+       python run.py report FOLDER    (pictures of a run or sweep folder, in FOLDER/report/)
 
 Runs an on-policy distillation experiment. With no conf=, runs the embedded demo (conf/demo.yaml).
   conf=FILE     a YAML layer over conf/base.yaml (repeatable; later layers win)
-  key=value     override one key, e.g. loss.name=sampled_token support.k=16 maskers.1.tokens=[a,b]
+  key=value     override one key, e.g. loss.name=sampled_token support.k=16 maskers.0.tokens=[a,b]
   --check       compose the config, build every plugin (no weights), print the resolved YAML
   --list        list every registered plugin per kind with its options
   --help        this text
@@ -41,6 +42,9 @@ def _list() -> str:
 def main(argv: list[str] | None = None) -> int:
     from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from opdlm.report import main as report_main
+        return report_main(argv[1:])
     confs, overrides, flags = split_args(argv)
     unknown = [f for f in flags if f not in ("--check", "--list", "--help")]
     if "--help" in flags or "-h" in argv:

@@ -172,8 +172,13 @@ class GenerationEval(L.LightningModule):
                     metrics = evaluate(self.eval_model, self.eval_tokenizer, self.built, config, self.chat_template, "val")
             else:
                 metrics = evaluate(self.eval_model, self.eval_tokenizer, self.built, config, self.chat_template, "val")
+        # to the log files once, at this step (self.log would repeat the value at every later logging
+        # step); to the progress bar through self.log
+        for lg in self.loggers:
+            lg.log_metrics(metrics, step=self.trainer.global_step)
         for k, v in metrics.items():
-            self.log(k, v, on_step=True, on_epoch=False, prog_bar=k.startswith("val/acc"))
+            if k.startswith("val/acc"):
+                self.log(k, v, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 
 def eval_modes(config: dict[str, Any]) -> list[str]:

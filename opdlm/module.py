@@ -77,6 +77,7 @@ class OPDModule(GenerationEval):
         logs = self.update(rollout, view, teacher, support, mask)       # 6.-7. loss, backward, step(s)
         self.batches_done += 1
         self.log_step(logs, rollout, view)                               # 8. log
+        self.save_rollouts(rollout, view, teacher, mask)                 #    (a few, at validation steps)
 
     def sample(self, batch: Iterable[Example]) -> Rollout:
         batch = list(batch)
@@ -166,7 +167,7 @@ class OPDModule(GenerationEval):
                 inputs, out = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher, micro),
                                                  old, take(mask, micro), take(view, micro),
                                                  denominator * (1.0 / world), take(weights, within))
-                for k, v in loss_diagnostics(inputs, out.token_loss, out.stats).items():
+                for k, v in loss_diagnostics(inputs, out.token_loss, out.stats, st["gap_buckets"]).items():
                     logs.setdefault(k, []).append(v)
             logs.setdefault("grad_norm", []).append(self._clip(st["max_grad_norm"]))
             opt.step()
@@ -220,6 +221,21 @@ class OPDModule(GenerationEval):
                 v = dist.all_sum(v)
             self.log(f"train/{k}", v, prog_bar=k in ("loss", "grad_norm"), batch_size=rollout.input_ids.shape[0],
                      sync_dist=world > 1 and k != "tokens")
+
+    def save_rollouts(self, rollout: Rollout, view: TeacherView, teacher: Scores, mask: Tensor) -> None:
+        """At validation steps, the first ``log_rollouts`` rollouts of rank 0, token by token
+        (opdlm.rollout_log), into ``rollout_dir`` (set by the runner; None: not saved)."""
+        n, folder = self.stage["log_rollouts"], getattr(self, "rollout_dir", None)
+        if not n or folder is None or self.global_rank != 0 or not self.val_every or self.batches_done % self.val_every:
+            return
+        from opdlm.rollout_log import rollout_records, write_records
+        rows = min(n, rollout.input_ids.shape[0])
+        with torch.no_grad():
+            student_lp = self.score_student(take(rollout, torch.arange(rows)), None).token_logprob
+        t_rows = take(teacher, torch.arange(rows))
+        write_records(folder, self.batches_done, rollout_records(
+            self.batches_done, take(rollout, torch.arange(rows)), take(view, torch.arange(rows)), t_rows, student_lp,
+            mask[:rows], self.built.student.tokenizer, self.built.teacher.tokenizer, rows))
 
     # -- scores the step reads ---------------------------------------------------------------------
     def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0,

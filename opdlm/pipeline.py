@@ -248,6 +248,7 @@ class Runner:
         self._seed(stage)
         module = build()
         module.fingerprint = fp
+        module.rollout_dir = self.run_dir / "rollouts" / stage if self.main else None
         data = _data(self.built, self.cfg, stage, spec, start=lambda: module.batches_done)
         trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every)
         self.log(f"[opdlm] stage {stage}: {describe(module)}"

@@ -36,11 +36,35 @@ def repetition_frac(targets: Tensor, lengths: Tensor, eos_id: int | None, max_n:
     return torch.tensor(hits / max(1, len(lengths)))
 
 
+def bucket_names(edges: list[int] | tuple[int, ...]) -> list[str]:
+    """'0-15', '16-63', ..., '1024+' for lower edges [0, 16, ..., 1024] of response positions."""
+    return [f"{a}-{b - 1}" for a, b in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"] if edges else []
+
+
+def gap_by_position(gap: Tensor, mask: Tensor, edges: list[int] | tuple[int, ...]) -> dict[str, Tensor]:
+    """The teacher − student log-prob gap of sampled tokens per bucket of response positions: its
+    mean and its 10th percentile (the lower tail the LSM paper's Figure 4 shows widening at later
+    positions). Buckets without a counted token are left out."""
+    out: dict[str, Tensor] = {}
+    pos = torch.arange(gap.shape[1], device=gap.device).expand_as(gap)
+    bounds = [*edges, None]
+    for name, lo, hi in zip(bucket_names(edges), bounds[:-1], bounds[1:]):
+        m = mask & (pos >= lo) & ((pos < hi) if hi is not None else torch.ones_like(mask))
+        if bool(m.any()):
+            vals = gap[m].float()
+            out[f"gap_pos/{name}/mean"] = vals.mean()
+            out[f"gap_pos/{name}/p10"] = torch.quantile(vals, 0.1)
+    return out
+
+
 @torch.no_grad()
-def loss_diagnostics(x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+def loss_diagnostics(x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor],
+                     gap_buckets: list[int] | tuple[int, ...] = ()) -> dict[str, Tensor]:
     """What the step log shows of one micro-batch: the loss, the teacher-student log-prob gap of the
-    sampled tokens and the share of them the teacher likes less, both entropies, the token count,
-    the teacher's top-k mass and how often the sampled token falls outside it, and the loss's stats."""
+    sampled tokens (overall and per bucket of positions) and the share of them the teacher likes
+    less, both entropies, the token count, the teacher's top-k mass and how often the sampled token
+    falls outside it, how far the sampler's probability of each sampled token is from the one being
+    trained (rollout_vs_trainer: the behaviour policy includes top-p), and the loss's stats."""
     loss = masked_mean(token_loss.detach(), x.mask)
     m = x.mask if x.view is None else x.mask & x.view.positions("token")  # teacher values of the same token
     gap = x.teacher.token_logprob - x.student.token_logprob.detach()
@@ -52,6 +76,12 @@ def loss_diagnostics(x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]
         "teacher_entropy": masked_mean(x.teacher.entropy, m) if x.teacher.entropy is not None else None,
         "tokens": m.sum().float(),
     }
+    out.update(gap_by_position(gap, m, gap_buckets))
+    diff = (x.rollout.behaviour_logprobs.to(gap.dtype).exp() - x.student.token_logprob.detach().exp()).abs()
+    rm = x.mask
+    if bool(rm.any()):
+        out["rollout_vs_trainer/prob_diff_mean"] = masked_mean(diff, rm)
+        out["rollout_vs_trainer/prob_diff_max"] = diff[rm].max()
     if x.teacher.topk_ids is not None and x.teacher.topk_logits is not None:
         mass = (x.teacher.topk_logits - x.teacher.lse.unsqueeze(-1)).exp().sum(-1)
         sampled = x.rollout.targets if x.view is None else x.view.targets  # as a teacher id
