@@ -95,3 +95,24 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("opdlm: report: ") and "logs/opd/metrics.csv" in err and "\n" not in err
     assert main(["report"]) == 2
+
+
+def test_token_view_renders_in_a_headless_browser(run_dir, tmp_path):
+    """Where a Chromium is installed: the page, rendered, shows every counted token's colour."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless browser here; test_token_view_colours_are_the_logged_gaps parses the page instead")
+    import subprocess
+
+    import matplotlib.image
+    main(["report", str(run_dir)])
+    shot = tmp_path / "page.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1400,3000", (run_dir / "report" / "tokens.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    img = (matplotlib.image.imread(str(shot))[..., :3] * 255).round().astype(int)
+    seen = {f"#{r:02x}{g:02x}{b:02x}" for r, g, b in {tuple(px) for px in img.reshape(-1, 3).tolist()}}
+    records = [json.loads(line) for f in sorted((run_dir / "rollouts" / "opd").glob("step_*.jsonl"))
+               for line in f.read_text().splitlines()]
+    want = {gap_colour(t["gap"]) for r in records for t in r["tokens"] if t["counted"]}
+    assert want and want <= seen, sorted(want - seen)[:5]

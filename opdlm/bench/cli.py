@@ -3,6 +3,7 @@
 align  alignment throughput of the byte_span aligner on the real Qwen and Llama tokenizers
 head   one OPD step with the naive and the lean student head: time by phase, peak memory
 scale  OPD steps on 1 and on several CPU processes (gloo) with the same global batch: time per phase, speed-up
+estimators  bias and variance of OPD gradient estimators against the exact sequence-level gradient (enumerated)
 """
 
 from __future__ import annotations
@@ -58,7 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="runs/bench_scale", help="folder for the runs' logs")
     c.add_argument("--case", type=int, default=None, help=argparse.SUPPRESS)
     c.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
+    e = sub.add_parser("estimators", help="estimator study: exact bias and variance of ĝ_γ, LSM and per-token KL")
+    e.add_argument("--vocab", type=int, default=4, help="vocabulary size V")
+    e.add_argument("--lengths", default="2,4,6,8", help="sequence lengths T (V^T sequences are enumerated)")
+    e.add_argument("--seeds", default="0,1,2", help="problem seeds (the table averages them)")
+    e.add_argument("--ks", default="2,3", help="LSM support sizes K")
+    e.add_argument("--plot", default=None, help="write the picture here (a .png; needs matplotlib)")
     args = p.parse_args(argv)
+    if args.name == "estimators":
+        from opdlm.bench.estimators import plot, study, table
+        ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
+        if any(args.vocab ** t > 100_000 for t in ints(args.lengths)):
+            p.error("--vocab ** T above 100,000 sequences: too many to enumerate in memory")
+        if any(not 1 <= k <= args.vocab for k in ints(args.ks)):
+            p.error(f"--ks: every K must be between 1 and --vocab ({args.vocab})")
+        rows = study(args.vocab, ints(args.lengths), ints(args.seeds), ints(args.ks))
+        print(f"V = {args.vocab}, seeds {args.seeds}; exact (enumerated) mean and variance of each estimator\n")
+        print(table(rows))
+        if args.plot:
+            print(f"\n{args.plot}" if plot(rows, args.plot) else '\nno picture: pip install "opdlm[plots]"')
+        return 0
     if args.name == "scale":
         from opdlm.bench import scale
         if args.case is not None:
