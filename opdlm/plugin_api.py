@@ -64,6 +64,51 @@ class Task(Plugin):
                 yield ex.prompt + (ex.solution or "") + ex.answer
 
 
+@dataclass
+class Step:
+    """What an environment answers to an action."""
+
+    observation: str  # the text the agent reads next
+    reward: float
+    done: bool  # the episode is over (won, lost, or the game ended it)
+    won: bool
+    valid: bool  # the action was one the game accepts here (else an ordinary, wasted move)
+
+
+class Episode:
+    """One play of one game: ``observation`` is the first text; ``step`` plays an action."""
+
+    observation: str = ""
+    done: bool = False
+    won: bool = False
+
+    def step(self, action: str) -> Step:
+        raise NotImplementedError
+
+    def admissible(self) -> list[str]:
+        """The actions the game accepts now."""
+        raise NotImplementedError
+
+    def walkthrough(self) -> list[str] | None:
+        """An expert's winning actions from the start, when the game has them."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the game."""
+
+
+class Environment(Plugin):
+    """Interactive text games: disjoint train / val / test games, each started as an Episode."""
+
+    def games(self, split: str) -> list[str]:
+        """The game ids (for generated games, their files) of split 'train', 'val' or 'test'."""
+        raise NotImplementedError
+
+    def start(self, game: str) -> Episode:
+        """A new episode of ``game`` (one of ``games(split)``), at its first observation."""
+        raise NotImplementedError
+
+
 class Sampler(Plugin):
     """On-policy rollouts from the student."""
 

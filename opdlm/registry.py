@@ -291,6 +291,7 @@ SUPPORTS: Registry[Any] = Registry("support")
 MASKERS: Registry[Any] = Registry("masker")
 LOSSES: Registry[Any] = Registry("loss")
 TASKS: Registry[Any] = Registry("task")
+ENVIRONMENTS: Registry[Any] = Registry("environment")
 MASKERS.retire("response", "the engine itself keeps only response tokens (up to and including EOS) at the "
                "positions the loss reads; delete this entry")
 
@@ -314,4 +315,5 @@ KINDS: dict[str, tuple[Registry[Any], str]] = {
     "masker": (MASKERS, "maskers"),
     "loss": (LOSSES, "losses"),
     "task": (TASKS, "tasks"),
+    "environment": (ENVIRONMENTS, "environments"),
 }

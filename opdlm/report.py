@@ -74,6 +74,16 @@ def _grid(plt: Any, n: int) -> tuple[Any, list[Any]]:
     return fig, flat[:n]
 
 
+def save(plt: Any, fig: Any, path: Path | str, legend: Any = None) -> Path:
+    """Lay out, save (90 dpi) and close a figure; ``legend``: the axes that carries the legend."""
+    if legend is not None:
+        legend.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
 def curves_png(plt: Any, metrics: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path | None:
     panels = [(k, t) for k, t in CURVES if k in metrics]
     if not panels:
@@ -86,10 +96,7 @@ def curves_png(plt: Any, metrics: dict[str, list[tuple[int, float]]], out: Path,
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out)
 
 
 def _bucket_key(name: str) -> int:
@@ -111,11 +118,7 @@ def gap_png(plt: Any, metrics: dict[str, list[tuple[int, float]]], out: Path) ->
         ax.set_xlabel("step", fontsize=8)
         ax.axhline(0.0, color="k", lw=0.6)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out, legend=axes[0])
 
 
 def gap_colour(gap: float | None, scale: float = 3.0) -> str:
@@ -192,12 +195,8 @@ def sweep_png(plt: Any, groups: dict[str, list[Path]], out: Path) -> Path | None
                                 color=line.get_color())
         ax.set_title(t, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     fig.suptitle("overlays: mean over seeds, band from the lowest to the highest seed")
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+    return save(plt, fig, out, legend=axes[0])
 
 
 def report(folder: str | Path) -> tuple[list[Path], str]:

@@ -186,8 +186,6 @@ def plot(rows: list[Row], path: str) -> bool:
     for ax in axes:
         ax.set_xlabel("sequence length T")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    from opdlm.report import save
+    save(plt, fig, path, legend=axes[1])
     return True
