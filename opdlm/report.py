@@ -165,11 +165,14 @@ def tokens_html(rollout_dir: Path, out: Path, scale: float = 3.0) -> Path | None
 
 
 def _runs_of_sweep(folder: Path) -> dict[str, list[Path]]:
+    """overlay -> its run folders: <overlay>_s<seed>/ holds the run folder (sweep.py: <run.name>/
+    inside it), or is one."""
     groups: dict[str, list[Path]] = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
         m = re.fullmatch(r"(.+)_s\d+", d.name)
-        if m and (d / "logs" / "opd" / "metrics.csv").is_file():
-            groups.setdefault(m.group(1), []).append(d)
+        runs = [r for r in (d, *sorted(d.iterdir())) if r.is_dir() and (r / "logs" / "opd" / "metrics.csv").is_file()]
+        if m and runs:
+            groups.setdefault(m.group(1), []).append(runs[0])
     return groups
 
 

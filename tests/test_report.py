@@ -75,8 +75,8 @@ def test_token_view_colours_are_the_logged_gaps(run_dir):
 
 def test_sweep_report_draws_overlays_with_seed_bands(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    for name in ("lsm_s0", "lsm_s1", "other_s0"):
-        shutil.copytree(run_dir / "logs", sweep / name / "logs")
+    for name in ("lsm_s0", "lsm_s1", "other_s0"):  # as sweep.py lays them out: <overlay>_s<seed>/<run.name>/
+        shutil.copytree(run_dir / "logs", sweep / name / "r" / "logs")
     assert main(["report", str(sweep)]) == 0
     assert _png(sweep / "report" / "sweep.png")
 
