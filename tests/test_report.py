@@ -116,3 +116,21 @@ def test_token_view_renders_in_a_headless_browser(run_dir, tmp_path):
                for line in f.read_text().splitlines()]
     want = {gap_colour(t["gap"]) for r in records for t in r["tokens"] if t["counted"]}
     assert want and want <= seen, sorted(want - seen)[:5]
+
+
+def test_a_micro_batch_without_counted_tokens_logs_no_means():
+    """Token means over no token are left out, not logged as 0 (a collapsed run showed 'teacher
+    top-K mass 0')."""
+    import plugin_testkit as kit
+    import torch
+
+    from opdlm.ops.diagnostics import loss_diagnostics
+    from opdlm.types import Scores
+    z = torch.randn(2, 3, 5)
+    sc = Scores(token_logprob=torch.log_softmax(z, -1)[..., 0], lse=torch.logsumexp(z, -1),
+                topk_ids=z.topk(2, -1).indices, topk_logits=z.topk(2, -1).values, entropy=torch.ones(2, 3))
+    x = kit.build_loss_inputs(student=sc, teacher=sc, mask=torch.zeros(2, 3, dtype=torch.bool))
+    out = loss_diagnostics(x, torch.zeros(2, 3), {}, [0, 16])
+    assert set(out) == {"loss", "tokens"} and float(out["tokens"]) == 0.0
+    full = loss_diagnostics(kit.build_loss_inputs(student=sc, teacher=sc), torch.zeros(2, 3), {}, [0, 16])
+    assert {"teacher_topk_mass", "logprob_gap", "gap_pos/0-15/mean", "rollout_vs_trainer/prob_diff_mean"} <= set(full)

@@ -64,10 +64,13 @@ def loss_diagnostics(x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]
     sampled tokens (overall and per bucket of positions) and the share of them the teacher likes
     less, both entropies, the token count, the teacher's top-k mass and how often the sampled token
     falls outside it, how far the sampler's probability of each sampled token is from the one being
-    trained (rollout_vs_trainer: the behaviour policy includes top-p), and the loss's stats."""
+    trained (rollout_vs_trainer: the behaviour policy includes top-p), and the loss's stats. A
+    micro-batch without a counted token logs only its loss (0), token count and the loss's stats."""
     loss = masked_mean(token_loss.detach(), x.mask)
     m = x.mask if x.view is None else x.mask & x.view.positions("token")  # teacher values of the same token
     gap = x.teacher.token_logprob - x.student.token_logprob.detach()
+    if not bool(m.any()):  # no counted token: a mean over none would read as a value of 0
+        return {"loss": loss, "tokens": m.sum().float(), **{k: v.detach() for k, v in stats.items()}}
     out = {
         "loss": loss,
         "logprob_gap": masked_mean(gap, m),
