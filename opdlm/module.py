@@ -127,7 +127,9 @@ class OPDModule(GenerationEval):
         if not self.reads.reads("teacher", "support_logits"):
             return support, dataclasses.replace(teacher, support_logits=None)
         t_ids = support.teacher_ids if support.teacher_ids is not None else support.ids
-        logits = self._teacher_logits_from_pass(teacher, view, t_ids, support.valid, self._extra_ids(student_top))
+        logits = None
+        if self.reads.vocabulary == "support":  # (a whole vocabulary is never among what the pass read)
+            logits = self._teacher_logits_from_pass(teacher, view, t_ids, support.valid, self._extra_ids(student_top))
         if logits is None:  # ids the first pass did not read: a second pass
             with torch.no_grad():
                 _, t_head = split_model(self.teacher) or (None, None)
