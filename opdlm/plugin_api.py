@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from opdlm.reads import Reads
@@ -165,10 +166,12 @@ class SupportSelector(Plugin):
 
 
 class TopKSupport(SupportSelector):
-    """Base of the supports built on one side's own top-k (``side``: 'teacher' or 'student'):
-    option k (>= 1, at most that side's vocabulary); the engine computes that side's top-k."""
+    """Base of the supports built on one side's own top-k (``side``: 'teacher' or 'student'), plus
+    the sampled token when ``plus_sampled``: option k (>= 1, at most that side's vocabulary); the
+    engine computes that side's top-k. Output ids [B, T, K] (K + 1 with the sampled token)."""
 
     side: str = "teacher"
+    plus_sampled: bool = False
 
     def __init__(self, *, k: int = 32) -> None:
         check_support_size("k", k)
@@ -180,18 +183,25 @@ class TopKSupport(SupportSelector):
 
     @property
     def size(self) -> int:
-        return self.k
+        return self.k + int(self.plus_sampled)
 
     def bind(self, ctx: Context) -> None:
         tokenizer = ctx.teacher_tokenizer if self.side == "teacher" else ctx.student_tokenizer
         check_support_size("k", self.k, tokenizer, self.side)
 
+    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
+               view: TeacherView | None = None) -> Support:
+        scores = teacher if self.side == "teacher" else student
+        assert scores is not None and scores.topk_ids is not None and scores.topk_ids.shape[-1] >= self.k
+        top = scores.topk_ids[..., : self.k]
+        if self.plus_sampled:
+            return with_sampled(top, rollout.targets)
+        return Support(ids=top, valid=torch.ones_like(top, dtype=torch.bool))
+
 
 def with_sampled(top: Tensor, sampled: Tensor) -> Support:
     """The support ``top`` [B, T, K] plus the sampled token ``sampled`` [B, T] as entry K, marked
     invalid where it is already among the top K (so no token counts twice)."""
-    import torch
-
     s = sampled.unsqueeze(-1)
     inside = (top == s).any(-1, keepdim=True)
     return Support(ids=torch.cat([top, s], dim=-1),

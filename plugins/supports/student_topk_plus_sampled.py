@@ -4,9 +4,8 @@ is marked invalid, so no token counts twice. Option: k (>= 1). Output ids [B, T,
 
 from __future__ import annotations
 
-from opdlm.plugin_api import TopKSupport, with_sampled
+from opdlm.plugin_api import TopKSupport
 from opdlm.registry import SUPPORTS
-from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("student_topk_plus_sampled")
@@ -14,12 +13,4 @@ class StudentTopKPlusSampled(TopKSupport):
     """The student's K most likely tokens and the token it sampled."""
 
     side = "student"
-
-    @property
-    def size(self) -> int:
-        return self.k + 1
-
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
-               view: TeacherView | None = None) -> Support:
-        assert student is not None and student.topk_ids is not None and student.topk_ids.shape[-1] >= self.k
-        return with_sampled(student.topk_ids[..., : self.k], rollout.targets)
+    plus_sampled = True

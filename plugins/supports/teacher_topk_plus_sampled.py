@@ -5,9 +5,8 @@ Output ids [B, T, K + 1]."""
 
 from __future__ import annotations
 
-from opdlm.plugin_api import TopKSupport, with_sampled
+from opdlm.plugin_api import TopKSupport
 from opdlm.registry import SUPPORTS
-from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
 @SUPPORTS.register("teacher_topk_plus_sampled")
@@ -15,12 +14,4 @@ class TeacherTopKPlusSampled(TopKSupport):
     """The teacher's K most likely tokens and the token the student sampled."""
 
     side = "teacher"
-
-    @property
-    def size(self) -> int:
-        return self.k + 1
-
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
-               view: TeacherView | None = None) -> Support:
-        assert teacher.topk_ids is not None and teacher.topk_ids.shape[-1] >= self.k
-        return with_sampled(teacher.topk_ids[..., : self.k], rollout.targets)
+    plus_sampled = True
