@@ -231,13 +231,13 @@ class OPDModule(GenerationEval):
         if not n or folder is None or self.global_rank != 0 or not self.val_every or self.batches_done % self.val_every:
             return
         from opdlm.rollout_log import rollout_records, write_records
-        rows = min(n, rollout.input_ids.shape[0])
+        rows = torch.arange(min(n, rollout.input_ids.shape[0]))
+        ro = take(rollout, rows)
         with torch.no_grad():
-            student_lp = self.score_student(take(rollout, torch.arange(rows)), None).token_logprob
-        t_rows = take(teacher, torch.arange(rows))
+            student_lp = self.score_student(ro, None).token_logprob
         write_records(folder, self.batches_done, rollout_records(
-            self.batches_done, take(rollout, torch.arange(rows)), take(view, torch.arange(rows)), t_rows, student_lp,
-            mask[:rows], self.built.student.tokenizer, self.built.teacher.tokenizer, rows))
+            self.batches_done, ro, take(view, rows), take(teacher, rows), student_lp, take(mask, rows),
+            self.built.student.tokenizer, self.built.teacher.tokenizer, len(rows)))
 
     # -- scores the step reads ---------------------------------------------------------------------
     def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0,

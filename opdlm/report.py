@@ -100,7 +100,8 @@ def curves_png(plt: Any, metrics: dict[str, list[tuple[int, float]]], out: Path,
 
 
 def _bucket_key(name: str) -> int:
-    return int(re.match(r"\d+", name).group()) if re.match(r"\d+", name) else 0
+    m = re.match(r"\d+", name)
+    return int(m.group()) if m else 0
 
 
 def gap_png(plt: Any, metrics: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:

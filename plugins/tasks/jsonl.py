@@ -126,6 +126,7 @@ class JsonlTask(Task):
             raise ConfigError("test_fraction: with benchmarks the test split comes from the benchmark files; "
                               "set test_fraction: 0")
         self._gold: dict[str, Any] = {}
+        self._parsed: dict[str, list[Any]] = {}
         if not path:
             raise ConfigError("path: the jsonl task needs the path of a local .jsonl file")
         for k, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -213,7 +214,7 @@ class JsonlTask(Task):
         if self.mv is None:
             got = last_boxed(response)
             return got is not None and math_equal(got, example.answer)
-        pred = self.mv.parse(response, parsing_timeout=_timeout())
+        pred = self._parse(response)
         if not pred:
             return False
         if example.answer not in self._gold:
@@ -226,6 +227,15 @@ class JsonlTask(Task):
     def extract(self, response: str) -> str | None:
         if self.mv is None:
             got = last_boxed(response)
-            return normalise(got) if got is not None and normalise(got) else None
-        pred = self.mv.parse(response, parsing_timeout=_timeout())
+            return (normalise(got) or None) if got is not None else None
+        pred = self._parse(response)
         return str(pred[0]) if pred else None
+
+    def _parse(self, response: str) -> list[Any]:
+        """math-verify's reading of a response, kept for the last responses: the evaluation both
+        verifies a response and reads its answer, and the parse is the costly part."""
+        if response not in self._parsed:
+            if len(self._parsed) >= 1024:
+                self._parsed.clear()
+            self._parsed[response] = self.mv.parse(response, parsing_timeout=_timeout())
+        return self._parsed[response]
