@@ -120,7 +120,8 @@ class OPDModule(GenerationEval):
         holding other ids costs a second pass over those ids."""
         if self.reads.vocabulary == "full":
             support = full_support(rollout.targets, self.built.student.n_ids)
-            if self.lean:  # the loss path runs the teacher's head block by block
+            if self.lean and split_model(self.student) is not None:  # the loss path runs the teacher's head
+                #                                                     block by block (else: the naive path)
                 return support, teacher
         else:
             support = self.built.support.select(teacher, student_top, rollout, view)

@@ -161,3 +161,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(head):
         module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
         outs.append(torch.cat([p.grad.flatten() for p in module.student.parameters() if p.grad is not None]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+
+
+def test_unsplittable_head_falls_back_for_a_full_vocabulary_loss_too():
+    """The fallback serves full-vocabulary losses: the teacher's logits on the whole vocabulary are
+    gathered for the naive path, and the loss equals the naive head's."""
+    losses = []
+    for head in ("lean", "naive"):
+        cfg = demo_cfg(*TINY, f"stages.opd.head={head}", "loss.name=reverse_kl")
+        built = build_run(cfg)
+        torch.manual_seed(0)
+        module = OPDModule(cfg, built=built)
+        module.student.config.final_logit_softcapping = 30.0  # the head can no longer be split off
+        tok = built.student.tokenizer
+        ex = built.task.examples("train")[:2]
+        torch.manual_seed(1)
+        ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex],
+                                  ex, n=1)
+        view, teacher, support, mask = module.prepare(ro)
+        assert teacher.support_logits is not None and teacher.support_logits.shape[-1] == built.student.n_ids
+        with pytest.warns(UserWarning) if head == "lean" else __import__("contextlib").nullcontext():
+            _, out = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        losses.append(out.token_loss.detach())
+    torch.testing.assert_close(losses[0], losses[1])
