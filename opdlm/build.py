@@ -45,6 +45,10 @@ class BuiltRun:
     maskers: list[Masker]
     loss: Loss
     ctx: Context
+    #: multi-task runs (config ``tasks``): each task's own run (its task, teacher, sampler; the student
+    #: shared), by label; ``task`` is then an opdlm.multitask.MultiTask over them and the plugins
+    #: above are the first task's
+    tasks: dict[str, BuiltRun] | None = None
 
 
 def _bind(plugin: Any, ctx: Context, key: str) -> None:
@@ -164,24 +168,51 @@ def check_world(cfg: Mapping[str, Any], world: int) -> None:
                               f"evenly over the {world} processes of trainer.devices x trainer.num_nodes")
 
 
-def build_run(cfg: Mapping[str, Any]) -> BuiltRun:
-    """Construct and cross-check every plugin of a composed config (see opdlm.config.compose)."""
+def task_texts(task: Task) -> tuple[list[str], list[str]]:
+    """What tiny tokenizers are built from: the task's character inventory (Task.corpus) and the
+    training texts BPE merges are learnt on."""
+    return list(task.corpus()), [ex.prompt + (ex.solution or "") for ex in task.examples("train")]
+
+
+def build_run(cfg: Mapping[str, Any], *, texts: tuple[list[str], list[str]] | None = None,
+              student: ModelSpec | None = None, key: str = "", task: Task | None = None) -> BuiltRun:
+    """Construct and cross-check every plugin of a composed config (see opdlm.config.compose).
+    A multi-task config (``tasks``) builds one run per task (opdlm.multitask); each of those is
+    built here with the tiny tokenizers' ``texts`` of all tasks, the shared ``student`` spec, and
+    ``key`` (e.g. 'tasks.1.') in front of its task's keys in errors, and its ``task`` built already."""
     cfg = dict(cfg)
+    if cfg.get("tasks"):
+        from opdlm.multitask import build_multi
+        return build_multi(cfg)
+    try:
+        return _build_one(cfg, texts, student, task)
+    except ConfigError as e:
+        if key and e.key.split(".")[0] in ("task", "teacher", "sampler"):
+            raise ConfigError(e.detail, key=f"{key}{e.key}", origin=e.origin) from None
+        raise
+
+
+def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, student: ModelSpec | None,
+               task: Task | None) -> BuiltRun:
     check_values(cfg)
     world = check_trainer(cfg["trainer"])
     check_world(cfg, world)
-    task = TASKS.build(cfg["task"], "task")
-    corpus = None
-    if not cfg["teacher"]["path"] or not cfg["student"]["path"]:
-        corpus = list(task.corpus())
-    train_texts = None
-    if any(not cfg[r]["path"] and cfg[r]["tiny_tokenizer"] == "bpe" for r in ("teacher", "student")):
-        train_texts = [ex.prompt + (ex.solution or "") for ex in task.examples("train")]
+    if task is None:
+        task = TASKS.build(cfg["task"], "task")
+    corpus, train_texts = None, None
+    if texts is not None:
+        corpus, train_texts = texts
+    else:
+        if not cfg["teacher"]["path"] or not cfg["student"]["path"]:
+            corpus = list(task.corpus())
+        if any(not cfg[r]["path"] and cfg[r]["tiny_tokenizer"] == "bpe" for r in ("teacher", "student")):
+            train_texts = task_texts(task)[1]
     teacher = ModelSpec(cfg["teacher"], "teacher", corpus, train_texts=train_texts)
     tiny_keys = ("path", "tokenizer_path", "tiny_tokenizer", "tiny_vocab", "tiny_digits")
     same_tiny = all(cfg["teacher"][k] == cfg["student"][k] for k in tiny_keys)
     shared = teacher.tokenizer if not cfg["teacher"]["path"] and not cfg["teacher"]["tokenizer_path"] and same_tiny else None
-    student = ModelSpec(cfg["student"], "student", corpus, shared_tokenizer=shared, train_texts=train_texts)
+    if student is None:
+        student = ModelSpec(cfg["student"], "student", corpus, shared_tokenizer=shared, train_texts=train_texts)
     ctx = Context(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer,
                   student_vocab_rows=student.vocab_rows, teacher_vocab_rows=teacher.vocab_rows, task=task)
     sampler = SAMPLERS.build(cfg["sampler"], "sampler")
@@ -198,6 +229,9 @@ def build_run(cfg: Mapping[str, Any]) -> BuiltRun:
                               f"examples without one (jsonl: set solution_field; or set stages.{stage}.steps=0)")
     if not task.examples("val") and any(st["val_every"] for st in cfg["stages"].values()):
         raise ConfigError("task: the val split is empty; give it examples or set every stages.*.val_every to 0")
+    if getattr(task, "interactive", False) and not sampler.multi_turn:
+        raise ConfigError(f"sampler: task '{task.plugin_name}' is played turn by turn, but sampler "
+                          f"'{sampler.plugin_name}' writes single responses; set sampler.name=multi_turn")
     _bind(sampler, ctx, "sampler")
     _bind(aligner, ctx, "aligner")
     _bind(support, ctx, "support")

@@ -227,7 +227,7 @@ def _mark_new_prefixes(cfg: dict[str, Any], key: str, where: Where) -> None:
 def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: str, where: Where) -> None:
     for k, v in cfg.items():
         path = f"{prefix}{k}"
-        if _slot_kind(path):
+        if _slot_kind(path) or path == "tasks":  # (plugin nodes; tasks: _check_tasks)
             continue
         if prefix == "trainer." and k not in _trainer_own_keys():
             from opdlm.trainer import check_key
@@ -314,6 +314,74 @@ def _check_plugins(cfg: dict[str, Any], where: Where) -> None:
         cfg[path] = out
 
 
+#: keys of a `tasks` entry beyond its task plugin's options
+TASK_EXTRAS = ("label", "weight", "teacher", "sampler")
+
+
+def _check_tasks(cfg: dict[str, Any], base: Mapping[str, Any], where: Where) -> None:
+    """Complete the entries of ``tasks`` (multi-task runs): each task node checked by its plugin,
+    its teacher a whole model node (merged onto ``teacher``; a string is a folder), its sampler a
+    whole sampler node (merged onto ``sampler`` unless it names another plugin), its label unique."""
+    from opdlm.registry import SAMPLERS, TASKS
+
+    entries = cfg["tasks"]
+    if not isinstance(entries, list):
+        raise where.err("tasks", f"expected a list of task nodes, got {entries!r}")
+    set_task = sorted(k for k in where.origin if k == "task" or k.startswith("task."))
+    if entries and set_task:
+        raise where.err(set_task[0], "a multi-task run (tasks: [...]) does not read task; set each task in tasks")
+    labels: dict[str, int] = {}
+    out = []
+    for i, entry in enumerate(entries):
+        key = f"tasks.{i}"
+        if not isinstance(entry, Mapping):
+            raise where.err(key, f"expected a task node (a mapping with a name), got {entry!r}")
+        try:
+            node = TASKS.validate({k: v for k, v in entry.items() if k not in TASK_EXTRAS}, key)
+        except ConfigError as e:
+            raise e.at(where.of(e.key)) from None
+        label = entry.get("label", node["name"])
+        if not isinstance(label, str) or not label or "/" in label:
+            raise where.err(f"{key}.label", f"expected a name (a non-empty string without '/'), got {label!r}")
+        if label in labels:
+            raise where.err(f"{key}.label", f"two tasks are named {label!r} (tasks.{labels[label]} and {key}); give "
+                                            f"each a label of its own")
+        labels[label] = i
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise where.err(f"{key}.weight", f"must be a number > 0, got {weight!r}")
+        teacher = entry.get("teacher")
+        if teacher is None:
+            raise where.err(f"{key}.teacher", f"task {label!r} has no teacher; every task of a multi-task run needs "
+                                              f"its own (a model node, or a model folder's path)")
+        if isinstance(teacher, str):
+            teacher = {"path": teacher}
+        if not isinstance(teacher, Mapping):
+            raise where.err(f"{key}.teacher", f"expected a model node or a folder path, got {teacher!r}")
+        teacher = {**cfg["teacher"], **teacher}
+        _check_framework(teacher, base["teacher"], f"{key}.teacher.", where)
+        sampler = entry.get("sampler") or {}
+        if not isinstance(sampler, Mapping):
+            raise where.err(f"{key}.sampler", f"expected a sampler node, got {sampler!r}")
+        if "name" not in sampler or sampler["name"] == cfg["sampler"]["name"]:
+            sampler = {**cfg["sampler"], **sampler}
+        try:
+            sampler = SAMPLERS.validate(dict(sampler), f"{key}.sampler")
+        except ConfigError as e:
+            raise e.at(where.of(e.key)) from None
+        out.append({**node, "label": label, "weight": weight, "teacher": teacher, "sampler": sampler})
+    if entries:
+        schedule = cfg["stages"]["opd"]["task_schedule"]
+        if schedule not in ("alternate", "mixed"):
+            raise where.err("stages.opd.task_schedule", f"must be alternate or mixed, got {schedule!r}")
+        if schedule == "alternate":
+            for i, e in enumerate(out):
+                if float(e["weight"]) != int(e["weight"]):
+                    raise where.err(f"tasks.{i}.weight", f"task_schedule alternate gives each task `weight` consecutive "
+                                                         f"batches: a whole number, got {e['weight']!r}")
+    cfg["tasks"] = out
+
+
 def compose(confs: list[str | Path], overrides: list[str], where: Where | None = None) -> dict[str, Any]:
     """Compose base.yaml, the given files and key=value overrides into a checked, plain dict with
     every plugin node completed by its constructor defaults and interpolations resolved.
@@ -336,6 +404,7 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
     _check_framework(cfg, base, "", where)
     discover(cfg["plugin_paths"] or [])
     _check_plugins(cfg, where)
+    _check_tasks(cfg, base, where)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
     except OmegaConfBaseException as e:

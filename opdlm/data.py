@@ -28,19 +28,30 @@ from opdlm.types import Example
 
 def sft_collate(tokenizer: Any, chat_template: bool, max_len: int | None = None):
     """Collate examples into right-padded input_ids/attention_mask/labels; prompt tokens and
-    padding get label -100, the completion and its EOS are learned."""
+    padding get label -100, the completion and its EOS are learned. A multi-turn example (an expert
+    transcript in ``meta["turns"]``) is rendered as a whole conversation (opdlm.conversation) whose
+    actions, each with its end of turn, are learned and whose observations are not."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    conversation = None
 
     def collate(batch: list[Example]) -> dict[str, torch.Tensor]:
         seqs, labels = [], []
         for ex in batch:
             if ex.solution is None:
                 raise ConfigError("task: the SFT stage needs reference solutions (set solution_field for jsonl)")
-            p = render_prompt(tokenizer, ex.prompt, chat_template)
-            c = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos]
-            ids = p + c
-            lab = [-100] * len(p) + c
+            if ex.meta.get("turns"):
+                nonlocal conversation
+                if conversation is None:
+                    from opdlm.conversation import Conversation
+                    conversation = Conversation(tokenizer, chat_template)
+                ids, mine = conversation.render(ex.prompt, ex.meta["turns"])
+                lab = [i if m else -100 for i, m in zip(ids, mine)]
+            else:
+                p = render_prompt(tokenizer, ex.prompt, chat_template)
+                c = tokenizer(ex.solution, add_special_tokens=False)["input_ids"] + [eos]
+                ids = p + c
+                lab = [-100] * len(p) + c
             if max_len is not None:
                 ids, lab = ids[:max_len], lab[:max_len]
             seqs.append(ids)
@@ -147,17 +158,25 @@ class TaskData(L.LightningDataModule):
 
     def __init__(self, task: Task, *, mode: str, batch_size: int, steps: int, seed: int,
                  tokenizer: Any = None, chat_template: bool = False,
-                 start: Callable[[], int] = lambda: 0) -> None:
+                 start: Callable[[], int] = lambda: 0, schedule: Callable[[int], str] | None = None) -> None:
         super().__init__()
         self.task, self.mode, self.batch_size, self.steps, self.seed = task, mode, batch_size, steps, seed
         self.tokenizer, self.chat_template, self.start = tokenizer, chat_template, start
+        self.schedule = schedule  # multi-task OPD: the task of each batch (opdlm.multitask.TaskSchedule)
 
     def _ranks(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
 
-    def train_dataloader(self) -> StepBatches:
+    def train_dataloader(self) -> Any:
         rank, world = self._ranks()
+        if self.mode == "opd" and self.schedule is not None:
+            from opdlm.multitask import MultiTaskBatches, label_of
+            items: dict[str, list[Example]] = {}
+            for ex in self.task.examples("train"):
+                items.setdefault(label_of(ex), []).append(ex)
+            return MultiTaskBatches(items, self.schedule, batch_size=self.batch_size, steps=self.steps, seed=self.seed,
+                                    rank=rank, world=world, collate=list_collate, start=self.start)
         collate = sft_collate(self.tokenizer, self.chat_template) if self.mode == "sft" else list_collate
         return StepBatches(self.task.examples("train"), batch_size=self.batch_size, steps=self.steps,
                            seed=self.seed, rank=rank, world=world, collate=collate, start=self.start)

@@ -19,17 +19,27 @@ from opdlm.types import Example
 SPLIT_SEED = {"val": 101, "test": 102}
 
 
+def sampler_kwargs(sampler: Any, chat_template: bool) -> dict[str, Any]:
+    """What the engine passes a sampler beyond the base signature: a multi-turn sampler renders
+    later user turns as the model's template does (Sampler.multi_turn)."""
+    return {"chat_template": chat_template} if getattr(sampler, "multi_turn", False) else {}
+
+
 def task_extracts(task: Any) -> bool:
     """Whether the task reads answers out of responses (Task.extract): maj@k and unparsed need it."""
     from opdlm.plugin_api import Task
+    task = getattr(task, "inner", task)  # (examples left out as too long: the task itself decides)
     return type(task).extract is not Task.extract
 
 
-def metric_names(modes: list[str], pass_k: list[int], extracts: bool) -> list[str]:
-    """The per-prompt metrics of an evaluation, in a fixed order (the same on every process)."""
+def metric_names(modes: list[str], pass_k: list[int], extracts: bool, interactive: bool = False) -> list[str]:
+    """The per-prompt metrics of an evaluation, in a fixed order (the same on every process).
+    Interactive tasks: acc is the success rate (episodes won), plus mean turns and the share of
+    actions the game did not accept."""
     names = []
     for mode in modes:
         names += [f"acc_{mode}", f"len_{mode}", f"trunc_{mode}"] + ([f"unparsed_{mode}"] if extracts else [])
+        names += [f"turns_{mode}", f"invalid_{mode}"] if interactive else []
         if mode == "sampled":
             names += [f"pass@{k}" for k in pass_k] + ([f"maj@{k}" for k in pass_k] if extracts else [])
     return names
@@ -53,8 +63,12 @@ def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_templ
     for i, mode in enumerate(modes):
         torch.manual_seed(step_seed(seed, i))
         n = 1 if mode == "greedy" else samples
-        ro = built.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=n)
-        correct = [bool(task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)]
+        ro = built.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=n,
+                                  **sampler_kwargs(built.sampler, chat_template))
+        if ro.outcomes is not None:  # played episodes: success is winning
+            correct = [o.won for o in ro.outcomes]
+        else:
+            correct = [bool(task.verify(t, ex)) for t, ex in zip(ro.texts, ro.examples)]
         answers = [task.extract(t) for t in ro.texts] if extracts else [None] * len(correct)
 
         def per_prompt(values: list[float] | Tensor, n: int = n) -> Tensor:  # a prompt's mean over its responses
@@ -65,6 +79,9 @@ def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_templ
         out[f"trunc_{mode}"] = per_prompt(ro.truncated.double().cpu())
         if extracts:
             out[f"unparsed_{mode}"] = per_prompt([float(a is None) for a in answers])
+        if ro.outcomes is not None:
+            out[f"turns_{mode}"] = per_prompt([float(o.turns) for o in ro.outcomes])
+            out[f"invalid_{mode}"] = per_prompt([o.invalid / max(o.turns, 1) for o in ro.outcomes])
         if mode == "sampled":
             rows = [range(p * n, (p + 1) * n) for p in range(len(batch))]
             for k in pass_k:
@@ -88,10 +105,14 @@ def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str
     from opdlm import dist
     from opdlm.data import EvalBatches, eval_items
 
+    if built.tasks:  # several tasks: each evaluated with its own run (its sampler), then merged
+        from opdlm.multitask import merged_metrics
+        return merged_metrics({label: evaluate(model, tokenizer, run, config, chat_template, split, progress)
+                               for label, run in built.tasks.items()}, split)
     ev = config["eval"]
     modes = eval_modes(config)
     samples, pass_k = ev["samples"][split], list(ev["pass_k"][split])
-    names = metric_names(modes, pass_k, task_extracts(built.task))
+    names = metric_names(modes, pass_k, task_extracts(built.task), bool(getattr(built.task, "interactive", False)))
     items = eval_items(built.task, split, ev[f"{split}_prompts"])
     groups = sorted({ex.meta.get("benchmark", "") for ex in items})  # the same on every process
     batches = EvalBatches(items, ev["batch_size"], dist.rank(), dist.world())
@@ -145,6 +166,11 @@ class GenerationEval(L.LightningModule):
         raise NotImplementedError
 
     @property
+    def eval_built(self) -> BuiltRun:
+        """The run evaluation reads (a multi-task run's whole run, whichever task trains now)."""
+        return self.built
+
+    @property
     def eval_tokenizer(self) -> Any:
         raise NotImplementedError
 
@@ -169,15 +195,15 @@ class GenerationEval(L.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if gather is not None:
                 with gather(wrapped, writeback=False, recurse=True):
-                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.built, config, self.chat_template, "val")
+                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.eval_built, config, self.chat_template, "val")
             else:
-                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.built, config, self.chat_template, "val")
+                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.eval_built, config, self.chat_template, "val")
         # to the log files once, at this step (self.log would repeat the value at every later logging
         # step); to the progress bar through self.log
         for lg in self.loggers:
             lg.log_metrics(metrics, step=self.trainer.global_step)
         for k, v in metrics.items():
-            if k.startswith("val/acc"):
+            if k.startswith("val/acc") and k.count("/") == 1:
                 self.log(k, v, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
 

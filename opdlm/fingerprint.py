@@ -68,7 +68,7 @@ def plugin_files(objects: list[Any]) -> list[str]:
 
 def code_digest(stage: str, built: Any) -> str:
     """Hash of the opdlm package and of the plugin files ``stage`` uses."""
-    used = [built.task, built.sampler]
+    used = [built.task, built.sampler, *(r.sampler for r in (built.tasks or {}).values())]
     if stage == "opd":
         used += [built.aligner, built.support, *built.maskers, built.loss]
     h = hashlib.sha256(package_digest().encode())
@@ -85,7 +85,8 @@ def vocab_digest(tokenizer: Any) -> str:
 def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
     leaves the code out (what a run folder's result was made with, as configuration)."""
-    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"], "data": cfg["data"], "teacher": cfg["teacher"],
+    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"],
+                             **({"tasks": cfg["tasks"]} if cfg.get("tasks") else {}), "data": cfg["data"], "teacher": cfg["teacher"],
                              "teacher_vocab": vocab_digest(built.teacher.tokenizer),
                              "teacher_sft": cfg["stages"]["teacher_sft"],
                              "precision": cfg["trainer"]["precision"], "code": code_digest(stage, built) if code else ""}

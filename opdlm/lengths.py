@@ -31,6 +31,16 @@ MARGIN = 8  # tokens a text may have beyond its UTF-8 bytes (a prefix space, spe
 class FilteredTask(Task):
     """A task with some examples left out of its splits (data.too_long: skip)."""
 
+    @property
+    def interactive(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "interactive", False))
+
+    def start(self, example: Example) -> Any:
+        return self.inner.start(example)
+
+    def user_turn(self, observation: str) -> str:
+        return self.inner.user_turn(observation)
+
     def __init__(self, task: Task, keep: dict[str, list[bool]]) -> None:
         self.inner = task
         self.plugin_name, self.plugin_kind = task.plugin_name, task.plugin_kind
@@ -39,11 +49,19 @@ class FilteredTask(Task):
     def bind(self, ctx: Any) -> None:
         self.inner.bind(ctx)
 
+    def __getattr__(self, name: str) -> Any:  # the inner task's own attributes (interactive tasks' start, ...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
     def examples(self, split: str) -> list[Example]:
         return self._splits[split]
 
     def verify(self, response: str, example: Example) -> bool:
         return self.inner.verify(response, example)
+
+    def extract(self, response: str) -> str | None:
+        return self.inner.extract(response)
 
     def corpus(self) -> Iterable[str]:
         return self.inner.corpus()
@@ -84,6 +102,8 @@ def _where(ex: Example, split: str, i: int) -> str:
 def check_lengths(cfg: dict[str, Any], task: Task, teacher: Any, student: Any) -> tuple[Task, dict[str, int]]:
     """The task (filtered when data.too_long is skip) and the number of examples left out per split."""
     mode = cfg["data"]["too_long"]
+    if getattr(task, "interactive", False):
+        return _check_interactive(cfg, task, teacher, student)
     new_tokens = cfg["sampler"]["max_new_tokens"]
     keep = {s: [True] * len(task.examples(s)) for s in SPLITS}
     checks = []  # (role, spec, needs SFT solutions)
@@ -137,3 +157,36 @@ def _exact_too_long(spec: Any, ex: Example, chat: bool, estimate: int, limit: in
         sol = len(spec.tokenizer(ex.solution or "", add_special_tokens=False)["input_ids"])
         need = max(need, prompt + sol + 1)
     return need > limit
+
+
+def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: Any) -> tuple[Task, dict[str, int]]:
+    """Played tasks: a conversation grows up to sampler.max_context tokens, which both models must
+    hold; an expert transcript learned by SFT must fit whole (data.too_long: skip leaves it out)."""
+    from opdlm.conversation import Conversation
+
+    context = cfg["sampler"].get("max_context")
+    keep = {s: [True] * len(task.examples(s)) for s in SPLITS}
+    for role, spec in (("teacher", teacher), ("student", student)):
+        limit = _positions(spec)
+        if limit is None:
+            continue
+        key = f"{role}.max_positions" if not spec.path else f"{role}.path (max_position_embeddings)"
+        if context is not None and context > limit:
+            raise ConfigError(f"sampler.max_context: {context} tokens of conversation do not fit in the {role}'s "
+                              f"{limit} positions ({key}); lower it or give the model more positions")
+        if cfg["stages"][f"{role}_sft"]["steps"] == 0:
+            continue
+        conv = Conversation(spec.tokenizer, bool(spec.node["chat_template"]))
+        for i, ex in enumerate(task.examples("train")):
+            if not ex.meta.get("turns") or not keep["train"][i]:
+                continue
+            need = len(conv.render(ex.prompt, ex.meta["turns"])[0])
+            if need <= limit:
+                continue
+            if cfg["data"]["too_long"] == "error":
+                raise ConfigError(f"task: the expert transcript of train example {i} ({ex.meta.get('game')}) needs "
+                                  f"{need} positions for the {role}, more than its {limit} ({key}); set "
+                                  f"data.too_long=skip to leave such examples out")
+            keep["train"][i] = False
+    dropped = {s: keep[s].count(False) for s in SPLITS}
+    return (FilteredTask(task, keep) if any(dropped.values()) else task), dropped

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from opdlm import dist
 from opdlm.build import BuiltRun
-from opdlm.evaluation import GenerationEval, eval_modes
+from opdlm.evaluation import GenerationEval, eval_modes, sampler_kwargs
 from opdlm.models import load_or_build, render_prompt
 from opdlm.ops.aggregate import aggregation
 from opdlm.ops.batch import full_support, micro_batch_rows, mini_batch_rows, take
@@ -42,8 +42,8 @@ class OPDModule(GenerationEval):
     """On-policy distillation: the student learns from a frozen teacher on its own rollouts."""
 
     def __init__(self, config: dict[str, Any], student_init: str | None = None,
-                 teacher_init: str | None = None, *, built: BuiltRun | None = None,
-                 student: nn.Module | None = None, teacher: nn.Module | None = None) -> None:
+                 teacher_init: str | dict[str, str] | None = None, *, built: BuiltRun | None = None,
+                 student: nn.Module | None = None, teacher: nn.Module | dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters({"config": config, "student_init": student_init, "teacher_init": teacher_init})
         if built is None:
@@ -51,23 +51,45 @@ class OPDModule(GenerationEval):
             built = build_run(config)
         seed = config["run"]["seed"]
         self.student = student if student is not None else load_or_build(built.student, student_init, seed)
-        teacher = teacher if teacher is not None else load_or_build(built.teacher, teacher_init, seed + 1)
-        teacher.requires_grad_(False)
-        teacher.eval()
-        object.__setattr__(self, "_teacher", teacher)  # not a submodule (see the module docstring)
+        # one teacher per task in a multi-task run (opdlm.multitask), by label; else one, under ""
+        runs = built.tasks or {"": built}
+        inits = teacher_init if isinstance(teacher_init, dict) else {label: teacher_init for label in runs}
+        given = teacher if isinstance(teacher, dict) else {label: teacher for label in runs}
+        teachers = {label: given[label] if given.get(label) is not None else load_or_build(run.teacher, inits[label], seed + 1)
+                    for label, run in runs.items()}
+        for t in teachers.values():
+            t.requires_grad_(False)
+            t.eval()
+        object.__setattr__(self, "teachers", teachers)  # not submodules (see the module docstring)
+        self.runs = runs
+        self.top = built
         self.stage = config["stages"]["opd"]
         self.seed = seed
+        self.lean = self.stage["head"] == "lean"
+        self.automatic_optimization = False
+        self.setup_eval(built, eval_modes(config), built.student.node["chat_template"], self.stage["val_every"])
+        self.use(next(iter(runs)))
+
+    def use(self, label: str) -> None:
+        """Train on task ``label`` from now on (a multi-task run switches per rollout batch): its run
+        (sampler, plugins), its teacher and what the step derives from them."""
+        built = self.runs[label]
+        self.built, self.task_label = built, label
+        object.__setattr__(self, "_teacher", self.teachers[label])
         self.temperature = built.sampler.temperature
         self.reads = built.loss.reads
-        self.lean = self.stage["head"] == "lean"
         self.norm_length = self.stage["loss_norm_length"] or built.sampler.max_new_tokens
-        self.automatic_optimization = False
         self.first_byte = FirstByteBins(built.ctx, built.student.n_ids, built.teacher.n_ids)
-        self.setup_eval(built, eval_modes(config), built.student.node["chat_template"], self.stage["val_every"])
+
+    @property
+    def eval_built(self) -> BuiltRun:
+        return self.top
 
     # -- the algorithm ----------------------------------------------------------------------------
     def training_step(self, batch: Iterable[Example], batch_idx: int) -> None:
         torch.manual_seed(dist.step_seed(self.seed, 3, self.batches_done, self.global_rank))  # this rank's stream
+        if self.top.tasks:                                               #    (multi-task: the batch's task)
+            self.use(list(batch)[0].meta["task"])
         rollout = self.sample(batch)                                     # 1. sample
         view = self.align(rollout)                                       # 2. align
         student_top = self.student_topk(rollout)                         #    (the student's own top-k, if read)
@@ -82,12 +104,19 @@ class OPDModule(GenerationEval):
     def sample(self, batch: Iterable[Example]) -> Rollout:
         batch = list(batch)
         prompts = [render_prompt(self.built.student.tokenizer, ex.prompt, self.chat_template) for ex in batch]
-        return self.built.sampler.sample(self.student, self.built.student.tokenizer, prompts, batch)
+        return self.built.sampler.sample(self.student, self.built.student.tokenizer, prompts, batch,
+                                         **sampler_kwargs(self.built.sampler, self.chat_template))
 
     def align(self, rollout: Rollout) -> TeacherView:
         teacher = self.built.teacher
         prompts = [render_prompt(teacher.tokenizer, ex.prompt, teacher.node["chat_template"]) for ex in rollout.examples]
-        return self.built.aligner.align(rollout, prompts)
+        aligner = self.built.aligner
+        if rollout.outcomes is not None and aligner.uses_teacher_prompt:  # the teacher's own user turns
+            from opdlm.conversation import Conversation
+            conv, task = Conversation(teacher.tokenizer, teacher.node["chat_template"]), self.built.task
+            turns = [[conv.user(task.user_turn(obs)) for _, obs in o.transcript[: o.replies]] for o in rollout.outcomes]
+            return aligner.align(rollout, prompts, teacher_turns=turns)
+        return aligner.align(rollout, prompts)
 
     def student_topk(self, rollout: Rollout) -> Scores | None:
         """The student's own top-k without gradients, when the support reads it."""
@@ -224,6 +253,8 @@ class OPDModule(GenerationEval):
                 v = dist.all_sum(v)
             self.log(f"train/{k}", v, prog_bar=k in ("loss", "grad_norm"), batch_size=rollout.input_ids.shape[0],
                      sync_dist=world > 1 and k != "tokens")
+            if self.top.tasks and (k in ("loss", "logprob_gap") or k.startswith("episode/")):  # per task too
+                self.log(f"train/{self.task_label}/{k}", v, batch_size=rollout.input_ids.shape[0], sync_dist=world > 1)
 
     def save_rollouts(self, rollout: Rollout, view: TeacherView, teacher: Scores, mask: Tensor) -> None:
         """At validation steps, the first ``log_rollouts`` rollouts of rank 0, token by token
@@ -311,11 +342,13 @@ class OPDModule(GenerationEval):
 
     def _apply(self, fn: Any, recurse: bool = True) -> OPDModule:
         super()._apply(fn, recurse)
-        self._teacher._apply(fn, recurse)  # .to(device), .double(), precision plugins' casts
+        for t in self.teachers.values():
+            t._apply(fn, recurse)  # .to(device), .double(), precision plugins' casts
         return self
 
     def on_fit_start(self) -> None:
-        self._teacher.to(self.device)
+        for t in self.teachers.values():
+            t.to(self.device)
 
     def configure_optimizers(self) -> Any:
         return make_optimizer(self, self.student.parameters(), self.stage)

@@ -89,20 +89,23 @@ def checkpoint_dir(run_dir: Path, stage: str) -> Path:
     return run_dir / "checkpoints" / stage
 
 
-def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, every: int | None = None) -> L.Trainer:
+def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, every: int | None = None,
+                 name: str | None = None) -> L.Trainer:
     """The stage's Trainer: the trainer node's arguments plus what opdlm sets from its own keys.
-    ``every``: optimizer steps between checkpoints (default run.checkpoint_every)."""
+    ``every``: optimizer steps between checkpoints (default run.checkpoint_every); ``name``: the
+    folder name of its logs and checkpoints (default: the stage; one per task's teacher)."""
+    name = name or stage
     tr = cfg["trainer"]
     callbacks: list[Any] = [ProgressBar()] if tr["progress_bar"] else []
     if cfg["run"]["checkpoints"]:
-        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir, stage)), save_last=True,
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir, name)), save_last=True,
                                          save_top_k=0, every_n_train_steps=every or cfg["run"]["checkpoint_every"],
                                          enable_version_counter=False))
     kw: dict[str, Any] = dict(enable_model_summary=False)
     kw.update(trainer_kwargs(tr))
     return L.Trainer(  # validation is the module's own (GenerationEval), not Lightning's loop
         **kw, max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
-        enable_progress_bar=tr["progress_bar"], logger=_loggers(cfg, run_dir, stage), callbacks=callbacks,
+        enable_progress_bar=tr["progress_bar"], logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
         gradient_clip_val=cfg["stages"][stage]["max_grad_norm"] if stage != "opd" else None,
         default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
         use_distributed_sampler=False,
@@ -112,10 +115,16 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, eve
 def _data(built: BuiltRun, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
     st = cfg["stages"][stage]
     steps = -(-st["steps"] // st["mini_batches"]) if stage == "opd" else st["steps"]  # rollout batches
+    schedule = None
+    if stage == "opd" and built.tasks:  # one task per rollout batch, in the schedule's order
+        from opdlm.multitask import TaskSchedule
+        schedule = TaskSchedule(list(built.tasks), [float(e["weight"]) for e in cfg["tasks"]],
+                                st["task_schedule"], cfg["run"]["seed"])
     return TaskData(built.task, mode="opd" if stage == "opd" else "sft",
                     batch_size=st["prompts_per_step"] if stage == "opd" else st["batch_size"],
                     steps=steps, seed=cfg["run"]["seed"],
-                    tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start)
+                    tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start,
+                    schedule=schedule)
 
 
 def quiet_libraries() -> None:
@@ -161,6 +170,11 @@ class Runner:
         self.main = dist.is_main()
         self.log: Callable[[str], None] = print if self.main else (lambda _msg: None)
         self.current = ""  # the stage running now (for messages about an interruption)
+        self.tag = ""  # a multi-task run's per-task teacher runner: the task's label (folder names)
+
+    def _name(self, stage: str) -> str:
+        """The folder name of a stage's logs, checkpoints and rollouts."""
+        return f"{stage}_{self.tag}" if self.tag else stage
 
     def _seed(self, stage: str) -> None:
         """Each stage starts from its own seed, so a stage gives the same result whether the
@@ -171,7 +185,7 @@ class Runner:
     def _resume_point(self, stage: str, fp: str) -> str | None:
         """The stage's last checkpoint if it was written for this fingerprint; any other is set
         aside (renamed), with the reason."""
-        path = checkpoint_dir(self.run_dir, stage) / "last.ckpt"
+        path = checkpoint_dir(self.run_dir, self._name(stage)) / "last.ckpt"
         if not self.cfg["run"]["checkpoints"] or not path.is_file():
             return None
         try:
@@ -243,15 +257,15 @@ class Runner:
             remove_stale(folder)
         ckpt = dist.broadcast(self._resume_point(stage, fp) if self.main else None)
         if self.main and ckpt is None:
-            shutil.rmtree(self.run_dir / "logs" / stage, ignore_errors=True)  # this stage is computed anew
+            shutil.rmtree(self.run_dir / "logs" / self._name(stage), ignore_errors=True)  # this stage is computed anew
         dist.barrier()
         self._seed(stage)
         module = build()
         module.fingerprint = fp
-        module.rollout_dir = self.run_dir / "rollouts" / stage if self.main else None
+        module.rollout_dir = self.run_dir / "rollouts" / self._name(stage) if self.main else None
         data = _data(self.built, self.cfg, stage, spec, start=lambda: module.batches_done)
-        trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every)
-        self.log(f"[opdlm] stage {stage}: {describe(module)}"
+        trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every, name=self._name(stage))
+        self.log(f"[opdlm] stage {stage}{f' ({self.tag})' if self.tag else ''}: {describe(module)}"
                  + (f", on {dist.world()} processes" if dist.world() > 1 else ""))
         self.current = stage
         if steps > 0:
@@ -278,7 +292,7 @@ class Runner:
         return info | {"test": metrics, "eval_fingerprint": efp, "seconds": seconds, "folder": str(folder.resolve())}
 
     def _interrupted(self, stage: str, step: int, steps: int) -> str:
-        path = checkpoint_dir(self.run_dir, stage) / "last.ckpt"
+        path = checkpoint_dir(self.run_dir, self._name(stage)) / "last.ckpt"
         if self.cfg["run"]["checkpoints"] and path.is_file():
             how = f"the same command continues it from {path}"
         else:
@@ -309,7 +323,7 @@ class Runner:
 
     def sft(self, role: str, init: str | None) -> dict[str, Any]:
         stage = f"{role}_sft"
-        folder = self.run_dir / role if role == "teacher" else self.run_dir / "student_sft"
+        folder = self.run_dir / self._name(role) if role == "teacher" else self.run_dir / "student_sft"
         if self.cfg["run"]["stage_cache"]:  # shared between runs (sweeps): keyed by fingerprint
             folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.built)}"
         spec = self.built.teacher if role == "teacher" else self.built.student
@@ -322,7 +336,21 @@ class Runner:
         return self._stage(stage, folder, build, lambda m: m.model, spec, st["steps"],
                            lambda m: f"{n_params(m.model):,} parameters, {st['steps']} steps of {st['batch_size']} sequences")
 
-    def opd(self, student_init: str, teacher_init: str) -> dict[str, Any]:
+    def _teachers(self) -> dict[str, Any]:
+        """A multi-task run's teachers, each its task's own teacher stage (folder teacher_<label>),
+        as one result: each task's test metrics by its own teacher (opdlm.multitask.merged_metrics)."""
+        from opdlm.multitask import merged_metrics, task_config
+        assert self.built.tasks is not None
+        results = {}
+        for i, (label, run) in enumerate(self.built.tasks.items()):
+            sub = Runner(task_config(self.cfg, i), built=run)
+            sub.tag = label
+            results[label] = sub.sft("teacher", self.cfg["tasks"][i]["teacher"]["path"])
+        return {"test": merged_metrics({k: r["test"] for k, r in results.items()}, "test"),
+                "folders": {k: r["folder"] for k, r in results.items()},
+                "folder": str(self.run_dir), "seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 3)}
+
+    def opd(self, student_init: str, teacher_init: str | dict[str, str]) -> dict[str, Any]:
         st = self.cfg["stages"]["opd"]
 
         def build() -> OPDModule:
@@ -407,9 +435,14 @@ class Runner:
             self.log(f"[opdlm] data.too_long=skip: left out {counts} examples longer than the models' positions")
         L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         t0 = time.time()
-        teacher = self.sft("teacher", cfg["teacher"]["path"])
-        student = self.sft("student", cfg["student"]["path"])
-        after = self.opd(student["folder"], teacher["folder"])
+        if self.built.tasks:  # one teacher per task, each trained on (or loaded for) its own task
+            teacher = self._teachers()
+            student = self.sft("student", cfg["student"]["path"])
+            after = self.opd(student["folder"], teacher["folders"])
+        else:
+            teacher = self.sft("teacher", cfg["teacher"]["path"])
+            student = self.sft("student", cfg["student"]["path"])
+            after = self.opd(student["folder"], teacher["folder"])
         stages = (teacher, student, after)
         results = {"seed": cfg["run"]["seed"], "teacher": teacher, "student_before": student,
                    "student_after": after, "processes": dist.world(), "config_fingerprints": self._config_fingerprints(),
@@ -446,6 +479,30 @@ def _config_diff(saved: Path, cfg: dict[str, Any], most: int = 3) -> str:
 
 
 def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
+    if cfg.get("tasks"):  # one table per task (each teacher on its own task), then the mean over tasks
+        keys = ("teacher", "student_before", "student_after")
+        blocks = []
+        for entry in cfg["tasks"]:
+            label = entry["label"]
+            own = {key: {"test": {f"test/{k[len(f'test/{label}/'):]}": v for k, v in results[key]["test"].items()
+                                  if k.startswith(f"test/{label}/")}} for key in keys}
+            table = results_table({**own, "seed": results["seed"], "seconds": results["seconds"]},
+                                  {**cfg, "tasks": [], "eval": cfg["eval"]})
+            blocks.append(f"task {label} ({entry['name']}):\n\n" + table.rsplit("\n\nseed ", 1)[0])
+        m0 = "greedy" if cfg["eval"]["greedy"] else "sampled"
+        rows = ["| model | " + " | ".join(e["label"] for e in cfg["tasks"]) + " | mean |", "|---" * (2 + len(cfg["tasks"])) + "|"]
+        names = {"teacher": "teachers (each on its task)", "student_before": "student before OPD",
+                 "student_after": "student after OPD"}
+        for key, name in names.items():
+            t = results[key]["test"]
+            cells = [f"{100 * t.get('test/' + e['label'] + '/acc_' + m0, float('nan')):.1f} %" for e in cfg["tasks"]]
+            rows.append(f"| {name} | " + " | ".join(cells) + f" | {100 * t.get(f'test/acc_{m0}', float('nan')):.1f} % |")
+        procs = results.get("processes", 1)
+        wall = results.get("wall_seconds", results["seconds"])
+        tail = (f"\nseed {results['seed']}, {cfg['eval']['test_prompts']} test prompts per task, {results['seconds']:.1f} s "
+                f"of compute" + (f" ({wall:.1f} s in this command, the rest cached)" if wall < results["seconds"] - 1 else "")
+                + (f", {procs} processes" if procs > 1 else ""))
+        return "\n\n".join(blocks) + f"\n\nall tasks (test acc / success, {m0}):\n\n" + "\n".join(rows) + "\n" + tail
     ev = cfg["eval"]
     modes = [m for m in ("greedy", "sampled") if ev[m]]
     m0 = modes[0] if modes else "greedy"
@@ -454,9 +511,12 @@ def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
             for m in modes]
     cols += [(name, f"test/{name}", True) for k in ev["pass_k"]["test"] for name in (f"pass@{k}", f"maj@{k}")]
     cols += [("unparsed", f"test/unparsed_{m0}", True), ("mean length", f"test/len_{m0}", False),
-             ("truncated", f"test/trunc_{m0}", True)]
+             ("truncated", f"test/trunc_{m0}", True), ("mean turns", f"test/turns_{m0}", False),
+             ("invalid actions", f"test/invalid_{m0}", True)]
     names = {"teacher": "teacher", "student_before": "student before OPD", "student_after": "student after OPD"}
     tests = {key: results[key]["test"] for key in names}
+    if any(f"test/turns_{m0}" in t for t in tests.values()):  # played episodes: accuracy is the success rate
+        cols = [(c[0].replace("test acc", "success"), *c[1:]) for c in cols]
     cols = [c for c in cols if any(c[1] in t for t in tests.values())]  # maj@k, unparsed: tasks that extract
 
     def cell(t: dict[str, float], key: str, pct: bool) -> str:

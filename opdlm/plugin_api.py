@@ -42,7 +42,19 @@ class Plugin:
 
 
 class Task(Plugin):
-    """Prompts with reference answers, and a verifier."""
+    """Prompts with reference answers, and a verifier. An ``interactive`` task is played turn by
+    turn instead (sampler multi_turn): it starts an Episode per example (``start``), renders each
+    observation as a user turn (``user_turn``), and an episode counts as correct when it is won."""
+
+    interactive: bool = False
+
+    def start(self, example: Example) -> Episode:
+        """Interactive tasks: a new episode of the example's game."""
+        raise NotImplementedError
+
+    def user_turn(self, observation: str) -> str:
+        """Interactive tasks: the text of the user turn that shows ``observation``."""
+        raise NotImplementedError
 
     def examples(self, split: str) -> list[Example]:
         """The examples of split 'train', 'val' or 'test'."""
@@ -111,10 +123,13 @@ class Environment(Plugin):
 
 
 class Sampler(Plugin):
-    """On-policy rollouts from the student."""
+    """On-policy rollouts from the student. A ``multi_turn`` sampler plays an interactive task's
+    episodes; the engine passes it ``chat_template`` (how the model renders later user turns)."""
 
     n: int = 1
     temperature: float = 1.0
+    max_new_tokens: int = 1
+    multi_turn: bool = False
 
     def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
                examples: list[Example], *, greedy: bool = False, n: int | None = None) -> Rollout:
@@ -132,7 +147,11 @@ class Aligner(Plugin):
     #: SupportSelector.cross_vocabulary, and full-vocabulary losses cannot run)
     shared_vocabulary: bool = True
 
-    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:
+    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None,
+              teacher_turns: list[list[list[int]]] | None = None) -> TeacherView:
+        """The teacher's view of ``rollout``. An aligner that uses the teacher's prompt also gets, for
+        multi-turn rollouts, ``teacher_turns``: per row, the teacher's own token ids of each user turn
+        the conversation shows after the first (opdlm.conversation), in order."""
         raise NotImplementedError
 
 

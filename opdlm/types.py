@@ -28,25 +28,47 @@ class Example:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How one multi-turn episode ended (Rollout.outcomes)."""
+
+    won: bool
+    turns: int  # actions the student wrote
+    invalid: int  # of which the game did not accept
+    end: str  # 'won' | 'lost' (the game ended it) | 'turns' (turn budget) | 'context' (context budget)
+    #         | 'action' (an action ran past max_new_tokens without ending its turn)
+    transcript: list[tuple[str, str]] = field(default_factory=list)  # (action, observation) per turn
+    replies: int = 0  # how many of those observations the conversation shows as user turns (the first ones)
+
+    @property
+    def truncated(self) -> bool:
+        """Stopped by a budget before the game ended."""
+        return self.end in ("turns", "context", "action")
+
+
+@dataclass(frozen=True)
 class Rollout:
-    """Responses sampled by the student."""
+    """Responses sampled by the student. A multi-turn rollout is one whole conversation: the
+    response region holds the student's actions and the environment's observations in turn, and
+    ``response_mask`` covers the action tokens only (``outcomes`` says how each episode ended)."""
 
     input_ids: Tensor  # [B, L] long: left-padded prompt, then the response, right-padded
     attention_mask: Tensor  # [B, L] long: 1 on real tokens (prompt and response up to EOS)
     position_ids: Tensor  # [B, L] long: positions that ignore left padding
     prompt_len: int  # P
-    response_mask: Tensor  # [B, T] bool: generated tokens up to and including the first EOS
+    response_mask: Tensor  # [B, T] bool: generated tokens up to and including the first EOS (multi-turn:
+    #                         every action's tokens with their end of turn; never an observation's)
     behaviour_logprobs: Tensor  # [B, T] float: log-prob of each sampled token under the sampler
     truncated: Tensor  # [B] bool: stopped by the length budget before EOS
     examples: list[Example]  # B items (each prompt repeated once per rollout)
-    texts: list[str]  # B decoded responses, up to (not including) EOS
+    texts: list[str]  # B decoded responses, up to (not including) EOS (multi-turn: the transcript)
+    outcomes: list[Outcome] | None = None  # multi-turn: how each episode ended (None: single-turn)
 
     @property
     def targets(self) -> Tensor:  # [B, T] long: the sampled response tokens
         return self.input_ids[:, self.prompt_len :]
 
     @property
-    def lengths(self) -> Tensor:  # [B] long: response tokens up to and including EOS
+    def lengths(self) -> Tensor:  # [B] long: response tokens up to and including EOS (multi-turn: action tokens)
         return self.response_mask.sum(-1)
 
 

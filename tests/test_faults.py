@@ -158,6 +158,8 @@ def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_p
     assert sum(built.dropped.values()) == 2
     kept = [e.prompt for s in ("train", "val", "test") for e in built.task.examples(s)]
     assert len(kept) == 38 and rows[7]["prompt"] not in kept
+    from opdlm.evaluation import task_extracts
+    assert task_extracts(built.task) and built.task.extract("\\boxed{12}") == "12"  # maj@k, unparsed still reported
     # the run says what it left out
     res = cli(*TINY, *base, "data.too_long=skip", f"run.out_dir={tmp_path / 'runs'}")
     assert res.returncode == 0, res.stderr[-2000:]

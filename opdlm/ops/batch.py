@@ -93,6 +93,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         return torch.nn.functional.pad(t, (left, right), value=value)
 
     cols: dict[str, list[Tensor]] = {k: [] for k in ("input_ids", "attention_mask", "response_mask", "behaviour_logprobs")}
+    if any(r.outcomes is not None for r in parts) and any(r.outcomes is None for r in parts):
+        raise ValueError("concat_rollouts: cannot join multi-turn and single-turn rollouts")
     for r in parts:
         left, right = P - r.prompt_len, T - r.response_mask.shape[1]
         cols["input_ids"].append(pad(r.input_ids, left, right, pad_id))
@@ -103,4 +105,5 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
     out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp_min(0)  # as the sampler makes them
     return Rollout(**out, prompt_len=P,
                    truncated=torch.cat([r.truncated for r in parts]),
-                   examples=[e for r in parts for e in r.examples], texts=[t for r in parts for t in r.texts])
+                   examples=[e for r in parts for e in r.examples], texts=[t for r in parts for t in r.texts],
+                   outcomes=None if any(r.outcomes is None for r in parts) else [o for r in parts for o in r.outcomes or []])

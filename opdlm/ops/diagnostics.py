@@ -98,6 +98,17 @@ def loss_diagnostics(x: LossInputs, token_loss: Tensor, stats: dict[str, Tensor]
 def rollout_diagnostics(rollout: Rollout, view: TeacherView, tokenizer: Any) -> dict[str, Tensor]:
     """What the step log shows of the rollouts: mean response length, the share truncated by the
     length budget, the share ending in a repetition loop, and (across tokenizers) the alignment."""
+    if rollout.outcomes is not None:  # multi-turn: how the episodes went (lengths count action tokens)
+        oc = rollout.outcomes
+        turns = torch.tensor([float(o.turns) for o in oc])
+        return {
+            "response_len": rollout.lengths.float().mean(),
+            "truncated_frac": rollout.truncated.float().mean(),
+            "episode/won_frac": torch.tensor([float(o.won) for o in oc]).mean(),
+            "episode/turns": turns.mean(),
+            "episode/invalid_frac": torch.tensor([float(o.invalid) for o in oc]).sum() / turns.sum().clamp_min(1.0),
+            **alignment_stats(rollout, view),
+        }
     return {
         "response_len": rollout.lengths.float().mean(),
         "truncated_frac": rollout.truncated.float().mean(),

@@ -48,7 +48,8 @@ class ByteSpan(Aligner):
         self.pad_id = int(pad) if pad is not None and pad < ctx.teacher_vocab_rows else 0
         ctx.vocab_map = self.tables
 
-    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:
+    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None,
+              teacher_turns: list[list[list[int]]] | None = None) -> TeacherView:
         if self.tables is None:
             raise RuntimeError("byte_span aligner used before bind()")
         if teacher_prompt_ids is None:
@@ -57,13 +58,32 @@ class ByteSpan(Aligner):
         dev = rollout.input_ids.device
         B, T = rollout.targets.shape
         targets = rollout.targets.cpu().numpy()
-        lens = rollout.response_mask.sum(-1).cpu().numpy()
-        rows = [targets[b, : lens[b]].astype(np.int64) for b in range(B)]
-        res = align_rows(rows, tb, self.encoder)
+        mine = rollout.response_mask.cpu().numpy()
+        real = rollout.attention_mask[:, rollout.prompt_len:].cpu().numpy().astype(bool)
+        # each row as pieces: the student's runs of tokens (aligned, each on its own) and, between
+        # them in a multi-turn conversation, user turns (the teacher reads its own rendering)
+        pieces = [_pieces(mine[b], real[b]) for b in range(B)]
+        actions = [targets[b, a:e].astype(np.int64) for b in range(B) for kind, a, e in pieces[b] if kind]
+        res = iter(align_rows(actions, tb, self.encoder))
+        rows: list[list[tuple[int, int, object]]] = []
+        for b in range(B):
+            row, k = [], 0
+            for kind, a, e in pieces[b]:
+                if kind:
+                    row.append((a, e, next(res)))
+                    continue
+                if teacher_turns is None or k >= len(teacher_turns[b]):
+                    raise ValueError("byte_span: a multi-turn rollout needs the teacher's rendering of each user turn "
+                                     "(teacher_turns)")
+                row.append((a, e, np.asarray(teacher_turns[b][k], dtype=np.int64)))
+                k += 1
+            rows.append(row)
         P = max(1, max(len(p) for p in teacher_prompt_ids))
-        U = max(1, max(len(r.teacher_ids) for r in res))
-        ids = np.full((B, P + U), self.pad_id, dtype=np.int64)
-        attn = np.zeros((B, P + U), dtype=np.int64)
+        width = [sum(len(x.teacher_ids) if not isinstance(x, np.ndarray) else len(x) for _, _, x in row) for row in rows]
+        U_all = [sum(len(x.teacher_ids) for _, _, x in row if not isinstance(x, np.ndarray)) for row in rows]
+        W, U = max(1, max(width)), max(1, max(U_all))
+        ids = np.full((B, P + W), self.pad_id, dtype=np.int64)
+        attn = np.zeros((B, P + W), dtype=np.int64)
         t_cols = np.full((B, U), -1, dtype=np.int64)
         t_tgt = np.full((B, U), -1, dtype=np.int64)
         t_chunk = np.full((B, U), -1, dtype=np.int64)
@@ -75,25 +95,31 @@ class ByteSpan(Aligner):
         same = np.zeros((B, T), dtype=bool)
         mism = np.zeros((B, T), dtype=bool)
         bad = np.zeros((B, T), dtype=bool)
-        for b, (prompt, r) in enumerate(zip(teacher_prompt_ids, res)):
-            n, m = len(rows[b]), len(r.teacher_ids)
+        for b, (prompt, row) in enumerate(zip(teacher_prompt_ids, rows)):
             ids[b, P - len(prompt) : P] = prompt
-            attn[b, P - len(prompt) : P + m] = 1
-            ids[b, P : P + m] = r.teacher_ids
-            t_cols[b, :m] = P + np.arange(m) - 1
-            t_tgt[b, :m] = r.teacher_ids
-            t_chunk[b, :m] = r.teacher_chunk
-            sc = r.student_chunk
-            chunk[b, :n] = sc
-            bad[b, :n] = r.status == INVALID_UTF8
-            if not (sc >= 0).any():
-                continue
-            st, one[b, :n], same[b, :n], mism[b, :n] = r.token_flags(tb.safe[rows[b]])
-            starts[b, :n] = st
-            first_u = np.searchsorted(r.teacher_chunk, np.arange(len(r.chunk_equal)))  # teacher chunks ascend
-            c = sc[st]
-            pred[b, :n][st] = P + first_u[c] - 1
-            tgt[b, :n][st] = r.teacher_ids[first_u[c]]
+            attn[b, P - len(prompt) : P + width[b]] = 1
+            col, u, chunks = P, 0, 0  # next teacher column, completion token, chunk number
+            for a, e, r in row:
+                if isinstance(r, np.ndarray):  # a user turn: context only
+                    ids[b, col : col + len(r)] = r
+                    col += len(r)
+                    continue
+                m = len(r.teacher_ids)
+                ids[b, col : col + m] = r.teacher_ids
+                t_cols[b, u : u + m] = col + np.arange(m) - 1
+                t_tgt[b, u : u + m] = r.teacher_ids
+                t_chunk[b, u : u + m] = np.where(r.teacher_chunk >= 0, r.teacher_chunk + chunks, -1)
+                sc = r.student_chunk
+                chunk[b, a:e] = np.where(sc >= 0, sc + chunks, -1)
+                bad[b, a:e] = r.status == INVALID_UTF8
+                if (sc >= 0).any():
+                    st, one[b, a:e], same[b, a:e], mism[b, a:e] = r.token_flags(tb.safe[targets[b, a:e]])
+                    starts[b, a:e] = st
+                    first_u = np.searchsorted(r.teacher_chunk, np.arange(len(r.chunk_equal)))  # teacher chunks ascend
+                    c = sc[st]
+                    pred[b, a:e][st] = col + first_u[c] - 1
+                    tgt[b, a:e][st] = r.teacher_ids[first_u[c]]
+                col, u, chunks = col + m, u + m, chunks + len(r.chunk_equal)
         pos = np.clip(np.cumsum(attn, -1) - 1, 0, None)
         t = lambda a: torch.from_numpy(a).to(dev)  # noqa: E731
         resp = rollout.response_mask
@@ -103,3 +129,23 @@ class ByteSpan(Aligner):
             chunk=t(chunk), mismatched=t(mism) & resp, invalid_utf8=t(bad) & resp, one_to_one=t(one) & resp,
             teacher_columns=t(t_cols), teacher_targets=t(t_tgt), teacher_chunk=t(t_chunk),
         )
+
+
+def _pieces(mine: np.ndarray, real: np.ndarray) -> list[tuple[bool, int, int]]:
+    """(the student's tokens?, start, end) runs of a row's response region: the student's runs
+    (``mine``) and the other real tokens between them (user turns of a conversation). A single-turn
+    row is one run: its response up to and including EOS."""
+    out: list[tuple[bool, int, int]] = []
+    n = int(real.sum()) if real.any() else 0
+    n = max(n, int(np.nonzero(mine)[0].max()) + 1 if mine.any() else 0)
+    a = 0
+    while a < n:
+        kind = bool(mine[a])
+        e = a
+        while e < n and bool(mine[e]) == kind:
+            e += 1
+        out.append((kind, a, e))
+        a = e
+    if not out:
+        out.append((True, 0, 0))
+    return out

@@ -32,7 +32,8 @@ class Identity(Aligner):
                 f"(or they map tokens to different ids); choose a cross-tokenizer aligner"
             )
 
-    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None) -> TeacherView:
+    def align(self, rollout: Rollout, teacher_prompt_ids: list[list[int]] | None = None,
+              teacher_turns: list[list[list[int]]] | None = None) -> TeacherView:
         B, L = rollout.input_ids.shape
         P = rollout.prompt_len
         T = L - P

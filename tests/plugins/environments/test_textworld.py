@@ -45,7 +45,13 @@ def test_random_play_ends_within_max_steps_and_invalid_moves_are_ordinary(env):
     ep = env.start(env.games("test")[0])
     step = ep.step("dance wildly")
     assert not step.valid and not step.done and not step.won and step.observation
-    moves = 1
+    # what a model may write: an interpreter command, a line break, nothing at all; each is one
+    # ordinary (invalid) move and the game goes on
+    for text in ("\\quit", "go\nnorth\nnorth", "", "\x00\x07"):
+        step = ep.step(text)
+        assert not step.valid and not step.done and step.observation
+        assert ep.admissible()
+    moves = 5
     while not ep.done:
         step = ep.step(rng.choice(ep.admissible()))
         moves += 1

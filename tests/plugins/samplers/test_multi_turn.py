@@ -1,0 +1,263 @@
+"""Multi-turn rollouts on real TextWorld games generated in the test (coin collector, level 3):
+episodes end, the response mask covers exactly the student's tokens (checked against a
+re-rendering of the conversation), the log-probs the OPD step reads at action tokens equal one
+forward pass over the whole conversation, the walkthrough played through the sampler wins every
+game, SFT learns the actions only, evaluation reports success, turns and invalid actions, and a
+tiny end-to-end run plays and trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEFAULT_CONF, compose
+
+pytest.importorskip("textworld", reason='pip install "opdlm[textworld]"')
+
+from opdlm.build import build_run  # noqa: E402
+from opdlm.conversation import Conversation  # noqa: E402
+from opdlm.data import sft_collate  # noqa: E402
+from opdlm.evaluation import evaluate  # noqa: E402
+from opdlm.models import render_prompt  # noqa: E402
+from opdlm.module import OPDModule  # noqa: E402
+from opdlm.registry import ConfigError  # noqa: E402
+from opdlm.types import Rollout  # noqa: E402
+
+pytestmark = pytest.mark.slow  # generates games (about a second each)
+
+AGENT = [
+    "task.name=text_game", "task.env.game_type=coin_collector", "task.env.level=3", "task.env.n_train=3",
+    "task.env.n_val=1", "task.env.n_test=3",
+    "sampler.name=multi_turn", "sampler.max_new_tokens=12", "sampler.n=2", "sampler.max_turns=4",
+    "sampler.max_context=900", "sampler.top_p=1.0",
+    "teacher.hidden_size=32", "teacher.intermediate_size=64", "teacher.layers=1", "teacher.heads=2",
+    "student.hidden_size=32", "student.intermediate_size=64", "student.layers=1", "student.heads=2",
+    "teacher.max_positions=1024", "student.max_positions=1024", "maskers=[]",
+    "stages.teacher_sft.steps=2", "stages.teacher_sft.batch_size=3", "stages.teacher_sft.val_every=0",
+    "stages.student_sft.steps=1", "stages.student_sft.batch_size=3",
+    "stages.opd.steps=2", "stages.opd.prompts_per_step=2", "stages.opd.val_every=0",
+    "eval.val_prompts=1", "eval.test_prompts=3", "eval.batch_size=3",
+    "trainer.progress_bar=false", "trainer.accelerator=cpu", "run.checkpoints=false", "run.tensorboard=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("games"))
+
+
+def agent_cfg(cache: str, *extra: str) -> dict:
+    return compose([str(DEFAULT_CONF)], [*AGENT, f"task.env.cache_dir={cache}", *extra])
+
+
+@pytest.fixture(scope="module")
+def world(cache):
+    cfg = agent_cfg(cache)
+    built = build_run(cfg)
+    torch.manual_seed(0)
+    module = OPDModule(cfg, built=built)
+    return {"cfg": cfg, "built": built, "module": module}
+
+
+def play(world, model=None, n=2, greedy=False, seed=0) -> Rollout:
+    built = world["built"]
+    tok = built.student.tokenizer
+    exs = built.task.examples("test")
+    prompts = [render_prompt(tok, ex.prompt, False) for ex in exs]
+    torch.manual_seed(seed)
+    return built.sampler.sample(model or world["module"].student, tok, prompts, exs, n=n, greedy=greedy,
+                                chat_template=False)
+
+
+class Walkthrough:
+    """A scripted policy in place of the per-turn sampler: each turn it writes the expert's next
+    action (the number of ends of turn in the conversation so far says which)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.conv = Conversation(tokenizer, False)
+
+    def sample(self, model, tokenizer, prompt_ids, examples, *, greedy=False, n=None):
+        from opdlm_plugins.samplers.top_p import build_rollout, left_pad  # noqa: PLC0415
+        eos = tokenizer.eos_token_id
+        acts = [self.conv.action(ex.meta["turns"][p.count(eos)][0]) for p, ex in zip(prompt_ids, examples)]
+        ids, _ = left_pad(prompt_ids, tokenizer.pad_token_id)
+        T = max(len(a) for a in acts)
+        resp = torch.full((len(acts), T), tokenizer.pad_token_id, dtype=torch.long)
+        for i, a in enumerate(acts):
+            resp[i, : len(a)] = torch.tensor(a)
+        return build_rollout(prompt_ids, examples, 1, torch.cat([ids, resp], 1), ids.shape[1],
+                             torch.zeros(len(acts), T), eos, tokenizer.pad_token_id, tokenizer)
+
+
+def conversation_of(row: int, ro: Rollout) -> list[int]:
+    return ro.input_ids[row][ro.attention_mask[row].bool()].tolist()
+
+
+def test_episodes_end_within_their_budgets(world):
+    ro = play(world)
+    sampler = world["built"].sampler
+    assert ro.outcomes is not None and len(ro.outcomes) == ro.input_ids.shape[0] == 6
+    for o, trunc in zip(ro.outcomes, ro.truncated.tolist()):
+        assert o.end in ("won", "lost", "turns", "context", "action")
+        assert 0 <= o.invalid <= o.turns <= sampler.max_turns
+        assert trunc == (o.end in ("turns", "context", "action")) == o.truncated
+        assert len(o.transcript) == o.turns + (o.end == "action")
+    assert all(int(n) <= sampler.max_context for n in ro.attention_mask.sum(-1))
+
+
+def test_the_response_mask_covers_exactly_the_students_tokens(world):
+    """Each row re-rendered from its transcript (first user turn, then each action with its end of
+    turn and the game's answer as the next user turn) gives the row's tokens, and the mask is True
+    exactly on the action tokens."""
+    built = world["built"]
+    tok, task = built.student.tokenizer, built.task
+    conv = Conversation(tok, False)
+    for ro in (play(world, seed=1), play(world, seed=2, greedy=True, n=1)):
+        for b, o in enumerate(ro.outcomes):
+            turns = [(a, task.user_turn(obs)) for a, obs in o.transcript]
+            if o.end in ("won", "lost", "context", "action"):  # no user turn after the last action
+                turns[-1] = (turns[-1][0], None)
+            ids, mine = conv.render(ro.examples[b].prompt, turns)
+            if o.end == "action":  # the last action never ended its turn: no EOS after it
+                assert ids[-1] == tok.eos_token_id
+                ids, mine = ids[:-1], mine[:-1]
+            assert conversation_of(b, ro) == ids
+            P = ro.prompt_len
+            real = ro.attention_mask[b, P:].bool()
+            assert ro.response_mask[b][real].tolist() == mine[len(ids) - int(real.sum()):]
+            assert not ro.response_mask[b][~real].any()
+            assert (ro.behaviour_logprobs[b][~ro.response_mask[b]] == 0).all()
+
+
+def test_action_logprobs_equal_one_forward_pass_over_the_conversation(world):
+    """What the OPD step reads (teacher and student log-probs of the action tokens) equals a single
+    forward pass of each model over the row's whole conversation, unpadded."""
+    module = world["module"]
+    ro = play(world, seed=3)
+    assert ro.response_mask.sum() > 0
+    view, teacher, _, mask = module.prepare(ro)
+    student = module.score_student(ro, None)
+    assert torch.equal(mask, ro.response_mask)  # no masker: every action token counts, nothing else
+    for b in range(ro.input_ids.shape[0]):
+        ids = torch.tensor([conversation_of(b, ro)])
+        start = int((~ro.attention_mask[b].bool()).long().cumprod(0).sum())  # left padding
+        for model, scores in ((module.teacher, teacher), (module.student, student)):
+            with torch.no_grad():
+                lp = model(input_ids=ids).logits[0].float().log_softmax(-1)
+            n = ids.shape[1]
+            for t in torch.nonzero(ro.response_mask[b]).flatten().tolist():
+                col = ro.prompt_len + t - start  # the token's position in the unpadded conversation
+                assert col < n
+                want = lp[col - 1, ids[0, col]]
+                torch.testing.assert_close(scores.token_logprob[b, t], want, atol=2e-5, rtol=0)
+    # with top_p = 1 and temperature 1 the sampler's own log-probs are those same numbers
+    m = ro.response_mask
+    torch.testing.assert_close(student.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
+
+
+def test_the_walkthrough_played_through_the_sampler_wins_every_game(world):
+    sampler = world["built"].sampler
+    saved, sampler.turn = sampler.turn, Walkthrough(world["built"].student.tokenizer)
+    try:
+        ro = play(world, n=1)
+        exs = world["built"].task.examples("test")
+        for o, ex in zip(ro.outcomes, exs):
+            assert o.won and o.end == "won" and o.invalid == 0
+            assert [a for a, _ in o.transcript] == [a for a, _ in ex.meta["turns"]]
+        metrics = evaluate(world["module"].student, world["built"].student.tokenizer, world["built"],
+                           world["cfg"], False, "test")
+    finally:
+        sampler.turn = saved
+    assert metrics["test/acc_greedy"] == metrics["test/acc_sampled"] == 1.0
+    assert metrics["test/turns_greedy"] == pytest.approx(sum(len(e.meta["turns"]) for e in exs) / len(exs))
+    assert metrics["test/invalid_greedy"] == 0.0 and metrics["test/trunc_greedy"] == 0.0
+
+
+def test_evaluation_of_a_random_student_counts_invalid_actions(world):
+    m = evaluate(world["module"].student, world["built"].student.tokenizer, world["built"], world["cfg"], False, "test")
+    assert m["test/acc_greedy"] == 0.0  # an untrained model writes no winning action
+    assert 0.0 <= m["test/invalid_sampled"] <= 1.0 and m["test/turns_greedy"] <= 4
+
+
+def test_sft_learns_the_actions_and_never_the_observations(world):
+    built = world["built"]
+    tok = built.student.tokenizer
+    exs = built.task.examples("train")
+    batch = sft_collate(tok, False)(exs)
+    conv = Conversation(tok, False)
+    for i, ex in enumerate(exs):
+        ids, mine = conv.render(ex.prompt, ex.meta["turns"])
+        assert batch["input_ids"][i, : len(ids)].tolist() == ids
+        learned = batch["labels"][i] != -100
+        assert learned[: len(ids)].tolist() == mine and not learned[len(ids):].any()
+        text = tok.decode(batch["labels"][i][learned].tolist())
+        assert text == "".join(a + tok.eos_token for a, _ in ex.meta["turns"])
+
+
+def test_a_tiny_run_plays_trains_and_reports(cache, tmp_path):
+    from opdlm.pipeline import Runner
+    cfg = agent_cfg(cache, f"run.out_dir={tmp_path}")
+    res = Runner(cfg).run()
+    for key in ("teacher", "student_before", "student_after"):
+        t = res[key]["test"]
+        assert {"test/acc_greedy", "test/turns_greedy", "test/invalid_greedy"} <= set(t)
+    metrics = (tmp_path / "demo" / "logs" / "opd" / "metrics.csv").read_text()
+    assert "train/episode/won_frac" in metrics and "train/loss" in metrics
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert "success (greedy)" in table and "mean turns" in table
+
+
+def test_across_tokenizers_the_teacher_reads_its_own_rendering_of_the_conversation(cache):
+    """byte_span on a multi-turn rollout: the teacher's sequence is its own rendering (its prompt,
+    its tokens of each action, its own user turns), every action token is aligned and nothing else,
+    and the teacher's log-probs at chunk starts equal one forward pass over that rendering."""
+    cfg = agent_cfg(cache, "teacher.tiny_tokenizer=bpe", "teacher.tiny_vocab=300", "aligner.name=byte_span",
+                    "support.name=mapped_topk", "support.k=4")
+    built = build_run(cfg)
+    assert len(built.teacher.tokenizer) != len(built.student.tokenizer)
+    torch.manual_seed(0)
+    module = OPDModule(cfg, built=built)
+    # the expert's actions (a random student writes control tokens, where alignment stops by design)
+    built.sampler.turn = Walkthrough(built.student.tokenizer)
+    ro = play({"built": built, "module": module}, seed=4, n=1)
+    assert all(o.won for o in ro.outcomes)
+    view, teacher, _, mask = module.prepare(ro)
+    t_tok, task = built.teacher.tokenizer, built.task
+    conv = Conversation(t_tok, False)
+    for b, o in enumerate(ro.outcomes):
+        turns = [(a, task.user_turn(obs) if k < o.replies else None) for k, (a, obs) in enumerate(o.transcript)]
+        ids, _ = conv.render(ro.examples[b].prompt, turns)
+        if o.end == "action":
+            ids = ids[:-1]
+        row = view.input_ids[b][view.attention_mask[b].bool()].tolist()
+        assert row == ids
+        assert torch.equal(view.aligned[b], ro.response_mask[b])  # plain ASCII actions: all aligned
+        start = int((~view.attention_mask[b].bool()).long().cumprod(0).sum())
+        with torch.no_grad():
+            lp = module.teacher(input_ids=torch.tensor([row])).logits[0].float().log_softmax(-1)
+        for t in torch.nonzero(view.starts[b]).flatten().tolist():
+            col = int(view.pred_columns[b, t]) - start
+            torch.testing.assert_close(teacher.token_logprob[b, t], lp[col, int(view.targets[b, t])], atol=2e-5, rtol=0)
+    assert not (mask & ~ro.response_mask).any()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["sampler.name=top_p"], r"^sampler: task 'text_game' is played turn by turn, but sampler 'top_p' writes single "
+                             r"responses; set sampler.name=multi_turn$"),
+    (["sampler.max_turns=0"], r"^sampler.max_turns: must be >= 1 \(one turn\), got 0$"),
+    (["sampler.max_context=12"], r"^sampler.max_context: must leave room for one turn"),
+    (["sampler.max_context=2000"], r"^sampler.max_context: 2000 tokens of conversation do not fit in the teacher's "
+                                   r"1024 positions \(teacher.max_positions\)"),
+    (["task.env.game_type=zork"], r"^task.env.game_type: unknown game type 'zork'"),
+])
+def test_bad_multi_turn_settings_fail_in_one_line(cache, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        build_run(agent_cfg(cache, *extra))
+
+
+def test_multi_turn_on_a_single_turn_task_is_one_line():
+    cfg = compose([str(DEFAULT_CONF)], ["sampler.name=multi_turn"])
+    with pytest.raises(ConfigError, match=r"^sampler: 'multi_turn' plays episodes of an interactive task \(text_game\), "
+                                          r"but task 'arithmetic' has single-turn prompts; use top_p$"):
+        build_run(cfg)
