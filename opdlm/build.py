@@ -189,11 +189,27 @@ def build_run(cfg: Mapping[str, Any], *, texts: tuple[list[str], list[str]] | No
     except ConfigError as e:
         if key and e.key.split(".")[0] in ("task", "teacher", "sampler"):
             raise ConfigError(e.detail, key=f"{key}{e.key}", origin=e.origin) from None
+        if key and e.key.startswith("stages.teacher_sft."):  # the task's own teacher_sft
+            raise ConfigError(e.detail, key=f"{key}teacher_sft.{e.key[len('stages.teacher_sft.'):]}",
+                              origin=e.origin) from None
+        if key:  # a run-wide key, about this task
+            raise ConfigError(f"{e.detail} (in {key[:-1]})", key=e.key, origin=e.origin) from None
         raise
+
+
+def check_batches(cfg: Mapping[str, Any], n_train: int, shared_student: bool = False) -> None:
+    """A training stage's batch must fit in the train split (a batch never holds an item twice).
+    ``shared_student``: one task of several, whose student SFT batches draw from every task."""
+    for stage, st in cfg["stages"].items():
+        key = "prompts_per_step" if "prompts_per_step" in st else "batch_size"
+        if st["steps"] > 0 and st[key] > n_train and not (shared_student and stage == "student_sft"):
+            raise ConfigError(f"stages.{stage}.{key}: a batch of {st[key]} is larger than the task's {n_train} "
+                              f"training examples")
 
 
 def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, student: ModelSpec | None,
                task: Task | None) -> BuiltRun:
+    student_given = student is not None
     check_values(cfg)
     world = check_trainer(cfg["trainer"])
     check_world(cfg, world)
@@ -252,6 +268,7 @@ def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, s
             f"student.chat_template ({cfg['student']['chat_template']})"
         )
     task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
+    check_batches(cfg, len(task.examples("train")), shared_student=student_given)
     ctx.task = task
     return BuiltRun(cfg=cfg, world=world, dropped=dropped, task=task, teacher=teacher, student=student, sampler=sampler,
                 aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx)

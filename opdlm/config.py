@@ -315,7 +315,7 @@ def _check_plugins(cfg: dict[str, Any], where: Where) -> None:
 
 
 #: keys of a `tasks` entry beyond its task plugin's options
-TASK_EXTRAS = ("label", "weight", "teacher", "sampler")
+TASK_EXTRAS = ("label", "weight", "teacher", "sampler", "teacher_sft")
 
 
 def _check_tasks(cfg: dict[str, Any], base: Mapping[str, Any], where: Where) -> None:
@@ -348,8 +348,8 @@ def _check_tasks(cfg: dict[str, Any], base: Mapping[str, Any], where: Where) -> 
                                             f"each a label of its own")
         labels[label] = i
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise where.err(f"{key}.weight", f"must be a number > 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise where.err(f"{key}.weight", f"must be a finite number > 0, got {weight!r}")
         teacher = entry.get("teacher")
         if teacher is None:
             raise where.err(f"{key}.teacher", f"task {label!r} has no teacher; every task of a multi-task run needs "
@@ -369,7 +369,13 @@ def _check_tasks(cfg: dict[str, Any], base: Mapping[str, Any], where: Where) -> 
             sampler = SAMPLERS.validate(dict(sampler), f"{key}.sampler")
         except ConfigError as e:
             raise e.at(where.of(e.key)) from None
-        out.append({**node, "label": label, "weight": weight, "teacher": teacher, "sampler": sampler})
+        teacher_sft = entry.get("teacher_sft") or {}
+        if not isinstance(teacher_sft, Mapping):
+            raise where.err(f"{key}.teacher_sft", f"expected a mapping of stages.teacher_sft keys, got {teacher_sft!r}")
+        teacher_sft = {**cfg["stages"]["teacher_sft"], **teacher_sft}
+        _check_framework(teacher_sft, base["stages"]["teacher_sft"], f"{key}.teacher_sft.", where)
+        out.append({**node, "label": label, "weight": weight, "teacher": teacher, "sampler": sampler,
+                    "teacher_sft": teacher_sft})
     if entries:
         schedule = cfg["stages"]["opd"]["task_schedule"]
         if schedule not in ("alternate", "mixed"):

@@ -165,8 +165,21 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
     from opdlm.conversation import Conversation
 
     context = cfg["sampler"].get("max_context")
+    new_tokens = cfg["sampler"]["max_new_tokens"]
     keep = {s: [True] * len(task.examples(s)) for s in SPLITS}
     for role, spec in (("teacher", teacher), ("student", student)):
+        conv = Conversation(spec.tokenizer, bool(spec.node["chat_template"]))  # a template that cannot: one line now
+        if role == "student" and context is not None:  # the first turn must leave room for an action
+            for split in SPLITS:
+                for i, ex in enumerate(task.examples(split)):
+                    need = len(conv.first(ex.prompt)) + new_tokens
+                    if need <= context or not keep[split][i]:
+                        continue
+                    if cfg["data"]["too_long"] == "error":
+                        raise ConfigError(f"sampler.max_context: {split} example {i} ({ex.meta.get('game')}) needs {need} "
+                                          f"tokens for its first turn (prompt + sampler.max_new_tokens {new_tokens}), more "
+                                          f"than {context}; raise it, or set data.too_long=skip to leave such games out")
+                    keep[split][i] = False
         limit = _positions(spec)
         if limit is None:
             continue
@@ -176,7 +189,6 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
                               f"{limit} positions ({key}); lower it or give the model more positions")
         if cfg["stages"][f"{role}_sft"]["steps"] == 0:
             continue
-        conv = Conversation(spec.tokenizer, bool(spec.node["chat_template"]))
         for i, ex in enumerate(task.examples("train")):
             if not ex.meta.get("turns") or not keep["train"][i]:
                 continue
@@ -189,4 +201,6 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
                                   f"data.too_long=skip to leave such examples out")
             keep["train"][i] = False
     dropped = {s: keep[s].count(False) for s in SPLITS}
+    if dropped["test"] == len(keep["test"]):
+        raise ConfigError("data.too_long: skip left the test split empty: every test game is too long for the budgets")
     return (FilteredTask(task, keep) if any(dropped.values()) else task), dropped

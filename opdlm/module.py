@@ -68,6 +68,7 @@ class OPDModule(GenerationEval):
         self.lean = self.stage["head"] == "lean"
         self.automatic_optimization = False
         self.setup_eval(built, eval_modes(config), built.student.node["chat_template"], self.stage["val_every"])
+        self._first_byte: dict[str, FirstByteBins] = {}
         self.use(next(iter(runs)))
 
     def use(self, label: str) -> None:
@@ -78,8 +79,10 @@ class OPDModule(GenerationEval):
         object.__setattr__(self, "_teacher", self.teachers[label])
         self.temperature = built.sampler.temperature
         self.reads = built.loss.reads
-        self.norm_length = self.stage["loss_norm_length"] or built.sampler.max_new_tokens
-        self.first_byte = FirstByteBins(built.ctx, built.student.n_ids, built.teacher.n_ids)
+        self.norm_length = self.stage["loss_norm_length"] or built.sampler.response_budget
+        if label not in self._first_byte:
+            self._first_byte[label] = FirstByteBins(built.ctx, built.student.n_ids, built.teacher.n_ids)
+        self.first_byte = self._first_byte[label]
 
     @property
     def eval_built(self) -> BuiltRun:

@@ -21,24 +21,25 @@ import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from opdlm.build import BuiltRun, build_run, task_texts
+from opdlm.build import BuiltRun, build_run, check_batches, task_texts
 from opdlm.models import ModelSpec
 from opdlm.plugin_api import Episode, Task
 from opdlm.registry import TASKS, ConfigError
 from opdlm.types import Example
 
-EXTRAS = ("label", "weight", "teacher", "sampler")
+EXTRAS = ("label", "weight", "teacher", "sampler", "teacher_sft")
 
 
 def task_config(cfg: dict[str, Any], i: int) -> dict[str, Any]:
-    """The single-task config of task i: its task node, its teacher and its sampler in place of the
-    run's, no ``tasks``."""
+    """The single-task config of task i: its task node, its teacher, its sampler and its teacher's
+    SFT stage in place of the run's, no ``tasks``."""
     entry = cfg["tasks"][i]
     sub = copy.deepcopy({k: v for k, v in cfg.items() if k != "tasks"})
     sub["tasks"] = []
     sub["task"] = {k: v for k, v in entry.items() if k not in EXTRAS}
     sub["teacher"] = copy.deepcopy(entry["teacher"])
     sub["sampler"] = copy.deepcopy(entry["sampler"])
+    sub["stages"]["teacher_sft"] = copy.deepcopy(entry["teacher_sft"])
     return sub
 
 
@@ -98,6 +99,7 @@ def build_multi(cfg: dict[str, Any]) -> BuiltRun:
                                          key=f"tasks.{i}.", task=tasks[i])
     first = next(iter(runs.values()))
     multi = MultiTask({label: r.task for label, r in runs.items()})
+    check_batches({"stages": {"student_sft": cfg["stages"]["student_sft"]}}, len(multi.examples("train")))
     return dataclasses.replace(first, cfg=cfg, task=multi, tasks=runs,
                                dropped={s: sum(r.dropped[s] for r in runs.values()) for s in first.dropped})
 

@@ -418,13 +418,18 @@ class Runner:
     def _remove_other_stages(self) -> None:
         """Remove the run folder's stage folders made for another config (they would be recomputed
         anyway); the folder then holds nothing that disagrees with its config.yaml."""
-        for stage, name in (("teacher_sft", "teacher"), ("student_sft", "student_sft"), ("opd", "student")):
+        from opdlm.multitask import task_config
+        own = {"teacher": ("teacher_sft", self.cfg, self.built)}
+        for i, (label, run) in enumerate((self.built.tasks or {}).items()):  # each task's own teacher stage
+            own[f"teacher_{label}"] = ("teacher_sft", task_config(self.cfg, i), run)
+        own.update({"student_sft": ("student_sft", self.cfg, self.built), "student": ("opd", self.cfg, self.built)})
+        for name, (stage, cfg, built) in own.items():
             folder = self.run_dir / name
             try:
                 fp = json.loads((folder / "stage.json").read_text()).get("fingerprint")
             except (OSError, ValueError, AttributeError):
                 fp = None
-            if folder.is_dir() and fp != fingerprint(self.cfg, stage, self.built):
+            if folder.is_dir() and fp != fingerprint(cfg, stage, built):
                 shutil.rmtree(folder)
 
     def _run_stages(self) -> dict[str, Any]:

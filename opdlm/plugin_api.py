@@ -131,6 +131,11 @@ class Sampler(Plugin):
     max_new_tokens: int = 1
     multi_turn: bool = False
 
+    @property
+    def response_budget(self) -> int:
+        """The most tokens one rollout can have the loss count (a multi-turn sampler: all its actions)."""
+        return self.max_new_tokens
+
     def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
                examples: list[Example], *, greedy: bool = False, n: int | None = None) -> Rollout:
         """Generate ``n`` (default: the configured count) responses per prompt."""

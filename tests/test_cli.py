@@ -13,9 +13,24 @@ from opdlm.registry import KINDS
 CONFS = sorted(p for p in (ROOT / "conf").rglob("*.yaml") if not {"examples", "paper"} & set(p.parts))
 
 
-@pytest.mark.parametrize("conf", CONFS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_conf_passes_check(conf, capsys):
-    assert main(["--check", f"conf={conf}"]) == 0
+#: the demos that play text games: --check generates their games (hundreds of seconds for the real
+#: counts), so the test shrinks them to a few, in a folder of its own
+FEW_GAMES = {
+    "demo_agent.yaml": ["task.env.n_train=8", "task.env.n_val=1", "task.env.n_test=2"],
+    "demo_multitask.yaml": ["tasks.1.env.n_train=8", "tasks.1.env.n_val=1", "tasks.1.env.n_test=2"],
+}
+SMALL_BATCHES = ["stages.teacher_sft.batch_size=8", "stages.student_sft.batch_size=8", "stages.opd.prompts_per_step=8"]
+
+
+@pytest.mark.parametrize("conf", [pytest.param(c, marks=pytest.mark.slow) if c.name in FEW_GAMES else c for c in CONFS],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_conf_passes_check(conf, capsys, tmp_path):
+    extra = []
+    if conf.name in FEW_GAMES:
+        pytest.importorskip("textworld")
+        cache = "task.env.cache_dir" if conf.name == "demo_agent.yaml" else "tasks.1.env.cache_dir"
+        extra = [*FEW_GAMES[conf.name], *SMALL_BATCHES, f"{cache}={tmp_path}"]
+    assert main(["--check", f"conf={conf}", *extra]) == 0
     out = capsys.readouterr().out
     assert "loss:" in out and "sampler:" in out
 

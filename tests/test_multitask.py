@@ -20,7 +20,7 @@ SMALL = [o for o in TINY if not o.startswith("task.")]
 TWO = [  # two arithmetic tasks that differ in operators and budgets, each with its own teacher
     "tasks=[{name: arithmetic, label: add, ops: '+', n_train: 120, n_val: 4, n_test: 6, teacher: {layers: 1}, "
     "sampler: {max_new_tokens: 10}}, {name: arithmetic, label: sub, ops: '-', n_train: 120, n_val: 4, n_test: 6, "
-    "weight: 2, teacher: {layers: 2}, sampler: {max_new_tokens: 14}}]",
+    "weight: 2, teacher: {layers: 2}, sampler: {max_new_tokens: 14}, teacher_sft: {steps: 5, lr: 0.01}}]",
 ]
 
 
@@ -39,6 +39,9 @@ def test_tasks_are_completed_with_their_teacher_and_sampler():
     assert list(built.tasks) == ["add", "sub"]
     assert built.tasks["add"].sampler.max_new_tokens == 10 and built.tasks["sub"].sampler.max_new_tokens == 14
     assert built.tasks["add"].student is built.tasks["sub"].student  # one student
+    sft = {label: run.cfg["stages"]["teacher_sft"] for label, run in built.tasks.items()}  # each teacher's own SFT
+    assert (sft["add"]["steps"], sft["sub"]["steps"], sft["sub"]["lr"]) == (3, 5, 0.01)
+    assert sft["sub"]["batch_size"] == sft["add"]["batch_size"] == cfg["stages"]["teacher_sft"]["batch_size"]
     labels = {ex.meta["task"] for ex in built.task.examples("train")}
     assert labels == {"add", "sub"} and len(built.task.examples("train")) == 240
 
@@ -47,13 +50,18 @@ def test_tasks_are_completed_with_their_teacher_and_sampler():
     (["tasks.1.teacher=null"], r"tasks.1.teacher: task 'sub' has no teacher; every task of a multi-task run needs its "
                                r"own \(a model node, or a model folder's path\)$"),
     (["tasks.1.label=add"], r"tasks.1.label: two tasks are named 'add' \(tasks.0 and tasks.1\)"),
-    (["tasks.0.weight=0"], r"tasks.0.weight: must be a number > 0, got 0$"),
+    (["tasks.0.weight=0"], r"tasks.0.weight: must be a finite number > 0, got 0$"),
+    (["tasks.0.weight=.inf"], r"tasks.0.weight: must be a finite number > 0, got inf$"),
+    (["tasks.1.teacher_sft.steps=-1"], r"^tasks.1.teacher_sft.steps: must be >= 0, got -1$"),
     (["tasks.0.weight=1.5"], r"tasks.0.weight: task_schedule alternate gives each task `weight` consecutive batches: "
                              r"a whole number, got 1.5$"),
     (["stages.opd.task_schedule=random"], r"stages.opd.task_schedule: must be alternate or mixed, got 'random'$"),
     (["tasks.0.ops=/"], r"tasks.0.ops: must be a non-empty subset of"),
     (["task.name=arithmetic"], r"task.name: a multi-task run \(tasks: \[...\]\) does not read task"),
     (["tasks.1.teacher.layers=zero"], r"tasks.1.teacher.layers: expected integer, got 'zero'"),
+    (["tasks.1.teacher_sft.stepz=3"], r"tasks.1.teacher_sft.stepz: unknown key \(did you mean 'steps'\?\)"),
+    (["tasks.0.n_train=6"],
+     r"^tasks.0.teacher_sft.batch_size: a batch of 8 is larger than the task's 6 training examples$"),
 ])
 def test_bad_task_lists_fail_in_one_line_naming_the_key(extra, message):
     with pytest.raises(ConfigError, match=message) as e:

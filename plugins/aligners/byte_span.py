@@ -19,7 +19,7 @@ import torch
 from opdlm.plugin_api import Aligner, Context
 from opdlm.registry import ALIGNERS, ConfigError
 from opdlm.types import Rollout, TeacherView
-from opdlm.xtok.align import INVALID_UTF8, align_rows, teacher_encoder
+from opdlm.xtok.align import INVALID_UTF8, OK, align_rows, teacher_encoder
 from opdlm.xtok.tables import PairTables, pair_tables
 
 
@@ -67,10 +67,19 @@ class ByteSpan(Aligner):
         res = iter(align_rows(actions, tb, self.encoder))
         rows: list[list[tuple[int, int, object]]] = []
         for b in range(B):
-            row, k = [], 0
+            row, k, broken = [], 0, False
             for kind, a, e in pieces[b]:
                 if kind:
-                    row.append((a, e, next(res)))
+                    r = next(res)
+                    if broken:  # (consumed, not used)
+                        continue
+                    row.append((a, e, r))
+                    # an action that did not align to its end (a control token without a role, unreadable
+                    # bytes): the teacher's context would differ from the student's from here on, so
+                    # nothing after it is aligned (in a single-turn row nothing follows anyway)
+                    broken = bool((r.status != OK).any())
+                    continue
+                if broken:
                     continue
                 if teacher_turns is None or k >= len(teacher_turns[b]):
                     raise ValueError("byte_span: a multi-turn rollout needs the teacher's rendering of each user turn "

@@ -124,7 +124,8 @@ def make_game(game_type: str, level: int, path: Path, seed: int) -> str:
     if not (tmp / "game.z8").is_file():
         shutil.rmtree(tmp, ignore_errors=True)
         return "the compiler wrote no game file"
-    for f in tmp.iterdir():  # the game and its companion files (.json: the walkthrough)
+    # the companion files (.json: the walkthrough) first, the game last: a game file that exists is whole
+    for f in sorted(tmp.iterdir(), key=lambda f: f.suffix == ".z8"):
         os.replace(f, path.with_suffix(f.suffix))
     shutil.rmtree(tmp, ignore_errors=True)
     return ""

@@ -48,6 +48,10 @@ class MultiTurn(Sampler):
         self.max_turns, self.max_context = max_turns, max_context
         self.task: Any = None
 
+    @property
+    def response_budget(self) -> int:
+        return self.max_turns * self.max_new_tokens
+
     def bind(self, ctx: Context) -> None:
         self.turn.bind(ctx)
         task = ctx.task
@@ -70,15 +74,17 @@ class MultiTurn(Sampler):
         behaviour: list[list[float]] = [[] for _ in range(B)]
         transcripts: list[list[tuple[str, str]]] = [[] for _ in range(B)]
         invalid, turns, end, replies = [0] * B, [0] * B, ["turns"] * B, [0] * B
-        episodes = [self.task.start(ex) for ex in rows]
+        episodes: list[Any] = []
         try:
+            for ex in rows:
+                episodes.append(self.task.start(ex))
             active = []
             for i in range(B):
                 if len(seqs[i]) + self.max_new_tokens > self.max_context:
                     end[i] = "context"
                 else:
                     active.append(i)
-            for _ in range(self.max_turns):
+            for turn in range(self.max_turns):
                 if not active:
                     break
                 ro = self.turn.sample(model, tokenizer, [seqs[i] for i in active], [rows[i] for i in active],
@@ -100,6 +106,8 @@ class MultiTurn(Sampler):
                     transcripts[i].append((text, step.observation))
                     if step.done:
                         end[i] = "won" if step.won else "lost"
+                        continue
+                    if turn == self.max_turns - 1:  # the turn budget is spent: no user turn the student would not answer
                         continue
                     reply = conv.user(self.task.user_turn(step.observation))
                     if len(seqs[i]) + len(reply) + self.max_new_tokens > self.max_context:

@@ -4,7 +4,8 @@
 An example is one game: its prompt is the first user turn (the game's first observation in
 ``turn_template``), ``meta["game"]`` the game to start, and, for SFT, ``meta["turns"]`` the expert's
 transcript: (action, the user turn that answers it; None after the winning action), recorded once
-by playing the game's walkthrough and kept next to the game file (``<game>.transcript.json``).
+by playing the game's walkthrough and kept next to the game file (``<game>.transcript.json``; only
+a walkthrough that wins is kept).
 ``solution`` is the expert's actions, one per line (the text a tiny tokenizer is trained on).
 
 Options: env (an environment node; its name defaults to textworld), turn_template (the text of a user
@@ -14,6 +15,7 @@ turn; ``{observation}`` is replaced by the observation; default "{observation}\\
 from __future__ import annotations
 
 import json
+import os
 import string
 from collections.abc import Iterable
 from pathlib import Path
@@ -69,7 +71,9 @@ class TextGame(Task):
         finally:
             ep.close()
         record = {"first": first, "turns": turns if plan else None, "won": won}
-        tmp = cache.with_name(f".{cache.name}.tmp")
+        if not won:  # not kept: it may depend on the environment's options (a move limit below the walkthrough)
+            return record
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(json.dumps(record))
             tmp.replace(cache)

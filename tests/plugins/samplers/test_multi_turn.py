@@ -97,6 +97,7 @@ def conversation_of(row: int, ro: Rollout) -> list[int]:
 def test_episodes_end_within_their_budgets(world):
     ro = play(world)
     sampler = world["built"].sampler
+    assert world["module"].norm_length == sampler.max_turns * sampler.max_new_tokens  # a whole episode's actions
     assert ro.outcomes is not None and len(ro.outcomes) == ro.input_ids.shape[0] == 6
     for o, trunc in zip(ro.outcomes, ro.truncated.tolist()):
         assert o.end in ("won", "lost", "turns", "context", "action")
@@ -115,9 +116,10 @@ def test_the_response_mask_covers_exactly_the_students_tokens(world):
     conv = Conversation(tok, False)
     for ro in (play(world, seed=1), play(world, seed=2, greedy=True, n=1)):
         for b, o in enumerate(ro.outcomes):
-            turns = [(a, task.user_turn(obs)) for a, obs in o.transcript]
-            if o.end in ("won", "lost", "context", "action"):  # no user turn after the last action
-                turns[-1] = (turns[-1][0], None)
+            # the game's answers shown as user turns: all but the last (after it the episode ended, the
+            # turn budget was spent, or the next turn would not fit)
+            assert o.replies == len(o.transcript) - 1
+            turns = [(a, task.user_turn(obs) if k < o.replies else None) for k, (a, obs) in enumerate(o.transcript)]
             ids, mine = conv.render(ro.examples[b].prompt, turns)
             if o.end == "action":  # the last action never ended its turn: no EOS after it
                 assert ids[-1] == tok.eos_token_id
@@ -242,6 +244,40 @@ def test_across_tokenizers_the_teacher_reads_its_own_rendering_of_the_conversati
     assert not (mask & ~ro.response_mask).any()
 
 
+def test_across_tokenizers_nothing_after_an_action_that_did_not_align_is_scored(cache):
+    """An action holding a control token the teacher has no role for (here <unk>) stops alignment
+    inside it; no later action of that conversation is aligned (the teacher's context would no
+    longer be the student's), while a clean conversation is aligned to its end."""
+    from opdlm_plugins.samplers.multi_turn import pack  # noqa: PLC0415
+
+    from opdlm.types import Outcome
+    cfg = agent_cfg(cache, "teacher.tiny_tokenizer=bpe", "teacher.tiny_vocab=300", "aligner.name=byte_span",
+                    "support.name=mapped_topk", "support.k=4")
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
+    tok, task = built.student.tokenizer, built.task
+    conv = Conversation(tok, False)
+    ex = task.examples("test")[0]
+    seqs, mine, outcomes = [], [], []
+    for first in ("go <unk>north", "go north"):
+        turns = [(first, "You are in a hall.\n>"), ("go east", None)]
+        ids, m = conv.render(ex.prompt, [(a, r) for a, r in turns])
+        seqs.append(ids)
+        mine.append(m[len(conv.first(ex.prompt)):])
+        outcomes.append(Outcome(won=False, turns=2, invalid=2, end="lost", transcript=[(first, "You are in a hall."),
+                                                                                      ("go east", "")], replies=1))
+    plen = [len(conv.first(ex.prompt))] * 2
+    ro = pack(seqs, plen, mine, [[0.0] * len(m) for m in mine], [ex, ex], outcomes, tok.pad_token_id)
+    view = module.align(ro)
+    for b, broken in ((0, True), (1, False)):
+        resp = ro.response_mask[b]
+        first_action = torch.nonzero(resp).flatten()[: len(conv.action("go north")) + 5]
+        second = torch.nonzero(resp).flatten()[-len(conv.action("go east")):]
+        assert bool(view.aligned[b, second].any()) != broken
+        assert bool(view.aligned[b, first_action[:1]].all())  # "g" before the <unk> is aligned
+    assert torch.equal(view.aligned[1], ro.response_mask[1])
+
+
 @pytest.mark.parametrize("extra,message", [
     (["sampler.name=top_p"], r"^sampler: task 'text_game' is played turn by turn, but sampler 'top_p' writes single "
                              r"responses; set sampler.name=multi_turn$"),
@@ -250,10 +286,27 @@ def test_across_tokenizers_the_teacher_reads_its_own_rendering_of_the_conversati
     (["sampler.max_context=2000"], r"^sampler.max_context: 2000 tokens of conversation do not fit in the teacher's "
                                    r"1024 positions \(teacher.max_positions\)"),
     (["task.env.game_type=zork"], r"^task.env.game_type: unknown game type 'zork'"),
+    (["sampler.max_context=40"], r"^sampler.max_context: train example 0 \(.*train_1.z8\) needs \d+ tokens for its first "
+                                 r"turn \(prompt \+ sampler.max_new_tokens 12\), more than 40; raise it"),
 ])
 def test_bad_multi_turn_settings_fail_in_one_line(cache, extra, message):
     with pytest.raises(ConfigError, match=message):
         build_run(agent_cfg(cache, *extra))
+
+
+def test_a_walkthrough_cut_short_by_a_move_limit_is_no_expert_and_is_not_kept(cache):
+    from opdlm.registry import TASKS
+    env = {"name": "textworld", "game_type": "coin_collector", "level": 3, "n_train": 3, "n_val": 1, "n_test": 3,
+           "cache_dir": cache}
+    short = TASKS.build({"name": "text_game", "env": {**env, "max_steps": 1}})
+    game = short.environment.games("train")[0]
+    from pathlib import Path
+    record = Path(game).with_suffix(".transcript.json")
+    record.unlink(missing_ok=True)
+    assert short.examples("train")[0].solution is None and short.examples("train")[0].meta["turns"] is None
+    assert not record.exists()  # the lost walkthrough is not cached for runs without the limit
+    full = TASKS.build({"name": "text_game", "env": env})
+    assert full.examples("train")[0].meta["turns"] and record.exists()
 
 
 def test_multi_turn_on_a_single_turn_task_is_one_line():
