@@ -56,6 +56,15 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def all_keys(keys: list[str]) -> list[str]:
+    """The union of every rank's ``keys``, sorted: the same list on every rank."""
+    if world() == 1:
+        return sorted(keys)
+    boxes: list[Any] = [None] * world()
+    td.all_gather_object(boxes, sorted(keys))
+    return sorted(set().union(*boxes))
+
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over ranks (a new tensor; the input is left alone)."""
     t = t.clone()

@@ -246,18 +246,26 @@ class OPDModule(GenerationEval):
 
     def log_step(self, logs: dict[str, list[Tensor]], rollout: Rollout, view: TeacherView) -> None:
         """Log the step's diagnostics (means over micro-batches; on several processes, the mean of
-        the ranks' values, except ``tokens``, the sum over ranks)."""
+        the values of the ranks that have one, except ``tokens``, the sum over ranks). A rank can
+        lack a mean (no counted token in its rollouts), so the ranks first agree on the keys and
+        reduce them all in one collective: per-key reductions of different key sets would pair
+        wrong values or wait forever."""
         logs.update({k: [v] for k, v in rollout_diagnostics(rollout, view, self.built.student.tokenizer).items()})
         world = self._world()
+        values = {}
         for k, vs in logs.items():
             v = torch.stack([x.float().detach().to(self.device) for x in vs])
-            v = v.sum() if k == "tokens" else v.mean()
-            if k == "tokens" and world > 1:
-                v = dist.all_sum(v)
-            self.log(f"train/{k}", v, prog_bar=k in ("loss", "grad_norm"), batch_size=rollout.input_ids.shape[0],
-                     sync_dist=world > 1 and k != "tokens")
+            values[k] = v.sum() if k == "tokens" else v.mean()
+        if world > 1:
+            keys = dist.all_keys(list(values))
+            zero = torch.zeros((), device=self.device)
+            pairs = torch.stack([torch.stack([values.get(k, zero), zero + (k in values)]) for k in keys])
+            pairs = dist.all_sum(pairs)
+            values = {k: s if k == "tokens" else s / n for k, (s, n) in zip(keys, pairs) if n > 0}
+        for k, v in values.items():
+            self.log(f"train/{k}", v, prog_bar=k in ("loss", "grad_norm"), batch_size=rollout.input_ids.shape[0])
             if self.top.tasks and (k in ("loss", "logprob_gap") or k.startswith("episode/")):  # per task too
-                self.log(f"train/{self.task_label}/{k}", v, batch_size=rollout.input_ids.shape[0], sync_dist=world > 1)
+                self.log(f"train/{self.task_label}/{k}", v, batch_size=rollout.input_ids.shape[0])
 
     def save_rollouts(self, rollout: Rollout, view: TeacherView, teacher: Scores, mask: Tensor) -> None:
         """At validation steps, the first ``log_rollouts`` rollouts of rank 0, token by token

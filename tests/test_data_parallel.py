@@ -147,3 +147,14 @@ def test_sft_on_two_ranks_is_the_token_mean_over_both(ddp_run):
         model(**b, use_cache=False).loss.backward()
         per_rank.append(flat([p.grad for p in model.parameters()]))
     assert rel((per_rank[0] + per_rank[1]) / 2, want) > 100 * REL_TOL
+
+
+def test_a_rank_without_counted_tokens_logs_what_the_other_ranks_have(ddp_run):
+    """Rank 1 counts no token (a test masker), so its step log has no token means. The ranks agree
+    on the keys before reducing: the run ends, both ranks log the same keys and values, token means
+    come from rank 0 alone, and ``tokens`` is the sum over ranks."""
+    ranks = [torch.load(ddp_run / "empty_rank" / f"rank{r}.pt", weights_only=False)["logged"] for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    logged = ranks[0]
+    assert "train/logprob_gap" in logged and "train/teacher_entropy" in logged  # rank 0's means
+    assert logged["train/tokens"] > 0 and logged["train/loss"] == logged["train/loss"]  # a number, not NaN

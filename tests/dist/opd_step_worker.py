@@ -112,6 +112,30 @@ def run_sft_case(out: Path) -> None:
     torch.save({"batch": batches[0], "grads": grads, "world": dist.world()}, out / "sft" / f"rank{dist.rank()}.pt")
 
 
+def run_empty_rank_case(out: Path) -> None:
+    """Two OPD steps where rank 1 counts no token: its step log lacks the token means rank 0 has.
+    Each rank saves what it logged (the ranks must agree, and the run must not wait forever)."""
+    from conftest import TINY, demo_cfg
+
+    from opdlm.build import build_run
+    from opdlm.data import TaskData
+    from opdlm.module import OPDModule
+    from opdlm.pipeline import make_trainer
+
+    common = ["stages.opd.prompts_per_step=4", "sampler.n=2", "sampler.max_new_tokens=10", "stages.opd.steps=2",
+              "support.k=4", f"plugin_paths=[{ROOT / 'tests' / 'dist' / 'plugins'}]",
+              "maskers=[{name: nothing_on_rank_one}]", "trainer.log_every_n_steps=1"]
+    cfg = demo_cfg(*TINY, f"run.out_dir={out}", *common, *DDP)
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built, student=built.student.build(0), teacher=built.teacher.build(1))
+    data = TaskData(built.task, mode="opd", batch_size=4, steps=2, seed=3)
+    trainer = make_trainer(cfg, out / "empty_rank", "opd", 2)
+    trainer.fit(module, datamodule=data)
+    (out / "empty_rank").mkdir(parents=True, exist_ok=True)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    torch.save({"logged": logged, "rank": dist.rank()}, out / "empty_rank" / f"rank{dist.rank()}.pt")
+
+
 def main() -> None:
     torch.set_default_dtype(torch.float64)
     out = Path(sys.argv[1])
@@ -122,6 +146,8 @@ def main() -> None:
         run_case(name, overrides, out)
         dist.barrier()
     run_sft_case(out)
+    dist.barrier()
+    run_empty_rank_case(out)
     dist.barrier()
 
 
