@@ -84,3 +84,11 @@ def test_jsonl_with_an_empty_train_split(tmp_path):
     msg = plan_err("task.name=jsonl", f"task.path={f}", "task.prompt_field=q", "task.answer_field=a",
                    "task.split_field=s")
     assert msg == f"task.path: '{f}' leaves the train split empty (no line has s: train)"
+
+
+def test_a_batch_larger_than_the_train_split_fails_before_training():
+    assert plan_err("task.n_train=40", "stages.opd.prompts_per_step=48") == (
+        "stages.teacher_sft.batch_size: a batch of 64 is larger than the task's 40 training examples")
+    assert plan_err("task.n_train=64", "stages.opd.prompts_per_step=80") == (
+        "stages.opd.prompts_per_step: a batch of 80 is larger than the task's 64 training examples")
+    build_run(demo_cfg("task.n_train=64", "stages.opd.prompts_per_step=80", "stages.opd.steps=0"))  # a stage that does not train

@@ -154,7 +154,8 @@ def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_p
     msg = plan_err(*base)
     assert msg.startswith("task: ") and "(line " in msg and "of the task's file) needs" in msg
     assert "for the teacher, more than its 256 (teacher.max_positions); set data.too_long=skip" in msg
-    built = build_run(demo_cfg(*base, "data.too_long=skip"))
+    small = ["stages.teacher_sft.batch_size=8", "stages.student_sft.batch_size=8", "stages.opd.prompts_per_step=8"]
+    built = build_run(demo_cfg(*base, *small, "data.too_long=skip"))
     assert sum(built.dropped.values()) == 2
     kept = [e.prompt for s in ("train", "val", "test") for e in built.task.examples(s)]
     assert len(kept) == 38 and rows[7]["prompt"] not in kept

@@ -50,7 +50,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     data = root / "math.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"What is {i}*{i + 1}?", "answer": str(i * (i + 1))})
-                              for i in range(50)))
+                              for i in range(100)))  # a train split that holds the configs' batch of 64
     return {"qwen": model_folder(root, "qwen"), "llama": model_folder(root, "llama"), "data": data}
 
 
