@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEFAULT_CONF, compose
+from conftest import DEFAULT_CONF, TINY, compose
 
 pytest.importorskip("textworld", reason='pip install "opdlm[textworld]"')
 
@@ -24,20 +24,17 @@ from opdlm.types import Rollout  # noqa: E402
 
 pytestmark = pytest.mark.slow  # generates games (about a second each)
 
-AGENT = [
+AGENT = [  # TINY's models and trainer settings, a few games, and batches that fit 3 train games
+    *(o for o in TINY if not o.startswith(("task.", "sampler.", "eval.", "stages."))),
     "task.name=text_game", "task.env.game_type=coin_collector", "task.env.level=3", "task.env.n_train=3",
     "task.env.n_val=1", "task.env.n_test=3",
     "sampler.name=multi_turn", "sampler.max_new_tokens=12", "sampler.n=2", "sampler.max_turns=4",
     "sampler.max_context=900", "sampler.top_p=1.0",
-    "teacher.hidden_size=32", "teacher.intermediate_size=64", "teacher.layers=1", "teacher.heads=2",
-    "student.hidden_size=32", "student.intermediate_size=64", "student.layers=1", "student.heads=2",
     "teacher.max_positions=1024", "student.max_positions=1024", "maskers=[]",
     "stages.teacher_sft.steps=2", "stages.teacher_sft.batch_size=3", "stages.teacher_sft.val_every=0",
     "stages.student_sft.steps=1", "stages.student_sft.batch_size=3",
     "stages.opd.steps=2", "stages.opd.prompts_per_step=2", "stages.opd.val_every=0",
     "eval.val_prompts=1", "eval.test_prompts=3", "eval.batch_size=3",
-    "trainer.progress_bar=false", "trainer.accelerator=cpu", "run.checkpoints=false", "run.tensorboard=false",
-    "trainer.log_every_n_steps=1",
 ]
 
 
