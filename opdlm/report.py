@@ -2,7 +2,8 @@
 
 A run folder gives curves.png (the OPD stage's training curves: loss, gradient norm, response
 length, truncation, negative-reward fraction, teacher top-K mass, sampled tokens outside it, both
-entropies, validation accuracy), gap_by_position.png (the teacher − student log-prob gap of sampled
+entropies, validation accuracy; episodes won, turns and invalid actions of multi-turn runs; one
+line per task for a multi-task run's loss and validation accuracy), gap_by_position.png (the teacher − student log-prob gap of sampled
 tokens per bucket of response positions over training: mean and 10th percentile) and tokens.html
 (the saved rollouts, each token coloured by its gap, the teacher's top-K on hover). A sweep folder
 (runs/sweeps/<name>/, one <overlay>_s<seed>/ run per overlay and seed) gives sweep.png: each
@@ -29,7 +30,21 @@ CURVES = [
     ("train/teacher_topk_mass", "teacher top-K mass"), ("train/sampled_outside_topk", "sampled outside top-K"),
     ("train/student_entropy", "student entropy"), ("train/teacher_entropy", "teacher entropy"),
     ("val/acc_greedy", "val accuracy (greedy)"), ("val/acc_sampled", "val accuracy (sampled)"),
+    ("train/episode/won_frac", "episodes won"), ("train/episode/turns", "turns per episode"),
+    ("train/episode/invalid_frac", "invalid actions"),
 ]
+
+
+def per_task_panels(metrics: dict[str, list[tuple[int, float]]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """A multi-task run's panels with one line per task: (title, [(metric, task)])."""
+    labels = sorted({k.split("/")[1] for k in metrics if re.fullmatch(r"train/[^/]+/loss", k)})
+    panels = []
+    for title, key in (("loss per task", "train/{}/loss"), ("val accuracy per task (greedy)", "val/{}/acc_greedy"),
+                       ("val accuracy per task (sampled)", "val/{}/acc_sampled")):
+        series = [(key.format(lab), lab) for lab in labels if key.format(lab) in metrics]
+        if series:
+            panels.append((title, series))
+    return panels
 
 
 class ReportError(Exception):
@@ -85,13 +100,16 @@ def save(plt: Any, fig: Any, path: Path | str, legend: Any = None) -> Path:
 
 
 def curves_png(plt: Any, metrics: dict[str, list[tuple[int, float]]], out: Path, title: str) -> Path | None:
-    panels = [(k, t) for k, t in CURVES if k in metrics]
+    panels = [(t, [(k, "")]) for k, t in CURVES if k in metrics] + per_task_panels(metrics)
     if not panels:
         return None
     fig, axes = _grid(plt, len(panels))
-    for ax, (k, t) in zip(axes, panels):
-        xs, ys = zip(*metrics[k])
-        ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 12 else None, ms=3)
+    for ax, (t, series) in zip(axes, panels):
+        for k, label in series:
+            xs, ys = zip(*metrics[k])
+            ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 12 else None, ms=3, label=label or None)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
         ax.set_title(t, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)

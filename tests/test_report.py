@@ -134,3 +134,16 @@ def test_a_micro_batch_without_counted_tokens_logs_no_means():
     assert set(out) == {"loss", "tokens"} and float(out["tokens"]) == 0.0
     full = loss_diagnostics(kit.build_loss_inputs(student=sc, teacher=sc), torch.zeros(2, 3), {}, [0, 16])
     assert {"teacher_topk_mass", "logprob_gap", "gap_pos/0-15/mean", "rollout_vs_trainer/prob_diff_mean"} <= set(full)
+
+
+def test_a_multi_task_runs_curves_have_one_line_per_task(tmp_path):
+    from opdlm.report import _pyplot, curves_png, per_task_panels
+    metrics = {"train/loss": [(1, 1.0), (2, 0.5)], "train/math/loss": [(1, 1.0)], "train/game/loss": [(2, 0.5)],
+               "val/game/acc_greedy": [(2, 0.4)], "train/episode/won_frac": [(2, 0.3)]}
+    assert per_task_panels(metrics) == [("loss per task", [("train/game/loss", "game"), ("train/math/loss", "math")]),
+                                        ("val accuracy per task (greedy)", [("val/game/acc_greedy", "game")])]
+    plt = _pyplot()
+    if plt is None:
+        pytest.skip("matplotlib is not installed")
+    png = curves_png(plt, metrics, tmp_path / "curves.png", "t")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
