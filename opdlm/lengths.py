@@ -31,6 +31,14 @@ MARGIN = 8  # tokens a text may have beyond its UTF-8 bytes (a prefix space, spe
 class FilteredTask(Task):
     """A task with some examples left out of its splits (data.too_long: skip)."""
 
+    def __init__(self, task: Task, keep: dict[str, list[bool]]) -> None:
+        self.inner = task
+        self.plugin_name, self.plugin_kind = task.plugin_name, task.plugin_kind
+        self._splits = {s: [e for e, k in zip(task.examples(s), keep[s]) if k] for s in SPLITS}
+
+    def bind(self, ctx: Any) -> None:
+        self.inner.bind(ctx)
+
     @property
     def interactive(self) -> bool:  # type: ignore[override]
         return bool(getattr(self.inner, "interactive", False))
@@ -40,19 +48,6 @@ class FilteredTask(Task):
 
     def user_turn(self, observation: str) -> str:
         return self.inner.user_turn(observation)
-
-    def __init__(self, task: Task, keep: dict[str, list[bool]]) -> None:
-        self.inner = task
-        self.plugin_name, self.plugin_kind = task.plugin_name, task.plugin_kind
-        self._splits = {s: [e for e, k in zip(task.examples(s), keep[s]) if k] for s in SPLITS}
-
-    def bind(self, ctx: Any) -> None:
-        self.inner.bind(ctx)
-
-    def __getattr__(self, name: str) -> Any:  # the inner task's own attributes (interactive tasks' start, ...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def examples(self, split: str) -> list[Example]:
         return self._splits[split]
@@ -167,19 +162,23 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
     context = cfg["sampler"].get("max_context")
     new_tokens = cfg["sampler"]["max_new_tokens"]
     keep = {s: [True] * len(task.examples(s)) for s in SPLITS}
+
+    def too_long(split: str, i: int, message: str) -> None:  # data.too_long: error stops, skip leaves it out
+        if cfg["data"]["too_long"] == "error":
+            raise ConfigError(message)
+        keep[split][i] = False
+
     for role, spec in (("teacher", teacher), ("student", student)):
         conv = Conversation(spec.tokenizer, bool(spec.node["chat_template"]))  # a template that cannot: one line now
         if role == "student" and context is not None:  # the first turn must leave room for an action
             for split in SPLITS:
                 for i, ex in enumerate(task.examples(split)):
                     need = len(conv.first(ex.prompt)) + new_tokens
-                    if need <= context or not keep[split][i]:
-                        continue
-                    if cfg["data"]["too_long"] == "error":
-                        raise ConfigError(f"sampler.max_context: {split} example {i} ({ex.meta.get('game')}) needs {need} "
-                                          f"tokens for its first turn (prompt + sampler.max_new_tokens {new_tokens}), more "
-                                          f"than {context}; raise it, or set data.too_long=skip to leave such games out")
-                    keep[split][i] = False
+                    if need > context and keep[split][i]:
+                        too_long(split, i, f"sampler.max_context: {split} example {i} ({ex.meta.get('game')}) needs "
+                                           f"{need} tokens for its first turn (prompt + sampler.max_new_tokens "
+                                           f"{new_tokens}), more than {context}; raise it, or set data.too_long=skip "
+                                           f"to leave such games out")
         limit = _positions(spec)
         if limit is None:
             continue
@@ -193,13 +192,10 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
             if not ex.meta.get("turns") or not keep["train"][i]:
                 continue
             need = len(conv.render(ex.prompt, ex.meta["turns"])[0])
-            if need <= limit:
-                continue
-            if cfg["data"]["too_long"] == "error":
-                raise ConfigError(f"task: the expert transcript of train example {i} ({ex.meta.get('game')}) needs "
-                                  f"{need} positions for the {role}, more than its {limit} ({key}); set "
-                                  f"data.too_long=skip to leave such examples out")
-            keep["train"][i] = False
+            if need > limit:
+                too_long("train", i, f"task: the expert transcript of train example {i} ({ex.meta.get('game')}) "
+                                     f"needs {need} positions for the {role}, more than its {limit} ({key}); set "
+                                     f"data.too_long=skip to leave such examples out")
     dropped = {s: keep[s].count(False) for s in SPLITS}
     if dropped["test"] == len(keep["test"]):
         raise ConfigError("data.too_long: skip left the test split empty: every test game is too long for the budgets")

@@ -69,14 +69,8 @@ class MultiTask(Task):
     def verify(self, response: str, example: Example) -> bool:
         return self.of(example).verify(response, example)
 
-    def extract(self, response: str) -> str | None:
-        raise NotImplementedError  # evaluation runs task by task
-
     def start(self, example: Example) -> Episode:
         return self.of(example).start(example)
-
-    def user_turn(self, observation: str) -> str:
-        raise NotImplementedError  # each task's own sampler asks its own task
 
     def corpus(self) -> Iterable[str]:
         for t in self.tasks.values():
@@ -142,24 +136,19 @@ class MultiTaskBatches:
     def __len__(self) -> int:
         return self.steps
 
-    def plan(self, step: int) -> tuple[str, int]:
-        """(task, its own batch number) of global batch ``step``."""
-        labels = [self.schedule(s) for s in range(step + 1)]
-        return labels[-1], labels[:-1].count(labels[-1])
-
     def __iter__(self) -> Iterator[Any]:
         from opdlm.data import global_batch
 
         caches: dict[str, dict] = {label: {} for label in self.items}
         counts = {label: 0 for label in self.items}
+        seeds = {label: self.seed + 7919 * (j + 1) for j, label in enumerate(self.items)}  # a stream per task
         for s in range(self.start()):
             counts[self.schedule(s)] += 1
         per = self.batch_size // self.world
         for step in range(self.start(), self.steps):
             label = self.schedule(step)
             xs = self.items[label]
-            seed = self.seed + 7919 * (list(self.items).index(label) + 1)
-            idx = global_batch(len(xs), self.batch_size, counts[label], seed, caches[label])
+            idx = global_batch(len(xs), self.batch_size, counts[label], seeds[label], caches[label])
             counts[label] += 1
             yield self.collate([xs[i] for i in idx[self.rank * per:(self.rank + 1) * per]])
 
@@ -171,11 +160,9 @@ def merged_metrics(per_task: dict[str, dict[str, float]], split: str) -> dict[st
     names: dict[str, list[float]] = {}
     for label, m in per_task.items():
         for k, v in m.items():
-            if k.count("/") != 1:  # a task's own benchmarks: kept under the task
-                out[f"{split}/{label}/{k.split('/', 1)[1]}"] = v
-                continue
             metric = k.split("/", 1)[1]
             out[f"{split}/{label}/{metric}"] = v
-            names.setdefault(metric, []).append(v)
+            if "/" not in metric:  # (a task's own benchmarks stay under the task)
+                names.setdefault(metric, []).append(v)
     out.update({f"{split}/{m}": sum(vs) / len(vs) for m, vs in names.items()})
     return out

@@ -336,16 +336,21 @@ class Runner:
         return self._stage(stage, folder, build, lambda m: m.model, spec, st["steps"],
                            lambda m: f"{n_params(m.model):,} parameters, {st['steps']} steps of {st['batch_size']} sequences")
 
+    def _task_runners(self) -> dict[str, Runner]:
+        """A multi-task run's runner per task (its config and run, folders tagged with its label),
+        for the task's own teacher stage; empty for a single-task run."""
+        from opdlm.multitask import task_config
+        out = {}
+        for i, (label, run) in enumerate((self.built.tasks or {}).items()):
+            out[label] = Runner(task_config(self.cfg, i), built=run)
+            out[label].tag = label
+        return out
+
     def _teachers(self) -> dict[str, Any]:
         """A multi-task run's teachers, each its task's own teacher stage (folder teacher_<label>),
         as one result: each task's test metrics by its own teacher (opdlm.multitask.merged_metrics)."""
-        from opdlm.multitask import merged_metrics, task_config
-        assert self.built.tasks is not None
-        results = {}
-        for i, (label, run) in enumerate(self.built.tasks.items()):
-            sub = Runner(task_config(self.cfg, i), built=run)
-            sub.tag = label
-            results[label] = sub.sft("teacher", self.cfg["tasks"][i]["teacher"]["path"])
+        from opdlm.multitask import merged_metrics
+        results = {label: sub.sft("teacher", sub.cfg["teacher"]["path"]) for label, sub in self._task_runners().items()}
         return {"test": merged_metrics({k: r["test"] for k, r in results.items()}, "test"),
                 "folders": {k: r["folder"] for k, r in results.items()},
                 "folder": str(self.run_dir), "seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 3)}
@@ -418,10 +423,9 @@ class Runner:
     def _remove_other_stages(self) -> None:
         """Remove the run folder's stage folders made for another config (they would be recomputed
         anyway); the folder then holds nothing that disagrees with its config.yaml."""
-        from opdlm.multitask import task_config
         own = {"teacher": ("teacher_sft", self.cfg, self.built)}
-        for i, (label, run) in enumerate((self.built.tasks or {}).items()):  # each task's own teacher stage
-            own[f"teacher_{label}"] = ("teacher_sft", task_config(self.cfg, i), run)
+        for sub in self._task_runners().values():  # each task's own teacher stage
+            own[sub._name("teacher")] = ("teacher_sft", sub.cfg, sub.built)
         own.update({"student_sft": ("student_sft", self.cfg, self.built), "student": ("opd", self.cfg, self.built)})
         for name, (stage, cfg, built) in own.items():
             folder = self.run_dir / name

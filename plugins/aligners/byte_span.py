@@ -88,9 +88,10 @@ class ByteSpan(Aligner):
                 k += 1
             rows.append(row)
         P = max(1, max(len(p) for p in teacher_prompt_ids))
-        width = [sum(len(x.teacher_ids) if not isinstance(x, np.ndarray) else len(x) for _, _, x in row) for row in rows]
-        U_all = [sum(len(x.teacher_ids) for _, _, x in row if not isinstance(x, np.ndarray)) for row in rows]
-        W, U = max(1, max(width)), max(1, max(U_all))
+        turn = lambda x: isinstance(x, np.ndarray)  # noqa: E731 - a user turn's ids (else an action's alignment)
+        width = [sum(len(x) if turn(x) else len(x.teacher_ids) for _, _, x in row) for row in rows]  # teacher tokens
+        W = max(1, max(width))
+        U = max(1, max(sum(len(x.teacher_ids) for _, _, x in row if not turn(x)) for row in rows))  # of actions
         ids = np.full((B, P + W), self.pad_id, dtype=np.int64)
         attn = np.zeros((B, P + W), dtype=np.int64)
         t_cols = np.full((B, U), -1, dtype=np.int64)
@@ -109,7 +110,7 @@ class ByteSpan(Aligner):
             attn[b, P - len(prompt) : P + width[b]] = 1
             col, u, chunks = P, 0, 0  # next teacher column, completion token, chunk number
             for a, e, r in row:
-                if isinstance(r, np.ndarray):  # a user turn: context only
+                if turn(r):  # a user turn: context only
                     ids[b, col : col + len(r)] = r
                     col += len(r)
                     continue

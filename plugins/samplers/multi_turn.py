@@ -88,7 +88,7 @@ class MultiTurn(Sampler):
                 if not active:
                     break
                 ro = self.turn.sample(model, tokenizer, [seqs[i] for i in active], [rows[i] for i in active],
-                                 greedy=greedy, n=1)
+                                      greedy=greedy, n=1)
                 still = []
                 for j, i in enumerate(active):
                     k = int(ro.response_mask[j].sum())
