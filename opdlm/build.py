@@ -248,6 +248,9 @@ def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, s
     if getattr(task, "interactive", False) and not sampler.multi_turn:
         raise ConfigError(f"sampler: task '{task.plugin_name}' is played turn by turn, but sampler "
                           f"'{sampler.plugin_name}' writes single responses; set sampler.name=multi_turn")
+    if world > 1 and sampler.single_process:
+        raise ConfigError(f"sampler: '{sampler.plugin_name}' runs in single-process runs for now, but this run has "
+                          f"{world} processes (trainer.devices x trainer.num_nodes); use sampler.name=top_p")
     _bind(sampler, ctx, "sampler")
     _bind(aligner, ctx, "aligner")
     _bind(support, ctx, "support")

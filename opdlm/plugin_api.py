@@ -130,6 +130,8 @@ class Sampler(Plugin):
     temperature: float = 1.0
     max_new_tokens: int = 1
     multi_turn: bool = False
+    #: the sampler cannot run in a run of several processes (refused at build)
+    single_process: bool = False
 
     @property
     def response_budget(self) -> int:

@@ -34,3 +34,21 @@ def test_scale_benchmark_runs_one_and_two_processes(capsys, tmp_path):
     cap = capsys.readouterr()
     rows = [line for line in cap.out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert len(rows) == 2 and rows[0].endswith("1.00x |"), cap.err[-3000:]
+
+
+def test_rollout_benchmark_measures_top_p_against_the_trainer(capsys):
+    assert main(["rollout", "--samplers", "top_p", "--prompts", "2", "--samples", "2", "--new-tokens", "6",
+                 "--prompt-len", "8", "--check-rows", "4"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| top_p |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[3].replace(",", "")) == 2 * 2 * 6  # random weights: no response ends early here
+    # top_p's behaviour log-probs are its model's: the recomputation agrees to float rounding
+    assert float(cells[5]) < 1e-5 and float(cells[6]) < 1e-4
+
+
+def test_rollout_benchmark_names_a_missing_engine(capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    assert main(["rollout", "--samplers", "vllm", "--prompts", "1", "--samples", "1", "--new-tokens", "2"]) == 2
+    assert 'bench.py rollout: sampler: the vllm package is not installed: pip install "opdlm[vllm]"' in capsys.readouterr().err

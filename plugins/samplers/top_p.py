@@ -18,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS, ConfigError
+from opdlm.rollouts import build_rollout, check_sampling, left_pad
 from opdlm.types import Example, Rollout
 
 
@@ -63,66 +64,13 @@ class _Recorder(LogitsProcessor):
         return scores
 
 
-def build_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, sequences: Tensor,
-                  prompt_cols: int, behaviour: Tensor, eos_id: int, pad_id: int,
-                  tokenizer: Any) -> Rollout:
-    """Assemble a Rollout from generate()'s sequences [B*n, P+T] and behaviour log-probs [B*n, T]."""
-    B = sequences.shape[0]
-    resp = sequences[:, prompt_cols:]
-    T = resp.shape[1]
-    is_eos = resp == eos_id
-    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
-    response_mask = ~after_eos
-    truncated = ~is_eos.any(-1)
-    prompt_att = torch.zeros(B, prompt_cols, dtype=torch.long)
-    for i in range(B):
-        plen = len(prompt_ids[i // n])
-        prompt_att[i, prompt_cols - plen :] = 1
-    attention_mask = torch.cat([prompt_att.to(resp.device), response_mask.long()], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    input_ids = torch.cat([sequences[:, :prompt_cols], resp.masked_fill(after_eos, pad_id)], dim=1)
-    texts = []
-    for i in range(B):
-        ids = resp[i][response_mask[i] & ~is_eos[i]].tolist()
-        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
-    return Rollout(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        prompt_len=prompt_cols,
-        response_mask=response_mask,
-        behaviour_logprobs=behaviour[:, :T].masked_fill(after_eos, 0.0),
-        truncated=truncated,
-        examples=[examples[i // n] for i in range(B)],
-        texts=texts,
-    )
-
-
-def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompt_ids), P), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        if p:
-            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            att[i, P - len(p) :] = 1
-    return ids, att
-
-
 @SAMPLERS.register("top_p")
 class TopP(Sampler):
     """Nucleus sampling with temperature via HF generate (KV cache); records behaviour log-probs."""
 
     def __init__(self, *, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 64,
                  n: int = 4) -> None:
-        if not temperature > 0:
-            raise ConfigError(f"temperature: must be > 0, got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        if n < 1:
-            raise ConfigError(f"n: must be >= 1, got {n}")
+        check_sampling(temperature, top_p, max_new_tokens, n)
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
 
     def bind(self, ctx: Context) -> None:

@@ -75,7 +75,7 @@ class Walkthrough:
         self.conv = Conversation(tokenizer, False)
 
     def sample(self, model, tokenizer, prompt_ids, examples, *, greedy=False, n=None):
-        from opdlm_plugins.samplers.top_p import build_rollout, left_pad  # noqa: PLC0415
+        from opdlm.rollouts import build_rollout, left_pad  # noqa: PLC0415
         eos = tokenizer.eos_token_id
         acts = [self.conv.action(ex.meta["turns"][p.count(eos)][0]) for p, ex in zip(prompt_ids, examples)]
         ids, _ = left_pad(prompt_ids, tokenizer.pad_token_id)

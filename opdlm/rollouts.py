@@ -1,0 +1,71 @@
+"""Assembling a Rollout from sampled sequences: the layout every single-turn sampler promises
+(opdlm.types.Rollout), whichever engine drew the tokens (``top_p``: Hugging Face generate;
+``vllm``), and the sampling options they share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from opdlm.registry import ConfigError
+from opdlm.types import Example, Rollout
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int, n: int) -> None:
+    """ConfigError for a sampling option out of range."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature: must be > 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if n < 1:
+        raise ConfigError(f"n: must be >= 1, got {n}")
+
+
+def build_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, sequences: Tensor,
+                  prompt_cols: int, behaviour: Tensor, eos_id: int, pad_id: int,
+                  tokenizer: Any) -> Rollout:
+    """Assemble a Rollout from generate()'s sequences [B*n, P+T] and behaviour log-probs [B*n, T]."""
+    B = sequences.shape[0]
+    resp = sequences[:, prompt_cols:]
+    T = resp.shape[1]
+    is_eos = resp == eos_id
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    response_mask = ~after_eos
+    truncated = ~is_eos.any(-1)
+    prompt_att = torch.zeros(B, prompt_cols, dtype=torch.long)
+    for i in range(B):
+        plen = len(prompt_ids[i // n])
+        prompt_att[i, prompt_cols - plen :] = 1
+    attention_mask = torch.cat([prompt_att.to(resp.device), response_mask.long()], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    input_ids = torch.cat([sequences[:, :prompt_cols], resp.masked_fill(after_eos, pad_id)], dim=1)
+    texts = []
+    for i in range(B):
+        ids = resp[i][response_mask[i] & ~is_eos[i]].tolist()
+        texts.append(tokenizer.decode(ids, skip_special_tokens=False))
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        prompt_len=prompt_cols,
+        response_mask=response_mask,
+        behaviour_logprobs=behaviour[:, :T].masked_fill(after_eos, 0.0),
+        truncated=truncated,
+        examples=[examples[i // n] for i in range(B)],
+        texts=texts,
+    )
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), pad_id, dtype=torch.long)
+    att = torch.zeros((len(prompt_ids), P), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        if p:
+            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            att[i, P - len(p) :] = 1
+    return ids, att

