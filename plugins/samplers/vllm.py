@@ -130,8 +130,8 @@ class Engine:
         if version != self.version or self.sleeping:
             for p in model.parameters():
                 if type(p.data).__name__ == "DTensor":
-                    raise ConfigError("sampler: the model's weights are sharded (FSDP); this sampler needs "
-                                      "whole weights on each process (use a DDP strategy)")
+                    raise ConfigError("sampler: the model's weights are sharded (FSDP), and the vllm sampler "
+                                      "copies whole weights; use trainer.strategy=auto")
             with torch.no_grad():
                 weights = ((name, t.detach()) for name, t in model.state_dict().items())
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
