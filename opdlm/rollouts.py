@@ -25,6 +25,12 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, n: int
         raise ConfigError(f"n: must be >= 1, got {n}")
 
 
+def require_eos(tokenizer: Any) -> None:
+    """ConfigError when the tokenizer has no EOS: a response could not end."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("sampler: the student tokenizer has no eos_token; generation could not stop")
+
+
 def build_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, sequences: Tensor,
                   prompt_cols: int, behaviour: Tensor, eos_id: int, pad_id: int,
                   tokenizer: Any) -> Rollout:

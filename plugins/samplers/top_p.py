@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdlm.plugin_api import Context, Sampler
-from opdlm.registry import SAMPLERS, ConfigError
-from opdlm.rollouts import build_rollout, check_sampling, left_pad
+from opdlm.registry import SAMPLERS
+from opdlm.rollouts import build_rollout, check_sampling, left_pad, require_eos
 from opdlm.types import Example, Rollout
 
 
@@ -74,9 +74,7 @@ class TopP(Sampler):
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
 
     def bind(self, ctx: Context) -> None:
-        tok = ctx.student_tokenizer
-        if tok.eos_token_id is None:
-            raise ConfigError("sampler: the student tokenizer has no eos_token; generation could not stop")
+        require_eos(ctx.student_tokenizer)
 
     @torch.no_grad()
     def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],

@@ -39,7 +39,7 @@ from torch import nn
 
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS, ConfigError
-from opdlm.rollouts import build_rollout, check_sampling
+from opdlm.rollouts import build_rollout, check_sampling, left_pad, require_eos
 from opdlm.types import Example, Rollout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -70,17 +70,15 @@ def architecture_key(model: nn.Module, vocab: int, opts: dict[str, Any]) -> str:
 
 @contextlib.contextmanager
 def kept_random_state() -> Iterator[None]:
-    """The process's random generators as they were before the block (the engine runs in this process)."""
-    py, np_state, cpu = random.getstate(), numpy.random.get_state(), torch.random.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    """The process's random generators as they were before the block (the engine runs in this process):
+    torch's through its own fork_rng (every visible GPU's too), Python's and NumPy's beside it."""
+    py, np_state = random.getstate(), numpy.random.get_state()
     try:
-        yield
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+            yield
     finally:
         random.setstate(py)
         numpy.random.set_state(np_state)
-        torch.random.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 class Engine:
@@ -199,8 +197,7 @@ class VLLM(Sampler):
 
     def bind(self, ctx: Context) -> None:
         load_vllm()
-        if ctx.student_tokenizer.eos_token_id is None:
-            raise ConfigError("sampler: the student tokenizer has no eos_token; generation could not stop")
+        require_eos(ctx.student_tokenizer)
 
     def engine(self, model: nn.Module, vocab: int) -> Engine:
         """The engine for this model's architecture (started on first use)."""
@@ -250,13 +247,14 @@ def to_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, com
                pad_id: int, tokenizer: Any, device: torch.device) -> Rollout:
     """vLLM's completions (n per prompt, in order) in top_p's layout on the model's device: left-padded
     prompts, each response up to its EOS or its full length, behaviour log-probs of the drawn tokens."""
-    P = max(len(p) for p in prompt_ids)
+    prompts, _ = left_pad(prompt_ids, pad_id)
+    P = prompts.shape[1]
     T = max(1, max(len(c.token_ids) for c in completions))
     seqs = torch.full((len(completions), P + T), pad_id, dtype=torch.long)
+    seqs[:, :P] = prompts.repeat_interleave(n, 0)
     behaviour = torch.zeros(len(completions), T)
     for i, c in enumerate(completions):
-        p, ids = prompt_ids[i // n], list(c.token_ids)
-        seqs[i, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        ids = list(c.token_ids)
         seqs[i, P: P + len(ids)] = torch.tensor(ids, dtype=torch.long)
         behaviour[i, : len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
     return build_rollout(prompt_ids, examples, n, seqs.to(device), P, behaviour.to(device), eos, pad_id, tokenizer)
