@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from opdlm.guard import MODES as NONFINITE_MODES
 from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
 from opdlm.ops.aggregate import AGGREGATIONS
@@ -91,6 +92,8 @@ def check_values(cfg: Mapping[str, Any]) -> None:
         need(st["schedule"] in ("constant", "cosine"), f"{k}.schedule", "constant or cosine", st["schedule"])
         need(st["val_every"] >= 0, f"{k}.val_every", ">= 0", st["val_every"])
         need(st["max_grad_norm"] is None or st["max_grad_norm"] >= 0, f"{k}.max_grad_norm", ">= 0 or null", st["max_grad_norm"])
+        need(st["nonfinite"] in NONFINITE_MODES, f"{k}.nonfinite", " or ".join(NONFINITE_MODES), st["nonfinite"])
+        need(st["nonfinite_skips"] >= 1, f"{k}.nonfinite_skips", ">= 1", st["nonfinite_skips"])
         for key in ("batch_size", "prompts_per_step", "mini_batches", "micro_batches"):
             if key in st:
                 need(st[key] >= 1, f"{k}.{key}", ">= 1", st[key])

@@ -21,7 +21,7 @@ Runs an on-policy distillation experiment. With no conf=, runs the embedded demo
 
 def _list() -> str:
     from opdlm.discovery import discover
-    from opdlm.registry import plugin_options
+    from opdlm.registry import option_hints, plugin_options, range_of
     discover()
     lines = []
     width = max((len(n) for reg, _ in KINDS.values() for n in reg.names()), default=10) + 2
@@ -29,7 +29,9 @@ def _list() -> str:
         lines.append(f"{kind}:")
         for name in reg.names():
             cls = reg.get(name)
-            opts = ", ".join(f"{k}={p.default!r}" for k, p in plugin_options(cls).items())
+            hints = option_hints(cls)
+            opts = ", ".join(f"{k}={p.default!r}" + (f" ({r.text()})" if (r := range_of(hints[k])) else "")
+                             for k, p in plugin_options(cls).items())
             lines.append(f"  {name:<{width}} {reg.summary(name)}")
             if opts:
                 lines.append(f"  {'':<{width}} options: {opts}")
@@ -37,6 +39,12 @@ def _list() -> str:
             fixed = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in preset.items())
             lines.append(f"  {alias:<{width}} = {target} with {fixed}")
     return "\n".join(lines)
+
+
+def model_nodes(cfg: dict) -> list[tuple[str, dict]]:
+    """(key, model node) of every model the config names: the teacher, the student, each task's teacher."""
+    return [("teacher", cfg["teacher"]), ("student", cfg["student"]),
+            *((f"tasks.{i}.teacher", e["teacher"]) for i, e in enumerate(cfg.get("tasks") or []))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         from opdlm.build import build_run
         try:
             built = build_run(cfg)
+            if "--check" in flags:  # every weight of the model folders, one tensor at a time
+                from opdlm.models import scan_weights
+                for key, node in model_nodes(cfg):
+                    if node["path"]:
+                        scan_weights(node["path"], f"{key}.path")
         except ConfigError as e:
             raise where.locate(e) from None
     except ConfigError as e:
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from opdlm import dist
+    from opdlm.guard import NonFiniteError
     from opdlm.pipeline import FolderBusy, RunInterrupted, Runner, quiet_libraries
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
@@ -105,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except PluginError as e:
         print(f"opdlm: plugin error: {e}", file=sys.stderr)
+        return 1
+    except NonFiniteError as e:  # every rank stops at the same step with the same line: rank 0 says it
+        if dist.is_main():
+            print(f"opdlm: non-finite: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         target = f" '{e.filename}'" if e.filename else ""

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from opdlm.discovery import discover
 from opdlm.paths import CONF_DIR as _CONF_DIR
-from opdlm.registry import KINDS, ConfigError, did_you_mean
+from opdlm.registry import KINDS, ConfigError, did_you_mean, nonfinite
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = _CONF_DIR
@@ -388,6 +388,20 @@ def _check_tasks(cfg: dict[str, Any], base: Mapping[str, Any], where: Where) -> 
     cfg["tasks"] = out
 
 
+def check_finite(node: Any, where: Where, prefix: str = "") -> None:
+    """Every number anywhere in the config is finite: a NaN or ±inf (YAML's .nan, .inf) is refused
+    wherever it is, in framework keys, plugin options, nested nodes (weighted_sum's terms and their
+    weights) and trainer arguments alike, with the file:line or command line that set it."""
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            check_finite(v, where, f"{prefix}{k}.")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            check_finite(v, where, f"{prefix}{i}.")
+    elif nonfinite(node):
+        raise where.err(prefix[:-1], f"must be a finite number, got {node!r}")
+
+
 def compose(confs: list[str | Path], overrides: list[str], where: Where | None = None) -> dict[str, Any]:
     """Compose base.yaml, the given files and key=value overrides into a checked, plain dict with
     every plugin node completed by its constructor defaults and interpolations resolved.
@@ -416,6 +430,7 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
     except OmegaConfBaseException as e:
         raise ConfigError(f"config interpolation failed: {str(e).splitlines()[0]}") from None
     assert isinstance(resolved, dict)
+    check_finite(resolved, where)
     return resolved
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from opdlm.build import BuiltRun
 from opdlm.dist import step_seed
+from opdlm.guard import check_checkpoint
 from opdlm.models import render_prompt
 from opdlm.types import Example
 
@@ -180,10 +181,21 @@ class GenerationEval(L.LightningModule):
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["opdlm"] = {"fingerprint": self.fingerprint, "batches_done": self.batches_done}
+        guard = getattr(self, "guard", None)
+        if guard is not None:  # a checkpoint never holds non-finite weights (opdlm.guard)
+            check_checkpoint(checkpoint, guard.stage, self.device)
+        checkpoint["opdlm"] = {"fingerprint": self.fingerprint, "batches_done": self.batches_done,
+                               **({"nonfinite": guard.state()} if guard is not None else {})}
+        if getattr(self, "saving_mid_step", False):  # a stop's checkpoint (opdlm.guard), written inside a step:
+            # Lightning resumes such a checkpoint with its logging step one ahead (it counts the batch as
+            # stepped, as if the checkpoint were written at the batch's end); this batch was not stepped
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.batches_done = int(checkpoint.get("opdlm", {}).get("batches_done", 0))
+        meta = checkpoint.get("opdlm", {})
+        self.batches_done = int(meta.get("batches_done", 0))
+        if getattr(self, "guard", None) is not None:
+            self.guard.load(meta.get("nonfinite", {}))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.val_every or self.batches_done % self.val_every:

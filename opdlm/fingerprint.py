@@ -82,20 +82,38 @@ def vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+#: stage keys a stage's result does not depend on: what happens to a step whose loss or gradient is not
+#: finite (opdlm.guard). A run stopped by one continues from its checkpoint with nonfinite=skip; a
+#: stage folder records how many steps it skipped.
+UNHASHED_STAGE_KEYS = ("nonfinite", "nonfinite_skips")
+
+
+def _hashed(node: Any) -> Any:
+    """A stage node (or a multi-task entry holding one) without the keys its result does not depend on."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: v for k, v in node.items() if k not in UNHASHED_STAGE_KEYS}
+    if isinstance(out.get("teacher_sft"), dict):
+        out["teacher_sft"] = _hashed(out["teacher_sft"])
+    return out
+
+
 def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
     leaves the code out (what a run folder's result was made with, as configuration)."""
+    stages = {k: _hashed(v) for k, v in cfg["stages"].items()}
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"],
-                             **({"tasks": cfg["tasks"]} if cfg.get("tasks") else {}), "data": cfg["data"], "teacher": cfg["teacher"],
+                             **({"tasks": [_hashed(e) for e in cfg["tasks"]]} if cfg.get("tasks") else {}),
+                             "data": cfg["data"], "teacher": cfg["teacher"],
                              "teacher_vocab": vocab_digest(built.teacher.tokenizer),
-                             "teacher_sft": cfg["stages"]["teacher_sft"],
+                             "teacher_sft": stages["teacher_sft"],
                              "precision": cfg["trainer"]["precision"], "code": code_digest(stage, built) if code else ""}
     if stage in ("student_sft", "opd"):
-        parts.update(student=cfg["student"], student_sft=cfg["stages"]["student_sft"],
+        parts.update(student=cfg["student"], student_sft=stages["student_sft"],
                      student_vocab=vocab_digest(built.student.tokenizer))
     if stage == "opd":
         parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
-        parts["opd"] = cfg["stages"]["opd"]
+        parts["opd"] = stages["opd"]
         parts["processes"] = built.world  # each process samples with its own random stream
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -141,13 +141,42 @@ def check_weights(folder: Path, key: str) -> None:
                               f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
 
 
+def scan_weights(folder: str | Path, key: str) -> None:
+    """ConfigError when a weight file of the folder holds a NaN or inf, read one tensor at a time
+    (safetensors; pytorch_model*.bin through a memory map), without building the model (--check)."""
+    from opdlm.guard import first_nonfinite
+
+    folder = Path(folder)
+    for f in sorted(folder.glob("*.safetensors")):
+        from safetensors import safe_open
+        with safe_open(str(f), framework="pt") as fh:
+            bad = first_nonfinite((name, fh.get_tensor(name)) for name in fh.keys())
+        if bad:
+            raise ConfigError(f"{key}: '{f}' holds non-finite weights: {bad}")
+    for f in sorted(folder.glob("pytorch_model*.bin")):
+        try:
+            state = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise ConfigError(f"{key}: '{f}' cannot be read ({type(e).__name__})") from None
+        bad = first_nonfinite(state.items())
+        if bad:
+            raise ConfigError(f"{key}: '{f}' holds non-finite weights: {bad}")
+
+
 def load_weights(path: str | Path, key: str, dtype: torch.dtype) -> nn.Module:
-    """AutoModelForCausalLM.from_pretrained on a local folder; any failure is one ConfigError line."""
+    """AutoModelForCausalLM.from_pretrained on a local folder; any failure, and weights that hold a
+    NaN or inf, is one ConfigError line."""
+    from opdlm.guard import first_nonfinite
+
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         raise ConfigError(f"{key}: cannot load weights from '{path}': {type(e).__name__}: {msg}") from None
+    bad = first_nonfinite(model.state_dict().items())
+    if bad:
+        raise ConfigError(f"{key}: '{path}' holds non-finite weights: {bad}")
+    return model
 
 
 def tiny_config(node: Mapping[str, Any], vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> Any:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from opdlm import dist
 from opdlm.build import BuiltRun
 from opdlm.evaluation import GenerationEval, eval_modes, sampler_kwargs
+from opdlm.guard import StepGuard, guarded_step
 from opdlm.models import load_or_build, render_prompt
 from opdlm.ops.aggregate import aggregation
 from opdlm.ops.batch import full_support, micro_batch_rows, mini_batch_rows, take
@@ -64,6 +65,7 @@ class OPDModule(GenerationEval):
         self.runs = runs
         self.top = built
         self.stage = config["stages"]["opd"]
+        self.guard = StepGuard("opd", self.stage)
         self.seed = seed
         self.lean = self.stage["head"] == "lean"
         self.automatic_optimization = False
@@ -193,32 +195,39 @@ class OPDModule(GenerationEval):
                 old_logprob = self.score_student(rollout, None).token_logprob
         logs: dict[str, list[Tensor]] = {}
         all_sum = dist.all_sum if world > 1 else (lambda x: x)
+        terms = {f"loss.terms.{i} ({part.plugin_name})": f"{i}_{part.plugin_name}/loss"
+                 for i, part in enumerate(self.built.loss.parts())}  # weighted_sum's terms, named in a stop
         for rows in mini_batch_rows(rollout.input_ids.shape[0], st["mini_batches"]):
             weights, denominator = aggregation(mask[rows.to(mask.device)], st["loss_aggregation"],
                                                norm_length=self.norm_length, all_sum=all_sum)
+            loss, term_losses = torch.zeros((), device=self.device), {name: torch.zeros((), device=self.device) for name in terms}
             for micro in micro_batch_rows(rows, st["micro_batches"]):
                 old = take(old_logprob, micro) if old_logprob is not None else None
                 within = torch.searchsorted(rows.to(micro.device), micro)  # the micro-batch's rows in `weights`
-                inputs, out = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher, micro),
-                                                 old, take(mask, micro), take(view, micro),
-                                                 denominator * (1.0 / world), take(weights, within))
+                inputs, out, part = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher, micro),
+                                                       old, take(mask, micro), take(view, micro),
+                                                       denominator * (1.0 / world), take(weights, within))
+                loss = loss + part
+                for name, stat in terms.items():
+                    term_losses[name] = term_losses[name] + out.stats[stat].detach()
                 for k, v in loss_diagnostics(inputs, out.token_loss, out.stats, st["gap_buckets"]).items():
                     logs.setdefault(k, []).append(v)
-            logs.setdefault("grad_norm", []).append(self._clip(st["max_grad_norm"]))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if sched is not None:
-                sched.step()
+            logs.setdefault("grad_norm", []).append(guarded_step(
+                self, opt, sched, self.student.parameters(), st["max_grad_norm"], loss,
+                f"the loss ({self.built.loss.plugin_name})", term_losses))
         if sched is not None:
             logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
+        if self.guard.mode == "skip":
+            logs["skipped_steps"] = [torch.tensor(float(self.guard.skipped))]
         return logs
 
     def loss_backward(self, ro: Rollout, sup: Support, teacher: Scores, old: Tensor | None, mask: Tensor,
-                      view: TeacherView, denominator: Tensor, weights: Tensor | None = None) -> tuple[LossInputs, LossOutput]:
+                      view: TeacherView, denominator: Tensor,
+                      weights: Tensor | None = None) -> tuple[LossInputs, LossOutput, Tensor]:
         """The student's scores (naive or lean head), the loss Σ weights·ℓ / ``denominator`` (the
         step's aggregation, opdlm.ops.aggregate; weights default to the mask) and one backward pass
         through head and body.
-        Returns the loss inputs and output (for the log)."""
+        Returns the loss inputs and output (for the log) and the loss (detached)."""
         feats, head = response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids, self._cols(ro))
         if self.lean and head is None:
             self._warn_no_split()
@@ -240,9 +249,10 @@ class OPDModule(GenerationEval):
                             old_logprob=old if old is not None else student.token_logprob.detach())
         out = LossOutput(token_loss) if full_lean else checked_output(loss, loss.compute(inputs), mask)
         w = (mask if weights is None else weights).to(out.token_loss.dtype)
-        self._backward((out.token_loss * w).sum() / denominator.to(out.token_loss.dtype))
+        scalar = (out.token_loss * w).sum() / denominator.to(out.token_loss.dtype)
+        self._backward(scalar)
         self._phase("loss_path_end")
-        return inputs, out
+        return inputs, out, scalar.detach()
 
     def log_step(self, logs: dict[str, list[Tensor]], rollout: Rollout, view: TeacherView) -> None:
         """Log the step's diagnostics (means over micro-batches; on several processes, the mean of
@@ -366,15 +376,6 @@ class OPDModule(GenerationEval):
 
     def _world(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
-
-    def _clip(self, max_norm: float | None) -> Tensor:
-        """Clip the student's gradient norm (over every rank's shard where parameters are sharded)
-        and return the norm before clipping."""
-        limit = max_norm or float("inf")
-        wrapped = self.trainer.strategy.model if self._trainer is not None else None
-        if wrapped is not None and hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over all shards
-            return wrapped.clip_grad_norm_(limit).detach()
-        return torch.nn.utils.clip_grad_norm_(self.student.parameters(), limit).detach()
 
     def _phase(self, name: str) -> None:
         """A hook for benchmarks (memory and time per phase); does nothing by default."""

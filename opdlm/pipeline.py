@@ -41,6 +41,7 @@ from opdlm.config import to_yaml
 from opdlm.data import TaskData
 from opdlm.evaluation import evaluate
 from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint, vocab_digest
+from opdlm.guard import NonFiniteError, first_nonfinite
 from opdlm.models import load_or_build, load_weights, n_params, save_hf
 from opdlm.module import OPDModule
 from opdlm.sft import SFTModule
@@ -103,10 +104,11 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, eve
                                          enable_version_counter=False))
     kw: dict[str, Any] = dict(enable_model_summary=False)
     kw.update(trainer_kwargs(tr))
-    return L.Trainer(  # validation is the module's own (GenerationEval), not Lightning's loop
+    # validation is the module's own (GenerationEval), not Lightning's loop; every stage optimises by hand
+    # (clipping included: opdlm.guard.guarded_step)
+    return L.Trainer(
         **kw, max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
         enable_progress_bar=tr["progress_bar"], logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
-        gradient_clip_val=cfg["stages"][stage]["max_grad_norm"] if stage != "opd" else None,
         default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
         use_distributed_sampler=False,
     )
@@ -146,7 +148,9 @@ def quiet_libraries() -> None:
                 ".*Experiment logs directory .* exists and is not empty.*",
                 ".*Checkpoint directory .* exists and is not empty.*",
                 ".*could not determine the length of.*", ".*is an invalid value for `sync_dist`.*",
-                ".*`use_distributed_sampler=False`.*"):
+                ".*`use_distributed_sampler=False`.*",
+                # opdlm's batches resume by themselves (opdlm.data.StepBatches starts at the restored batch)
+                ".*resuming from a checkpoint that ended before the epoch ended.*"):
         warnings.filterwarnings("ignore", message=msg)
     if not dist.is_main():
         warnings.simplefilter("ignore")
@@ -192,12 +196,15 @@ class Runner:
             ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
             meta = ck.get("opdlm", {})
             step = ck.get("global_step", "?")
+            bad = first_nonfinite(ck.get("state_dict", {}).items())
             del ck
         except Exception as e:  # a damaged file: say so and start over
             reason, meta, step = f"unreadable ({type(e).__name__})", None, None
         else:
             reason = None if meta.get("fingerprint") == fp else (
                 f"written for another config or code (fingerprint {meta.get('fingerprint') or 'none'}, now {fp})")
+            if bad:
+                reason = f"its weights hold non-finite values ({bad})"
         if reason is None:
             self.log(f"[opdlm] stage {stage}: resuming from {path} (optimizer step {step})")
             return str(path)
@@ -275,14 +282,18 @@ class Runner:
                 if trainer.interrupted:
                     raise RunInterrupted(self._interrupted(stage, trainer.global_step, steps)) from None
                 raise
-        model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0)
+        skipped = module.guard.skipped
+        if skipped:
+            self.log(f"[opdlm] stage {stage}: {skipped} optimizer steps were skipped (a non-finite loss or gradient; "
+                     f"stages.{stage}.nonfinite=skip)")
+        model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0, stage=stage)
         t1 = time.time()
         metrics = evaluate(model, spec.tokenizer, self.built, self.cfg, spec.node["chat_template"], "test",
                            progress=self.cfg["trainer"]["progress_bar"])
         t2 = time.time()
         info = {"stage": stage, "fingerprint": fp, "train_seconds": round(t1 - t0, 3),
                 "evaluations": {efp: {"test": metrics, "seconds": round(t2 - t1, 3)}},
-                "params": n_params(model), "processes": dist.world()}
+                "params": n_params(model), "processes": dist.world(), **({"skipped_steps": skipped} if skipped else {})}
         if self.main:
             info["files"] = file_digests(tmp)
             write_json(tmp / "stage.json", info)
@@ -300,16 +311,25 @@ class Runner:
         return f"interrupted (Ctrl-C) in stage {stage} at optimizer step {step} of {steps}; {how}"
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, model: nn.Module, tokenizer: Any,
-                tmp: Path, trained: bool) -> nn.Module:
+                tmp: Path, trained: bool, stage: str) -> nn.Module:
         """Rank 0 saves the trained model as a Hugging Face folder in ``tmp``; returns the model the
-        test evaluation uses (sharded parameters are gathered and reloaded on every rank)."""
+        test evaluation uses (sharded parameters are gathered and reloaded on every rank). Weights
+        that are not finite are never saved (NonFiniteError, on every rank)."""
+        def refuse(bad: str | None) -> None:
+            bad = dist.broadcast(bad)
+            if bad:
+                raise NonFiniteError(f"stage {stage}: the trained weights hold non-finite values ({bad}); no stage "
+                                     f"folder was written")
+
         if not trained or not _sharded(trainer):
+            refuse(first_nonfinite(model.state_dict().items()) if self.main else None)
             if self.main:
                 save_hf(model, tokenizer, tmp)
             dist.barrier()
             return model.to(trainer.strategy.root_device)
         state = trainer.strategy.lightning_module_state_dict()  # a collective: every rank calls it
         prefix = next(n for n, m in module.named_children() if m is model) + "."
+        refuse(first_nonfinite(state.items()) if self.main else None)
         if self.main:
             from transformers import AutoModelForCausalLM
             full = AutoModelForCausalLM.from_config(model.config)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -56,7 +58,88 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The bounds of a numeric option, declared in its annotation so that the config check enforces
+    them for every plugin alike, before any weights load::
+
+        def __init__(self, *, top_p: Annotated[float, Range(gt=0, le=1)] = 0.9,
+                     max_weight: Annotated[float, Range(gt=0)] | None = None) -> None:
+
+    gt / ge / lt / le: the value must be > / >= / < / <= the bound (None: no bound on that side);
+    ``note`` is said with it ("0 = no limit").
+    In a list annotation (``list[Annotated[float, Range(ge=0)]]``) it applies to every item. A float
+    option is always checked to be finite (no NaN, no ±inf), with or without a Range."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    note: str = ""
+
+    def holds(self, v: float) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def text(self) -> str:
+        """'in (0, 1]', '> 0', '>= 0 and < 1', ..."""
+        lo = (f"({_num(self.gt)}" if self.gt is not None else f"[{_num(self.ge)}") if (self.gt, self.ge) != (None, None) else None
+        hi = (f"{_num(self.lt)})" if self.lt is not None else f"{_num(self.le)}]") if (self.lt, self.le) != (None, None) else None
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return f"{'>' if self.gt is not None else '>='} {lo[1:]}"
+        if hi:
+            return f"{'<' if self.lt is not None else '<='} {hi[:-1]}"
+        return "any number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def nonfinite(value: Any) -> bool:
+    """True for a float that is NaN or ±inf (YAML's .nan, .inf, -.inf)."""
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def check_bounds(value: Any, tp: Any, key: str) -> None:
+    """ConfigError for a value that has the right type (check_type) but is not finite or breaks a
+    declared Range; lists are checked item by item ("key.2: must be ...")."""
+    if typing.get_origin(tp) is typing.Annotated:
+        inner, *meta = typing.get_args(tp)
+        check_bounds(value, inner, key)
+        for rng in meta:
+            if isinstance(rng, Range) and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not rng.holds(value):
+                note = f" ({rng.note})" if rng.note else ""
+                raise ConfigError(f"{key}: must be {rng.text()}{note}, got {value!r}")
+        return
+    if nonfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:  # the first member the value fits
+            if check_type(value, a):
+                check_bounds(value, a, key)
+                return
+    elif origin in (list, tuple) and args and isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_bounds(v, args[0], f"{key}.{i}")
+
+
+def range_of(tp: Any) -> Range | None:
+    """The Range declared for a scalar option (through Optional), for listings and docs."""
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m for m in typing.get_args(tp)[1:] if isinstance(m, Range)), None)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next((r for a in typing.get_args(tp) if (r := range_of(a)) is not None), None)
+    return None
+
+
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if tp is type(None):
         return "null"
     if isinstance(tp, type):
@@ -79,6 +162,8 @@ def check_type(value: Any, tp: Any) -> bool:
     accepted for numbers)."""
     if tp is Any or tp is inspect.Parameter.empty:
         return True
+    if typing.get_origin(tp) is typing.Annotated:
+        return check_type(value, typing.get_args(tp)[0])
     if tp is type(None) or tp is None:
         return value is None
     origin = typing.get_origin(tp)
@@ -230,6 +315,7 @@ class Registry(Generic[T]):
                 raise ConfigError(
                     f"{key}.{k}: expected {_type_name(tp)}, got {v!r} ({type(v).__name__})"
                 )
+            check_bounds(v, tp, f"{key}.{k}")
             out[k] = v
         for k, p in opts.items():
             if k not in out:
@@ -262,10 +348,17 @@ def _plain(v: Any) -> Any:
 
 
 def _hints(cls: type) -> dict[str, Any]:
+    """The constructor's annotations, Annotated metadata (Range) kept."""
     try:
-        return typing.get_type_hints(cls.__init__)
+        return typing.get_type_hints(cls.__init__, include_extras=True)
     except Exception:
         return {}
+
+
+def option_hints(cls: type) -> dict[str, Any]:
+    """Option -> its annotation (with any Range), for every keyword-only option of a plugin class."""
+    hints = _hints(cls)
+    return {k: hints.get(k, inspect.Parameter.empty) for k in plugin_options(cls)}
 
 
 def plugin_options(cls: type) -> dict[str, inspect.Parameter]:
@@ -305,6 +398,9 @@ def _complete_nested(value: Any, reg: Registry[Any], extra: Mapping[str, Any], k
     if not isinstance(value, Mapping) or "name" not in value:
         return value
     own = {k: v for k, v in value.items() if k not in extra}
+    for k, default in extra.items():
+        if isinstance(default, float) and k in value:  # a number key of the outer plugin (weighted_sum's weight)
+            check_bounds(value[k], float, f"{key}.{k}")
     return {**reg.validate(own, key), **{k: value.get(k, d) for k, d in extra.items()}}
 
 

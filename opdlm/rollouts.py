@@ -4,25 +4,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import Tensor
 
-from opdlm.registry import ConfigError
+from opdlm.registry import ConfigError, Range
 from opdlm.types import Example, Rollout
 
-
-def check_sampling(temperature: float, top_p: float, max_new_tokens: int, n: int) -> None:
-    """ConfigError for a sampling option out of range."""
-    if not temperature > 0:
-        raise ConfigError(f"temperature: must be > 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p: must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-    if n < 1:
-        raise ConfigError(f"n: must be >= 1, got {n}")
+#: the sampling options every sampler shares, with their bounds (checked when the config is composed)
+Temperature = Annotated[float, Range(gt=0)]
+Nucleus = Annotated[float, Range(gt=0, le=1)]  # top_p
+Count = Annotated[int, Range(ge=1)]  # max_new_tokens, n
 
 
 def require_eos(tokenizer: Any) -> None:

@@ -1,13 +1,17 @@
-"""Supervised cold start (SFT): cross-entropy on the task's reference solutions."""
+"""Supervised cold start (SFT): cross-entropy on the task's reference solutions. Its optimizer steps
+are taken by hand, as the OPD stage's are, so that both go through the same guard
+(opdlm.guard.guarded_step: clip, check for non-finite numbers, step)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from opdlm.build import BuiltRun
 from opdlm.evaluation import GenerationEval, eval_modes
+from opdlm.guard import StepGuard, guarded_step
 from opdlm.models import load_or_build
 from opdlm.optim import make_optimizer
 
@@ -25,6 +29,8 @@ class SFTModule(GenerationEval):
         self.spec = built.teacher if role == "teacher" else built.student
         self.model = model if model is not None else load_or_build(self.spec, init, config["run"]["seed"])
         self.stage = config["stages"][f"{role}_sft"]
+        self.guard = StepGuard(f"{role}_sft", self.stage)
+        self.automatic_optimization = False
         self.setup_eval(built, eval_modes(config), self.spec.node["chat_template"], self.stage["val_every"])
 
     @property
@@ -35,19 +41,22 @@ class SFTModule(GenerationEval):
     def eval_tokenizer(self) -> Any:
         return self.spec.tokenizer
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"], use_cache=False)
         n = (batch["labels"][:, 1:] != -100).sum()
         self.log("train/loss", out.loss, prog_bar=True, batch_size=int(n))
-        self.batches_done += 1
         world = self.trainer.world_size
-        if world == 1:
-            return out.loss
-        # the token mean over every process's tokens (data-parallel averaging then gives it exactly)
-        from opdlm.dist import all_sum
-        total = all_sum(n.float()).clamp_min(1.0)
-        return out.loss * n / total * world
+        loss = out.loss
+        if world > 1:  # the token mean over every process's tokens (data-parallel averaging then gives it exactly)
+            from opdlm.dist import all_sum
+            loss = out.loss * n / all_sum(n.float()).clamp_min(1.0) * world
+        self.manual_backward(loss)
+        guarded_step(self, self.optimizers(), self.lr_schedulers(), self.model.parameters(), self.stage["max_grad_norm"],
+                     out.loss.detach(), "the loss (cross-entropy)")
+        if self.guard.mode == "skip":
+            self.log("train/skipped_steps", torch.tensor(float(self.guard.skipped)), batch_size=int(n))
+        self.batches_done += 1
 
     def configure_optimizers(self) -> Any:
         return make_optimizer(self, self.model.parameters(), self.stage)

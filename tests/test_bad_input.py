@@ -27,11 +27,11 @@ def test_k_larger_than_vocabulary():
     assert plan_err("support.k=100000").startswith("support.k: 100000 is larger than the teacher's vocabulary")
 
 
-def test_sampler_ranges():
-    assert plan_err("sampler.top_p=0") == "sampler.top_p: must be in (0, 1], got 0"
-    assert plan_err("sampler.top_p=1.5") == "sampler.top_p: must be in (0, 1], got 1.5"
-    assert plan_err("sampler.temperature=0") == "sampler.temperature: must be > 0, got 0"
-    assert plan_err("sampler.temperature=-1.0") == "sampler.temperature: must be > 0, got -1.0"
+def test_sampler_ranges():  # declared in the options' annotations (Range): refused where they were set
+    assert plan_err("sampler.top_p=0") == "command line: sampler.top_p: must be in (0, 1], got 0"
+    assert plan_err("sampler.top_p=1.5") == "command line: sampler.top_p: must be in (0, 1], got 1.5"
+    assert plan_err("sampler.temperature=0") == "command line: sampler.temperature: must be > 0, got 0"
+    assert plan_err("sampler.temperature=-1.0") == "command line: sampler.temperature: must be > 0, got -1.0"
 
 
 def test_special_token_that_is_not_one_token():

@@ -31,7 +31,7 @@ def grads_for(loss_node: dict, head: str, extra: list[str], chunk: int = 7, bf16
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         view, teacher, support, mask = module.prepare(ro)
         module.student.zero_grad()
-        inputs, out = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+        inputs, out, _ = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     g = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
     return out.token_loss.detach(), mask, g, out.stats
 
@@ -181,6 +181,6 @@ def test_unsplittable_head_falls_back_for_a_full_vocabulary_loss_too():
         view, teacher, support, mask = module.prepare(ro)
         assert teacher.support_logits is not None and teacher.support_logits.shape[-1] == built.student.n_ids
         with pytest.warns(UserWarning) if head == "lean" else __import__("contextlib").nullcontext():
-            _, out = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+            _, out, _ = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
         losses.append(out.token_loss.detach())
     torch.testing.assert_close(losses[0], losses[1])

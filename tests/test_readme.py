@@ -38,7 +38,7 @@ def test_readme_plugin_example_is_three_times_lsm(tmp_path):
     ex = built.task.examples("train")[:3]
     ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex], ex, n=2)
     view, teacher, support, mask = module.prepare(ro)
-    inputs, out = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+    inputs, out, _ = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     lsm = LOSSES.build({"name": "lsm"}).compute(inputs).token_loss
     torch.testing.assert_close(out.token_loss[mask], 3 * lsm[mask])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())

@@ -139,7 +139,7 @@ def test_the_engine_computes_exactly_what_the_loss_reads(loss, student_support, 
     ro = built.sampler.sample(module.student, tok, [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex],
                               ex, n=2)
     view, teacher, support, mask = module.prepare(ro)
-    inputs, _ = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+    inputs, _, _ = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
     assert (inputs.student.support_logits is not None) == student_support
     assert (inputs.teacher.support_logits is not None) == teacher_support
     assert (inputs.student.byte_logprobs is not None) == byte and (inputs.teacher.byte_logprobs is not None) == byte

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+
+from opdlm.registry import Range
+
+#: the options of the PPO-clipped losses, with their bounds (checked when the config is composed)
+ClipEps = Annotated[float, Range(gt=0)]  # ratio clipped to [1 - ε, 1 + ε]
+DualClip = Annotated[float, Range(gt=1)] | None  # dual clip c (> 1) for negative advantages; null: none
 
 
 def ppo_token_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: torch.Tensor,
@@ -19,13 +27,3 @@ def ppo_token_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: 
         loss = torch.where(advantage < 0, torch.minimum(loss, l3), loss)
         clipped = clipped | dual
     return loss, clipped
-
-
-def check_clip_options(clip_eps: float, dual_clip: float | None) -> None:
-    """The ConfigErrors shared by the PPO-clipped losses."""
-    from opdlm.registry import ConfigError
-
-    if not clip_eps > 0:
-        raise ConfigError(f"clip_eps: must be > 0, got {clip_eps}")
-    if dual_clip is not None and not dual_clip > 1:
-        raise ConfigError(f"dual_clip: must be > 1 (or null), got {dual_clip}")

@@ -7,12 +7,14 @@ Options: gamma in [0, 1], clip_eps, dual_clip. Reads token log-probs; output tok
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
-from opdlm.ops.pg import check_clip_options, ppo_token_loss
+from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES, Range
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
@@ -32,10 +34,8 @@ class DiscountedPG(Loss):
 
     reads = Reads.of("token_logprob")
 
-    def __init__(self, *, gamma: float = 0.0, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
-        if not 0.0 <= gamma <= 1.0:
-            raise ConfigError(f"gamma: must be in [0, 1], got {gamma}")
-        check_clip_options(clip_eps, dual_clip)
+    def __init__(self, *, gamma: Annotated[float, Range(ge=0, le=1)] = 0.0, clip_eps: ClipEps = 0.2,
+                 dual_clip: DualClip = 3.0) -> None:
         self.gamma, self.clip_eps, self.dual_clip = gamma, clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:

@@ -6,11 +6,13 @@ clip_eps, dual_clip. Reads token log-probs, teacher entropy, support logits; out
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from opdlm.ops.kl import support_forward_kl
-from opdlm.ops.pg import check_clip_options, ppo_token_loss
+from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES, Range
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
@@ -20,13 +22,8 @@ class EntropyAware(Loss):
 
     reads = Reads.of("token_logprob", "support_logits", "lse", teacher=("entropy",))
 
-    def __init__(self, *, alpha: float = 1.0, tau: float = 0.8, clip_eps: float = 0.2,
-                 dual_clip: float | None = 3.0) -> None:
-        if alpha < 0:
-            raise ConfigError(f"alpha: must be >= 0, got {alpha}")
-        if tau < 0:
-            raise ConfigError(f"tau: must be >= 0, got {tau}")
-        check_clip_options(clip_eps, dual_clip)
+    def __init__(self, *, alpha: Annotated[float, Range(ge=0)] = 1.0, tau: Annotated[float, Range(ge=0)] = 0.8,
+                 clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
         self.alpha, self.tau, self.clip_eps, self.dual_clip = alpha, tau, clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:

@@ -9,6 +9,7 @@ Options: beta in [0, 1], full. Reads Scores.support_logits; output [B, T]."""
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from torch import Tensor
 from opdlm.ops.kl import masked_log_softmax, masked_sum
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES, Range
 from opdlm.types import LossInputs, LossOutput
 
 
@@ -25,9 +26,7 @@ class JSD(Loss):
     """Generalised JSD with mixture weight beta (0 = forward KL, 1 = reverse KL) on the support."""
 
 
-    def __init__(self, *, beta: float = 0.5, full: bool = False) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ConfigError(f"beta: must be in [0, 1], got {beta}")
+    def __init__(self, *, beta: Annotated[float, Range(ge=0, le=1)] = 0.5, full: bool = False) -> None:
         self.beta = beta
         self.full = full
         self.reads = Reads.of("support_logits", vocabulary="full" if full else "support")

@@ -17,12 +17,14 @@ of both models and the rollout's behaviour log-probs; output token_loss [B, T]."
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from opdlm.ops.kl import support_reverse_kl
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES, Range
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
@@ -32,9 +34,7 @@ class TailPG(Loss):
 
     reads = Reads.of("token_logprob", "support_logits", "lse")
 
-    def __init__(self, *, max_weight: float | None = None, exact_gradient: bool = False) -> None:
-        if max_weight is not None and max_weight <= 0:
-            raise ConfigError(f"max_weight: must be > 0 or null, got {max_weight}")
+    def __init__(self, *, max_weight: Annotated[float, Range(gt=0)] | None = None, exact_gradient: bool = False) -> None:
         self.max_weight, self.exact_gradient = max_weight, exact_gradient
 
     def compute(self, inputs: LossInputs) -> LossOutput:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from opdlm.ops.kl import support_forward_kl
-from opdlm.ops.pg import check_clip_options, ppo_token_loss
+from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
@@ -28,8 +28,7 @@ class TrustRegion(Loss):
 
     reads = Reads.of("token_logprob", "support_logits", "lse")
 
-    def __init__(self, *, clip_eps: float = 0.2, dual_clip: float | None = 3.0) -> None:
-        check_clip_options(clip_eps, dual_clip)
+    def __init__(self, *, clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
         self.clip_eps, self.dual_clip = clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:

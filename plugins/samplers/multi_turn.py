@@ -25,6 +25,7 @@ from torch import nn
 from opdlm.conversation import Conversation
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS, ConfigError
+from opdlm.rollouts import Count, Nucleus, Temperature
 from opdlm.types import Example, Outcome, Rollout
 
 
@@ -34,7 +35,7 @@ class MultiTurn(Sampler):
 
     multi_turn = True
 
-    def __init__(self, *, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 16, n: int = 4,
+    def __init__(self, *, temperature: Temperature = 1.0, top_p: Nucleus = 0.9, max_new_tokens: Count = 16, n: Count = 4,
                  max_turns: int = 8, max_context: int = 1024) -> None:
         # each action is one top_p sample (its option checks, its rule, its behaviour log-probs)
         self.turn = SAMPLERS.build({"name": "top_p", "temperature": temperature, "top_p": top_p,

@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS
-from opdlm.rollouts import build_rollout, check_sampling, left_pad, require_eos
+from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, left_pad, require_eos
 from opdlm.types import Example, Rollout
 
 
@@ -68,9 +68,8 @@ class _Recorder(LogitsProcessor):
 class TopP(Sampler):
     """Nucleus sampling with temperature via HF generate (KV cache); records behaviour log-probs."""
 
-    def __init__(self, *, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 64,
-                 n: int = 4) -> None:
-        check_sampling(temperature, top_p, max_new_tokens, n)
+    def __init__(self, *, temperature: Temperature = 1.0, top_p: Nucleus = 0.9, max_new_tokens: Count = 64,
+                 n: Count = 4) -> None:
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
 
     def bind(self, ctx: Context) -> None:

@@ -31,15 +31,15 @@ import os
 import random
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import numpy
 import torch
 from torch import nn
 
 from opdlm.plugin_api import Context, Sampler
-from opdlm.registry import SAMPLERS, ConfigError
-from opdlm.rollouts import build_rollout, check_sampling, left_pad, require_eos
+from opdlm.registry import SAMPLERS, ConfigError, Range
+from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, left_pad, require_eos
 from opdlm.types import Example, Rollout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -175,15 +175,11 @@ class VLLM(Sampler):
 
     single_process = True  # one engine per process is not supported yet: its distributed start hangs under DDP
 
-    def __init__(self, *, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 64, n: int = 4,
-                 memory_fraction: float = 0.3, kv_cache_gib: float = 0.0, sleep: bool = True,
+    def __init__(self, *, temperature: Temperature = 1.0, top_p: Nucleus = 0.9, max_new_tokens: Count = 64, n: Count = 4,
+                 memory_fraction: Annotated[float, Range(gt=0, le=1)] = 0.3,
+                 kv_cache_gib: Annotated[float, Range(ge=0, note="0 = sized from memory_fraction")] = 0.0, sleep: bool = True,
                  dtype: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
                  max_model_len: int = 0) -> None:
-        check_sampling(temperature, top_p, max_new_tokens, n)
-        if not 0.0 < memory_fraction <= 1.0:
-            raise ConfigError(f"memory_fraction: must be in (0, 1], got {memory_fraction}")
-        if kv_cache_gib < 0:
-            raise ConfigError(f"kv_cache_gib: must be >= 0 (0 = sized from memory_fraction), got {kv_cache_gib}")
         if dtype not in DTYPES:
             raise ConfigError(f"dtype: unknown dtype '{dtype}'; choices: {', '.join(DTYPES)}")
         if max_num_seqs < 1:

@@ -5,10 +5,12 @@ Output ids [B, T, max_k] with a validity mask."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 
 from opdlm.plugin_api import Context, SupportSelector, check_support_size
-from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.registry import SUPPORTS, ConfigError, Range
 from opdlm.types import Rollout, Scores, Support, TeacherView
 
 
@@ -16,9 +18,7 @@ from opdlm.types import Rollout, Scores, Support, TeacherView
 class TeacherTopP(SupportSelector):
     """The teacher's nucleus (top-p) tokens, between min_k and max_k of them."""
 
-    def __init__(self, *, p: float = 0.95, min_k: int = 2, max_k: int = 64) -> None:
-        if not 0.0 < p <= 1.0:
-            raise ConfigError(f"p: must be in (0, 1], got {p}")
+    def __init__(self, *, p: Annotated[float, Range(gt=0, le=1)] = 0.95, min_k: int = 2, max_k: int = 64) -> None:
         if min_k < 1:
             raise ConfigError(f"min_k: must be >= 1, got {min_k}")
         if max_k < min_k:

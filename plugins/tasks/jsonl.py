@@ -26,10 +26,10 @@ import re
 import threading
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from opdlm.plugin_api import Task
-from opdlm.registry import TASKS, ConfigError
+from opdlm.registry import TASKS, ConfigError, Range
 from opdlm.types import Example
 
 
@@ -90,6 +90,7 @@ TEMPLATES = {
             "within \\boxed{}.",
 }
 VERIFIERS = ("boxed", "math_verify")
+SplitShare = Annotated[float, Range(ge=0, lt=1)]  # the share of the rows a split takes
 
 
 def _math_verify():  # noqa: ANN202 - the module
@@ -111,7 +112,7 @@ class JsonlTask(Task):
 
     def __init__(self, *, path: str = "", prompt_field: str = "prompt", answer_field: str = "answer",
                  solution_field: str | None = None, split_field: str | None = None,
-                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                 val_fraction: SplitShare = 0.1, test_fraction: SplitShare = 0.1, seed: int = 0,
                  verifier: str = "boxed", template: str = "{prompt}", benchmarks: dict[str, str] | None = None) -> None:
         if verifier not in VERIFIERS:
             raise ConfigError(f"verifier: must be one of {', '.join(VERIFIERS)}, got {verifier!r}")
@@ -129,9 +130,6 @@ class JsonlTask(Task):
         self._parsed: dict[str, list[Any]] = {}
         if not path:
             raise ConfigError("path: the jsonl task needs the path of a local .jsonl file")
-        for k, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 <= v < 1.0:
-                raise ConfigError(f"{k}: must be in [0, 1), got {v}")
         if val_fraction + test_fraction >= 1.0:
             raise ConfigError(f"val_fraction: val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
         self.path = Path(path)
