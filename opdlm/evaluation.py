@@ -14,6 +14,7 @@ from opdlm.build import BuiltRun
 from opdlm.dist import step_seed
 from opdlm.guard import check_checkpoint
 from opdlm.models import render_prompt
+from opdlm.optim import OPTIMIZER_KEYS, retune
 from opdlm.types import Example
 
 #: numbers that keep the seeds of the evaluation splits apart from the training stages' seeds
@@ -184,8 +185,10 @@ class GenerationEval(L.LightningModule):
         guard = getattr(self, "guard", None)
         if guard is not None:  # a checkpoint never holds non-finite weights (opdlm.guard)
             check_checkpoint(checkpoint, guard.stage, self.device)
-        checkpoint["opdlm"] = {"fingerprint": self.fingerprint, "batches_done": self.batches_done,
-                               **({"nonfinite": guard.state()} if guard is not None else {})}
+        checkpoint["opdlm"] = {"fingerprint": self.fingerprint, "frame": getattr(self, "frame", ""),
+                               "batches_done": self.batches_done,
+                               **({"nonfinite": guard.state(),
+                                   "optimizer": {k: self.stage[k] for k in OPTIMIZER_KEYS}} if guard is not None else {})}
         if getattr(self, "saving_mid_step", False):  # a stop's checkpoint (opdlm.guard), written inside a step:
             # Lightning resumes such a checkpoint with its logging step one ahead (it counts the batch as
             # stepped, as if the checkpoint were written at the batch's end); this batch was not stepped
@@ -196,6 +199,7 @@ class GenerationEval(L.LightningModule):
         self.batches_done = int(meta.get("batches_done", 0))
         if getattr(self, "guard", None) is not None:
             self.guard.load(meta.get("nonfinite", {}))
+            retune(checkpoint, self.stage)  # the stage's optimizer keys as configured now (opdlm.optim.retune)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.val_every or self.batches_done % self.val_every:

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from opdlm.optim import OPTIMIZER_KEYS
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAGES = ("teacher_sft", "student_sft", "opd")
 
@@ -98,10 +100,14 @@ def _hashed(node: Any) -> Any:
     return out
 
 
-def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True) -> str:
+def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, frame: bool = False) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
-    leaves the code out (what a run folder's result was made with, as configuration)."""
+    leaves the code out (what a run folder's result was made with, as configuration); ``frame=True``
+    leaves the stage's optimizer keys out (what a stage stopped by a non-finite step may continue
+    under: opdlm.guard)."""
     stages = {k: _hashed(v) for k, v in cfg["stages"].items()}
+    if frame:
+        stages[stage] = {k: v for k, v in stages[stage].items() if k not in OPTIMIZER_KEYS}
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"],
                              **({"tasks": [_hashed(e) for e in cfg["tasks"]]} if cfg.get("tasks") else {}),
                              "data": cfg["data"], "teacher": cfg["teacher"],

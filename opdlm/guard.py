@@ -20,6 +20,7 @@ safetensors file at ``--check``) and a checkpoint to resume from.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from opdlm import dist
+from opdlm.optim import OPTIMIZER_KEYS
 
 MODES = ("stop", "skip")
 
@@ -54,16 +56,26 @@ def first_nonfinite(named: Iterable[tuple[str, Any]]) -> str | None:
     return None
 
 
+STOPPED = "stopped.json"  # next to a stage's last.ckpt: the stage stopped on a non-finite step
+
+
 class StepGuard:
     """The non-finite policy of one stage's optimizer steps (``stages.<stage>.nonfinite`` and
-    ``nonfinite_skips``) and its counts, which checkpoints keep."""
+    ``nonfinite_skips``) and its counts, which checkpoints keep. ``key``: where the stage's keys
+    live (``stages.teacher_sft``, or ``tasks.1.teacher_sft`` for a task's own teacher); ``label``:
+    the task, for a task's own teacher."""
 
-    def __init__(self, stage: str, node: Mapping[str, Any]) -> None:
+    def __init__(self, stage: str, node: Mapping[str, Any], key: str = "", label: str = "") -> None:
         self.stage, self.steps = stage, int(node["steps"])
         self.mode, self.limit = node["nonfinite"], int(node["nonfinite_skips"])
+        self.key, self.label = key or f"stages.{stage}", label
         self.skipped = 0  # steps skipped in this stage
         self.in_a_row = 0  # skipped since the last applied step
         self.calls = 0  # steps checked (the step number outside a fit)
+
+    @property
+    def title(self) -> str:
+        return f"stage {self.stage}" + (f" (task {self.label})" if self.label else "")
 
     def state(self) -> dict[str, int]:
         return {"skipped": self.skipped, "in_a_row": self.in_a_row}
@@ -73,11 +85,10 @@ class StepGuard:
 
     def check(self, step: int, grad_norm: Tensor, loss: Tensor, loss_name: str = "the loss",
               terms: Mapping[str, Tensor] | None = None) -> bool:
-        """True: apply the update; False: skip it (mode skip). Raises NonFiniteError (without the
-        checkpoint sentence, which guarded_step adds) to stop. ``terms``: a sum's terms by name, the
-        same names in the same order on every rank. Every rank takes the same decision (one
-        all-reduce of the finiteness flags); the message names the terms that are not finite, else
-        the loss, else the gradient norm."""
+        """True: apply the update; False: skip it (mode skip). Raises NonFiniteStop to stop. ``terms``:
+        a sum's terms by name, the same names in the same order on every rank. Every rank takes the
+        same decision (one all-reduce of the finiteness flags); the message names the terms that are
+        not finite, else the loss, else the gradient norm."""
         self.calls += 1
         terms = dict(terms or {})
         values = [*terms.values(), loss, grad_norm]
@@ -93,15 +104,26 @@ class StepGuard:
         first = [b for b in bad if b[0] in terms] or bad[:1]  # the most specific: the terms, the loss, the gradient
         what = ", ".join(f"{name} is {'nan' if nan and not inf else 'inf' if inf and not nan else 'nan or inf'}"
                          for name, nan, inf in first)
-        where = f"stage {self.stage}, optimizer step {step} of {self.steps}: {what}"
+        where = f"{self.title}, optimizer step {step} of {self.steps}: {what}"
         if self.mode == "skip":
             self.skipped += 1
             self.in_a_row += 1
             if self.in_a_row < self.limit:
                 return False
-            raise NonFiniteError(f"{where}; that is {self.in_a_row} skipped steps in a row (stages.{self.stage}."
-                                 f"nonfinite_skips = {self.limit}), so the run stops; the weights were not updated")
-        raise NonFiniteError(f"{where}; the weights were not updated")
+            raise NonFiniteStop(f"{where}; that is {self.in_a_row} skipped steps in a row ({self.key}.nonfinite_skips "
+                                f"= {self.limit}), so the run stops; the weights were not updated",
+                                f"a larger {self.key}.nonfinite_skips", step)
+        raise NonFiniteStop(f"{where}; the weights were not updated", f"{self.key}.nonfinite=skip (drop such steps)",
+                            step)
+
+
+class NonFiniteStop(NonFiniteError):
+    """A step that the guard stops at: the message, the change that lets the same command go on
+    (``hint``), and the optimizer step (1-based)."""
+
+    def __init__(self, message: str, hint: str, step: int) -> None:
+        super().__init__(message)
+        self.hint, self.step = hint, step
 
 
 def clip_gradients(module: Any, parameters: Iterable[Tensor], max_norm: float | None) -> Tensor:
@@ -116,21 +138,24 @@ def clip_gradients(module: Any, parameters: Iterable[Tensor], max_norm: float | 
 
 def guarded_step(module: Any, optimizer: Any, scheduler: Any, parameters: Iterable[Tensor],
                  max_norm: float | None, loss: Tensor, loss_name: str = "the loss",
-                 terms: Mapping[str, Tensor] | None = None) -> Tensor:
+                 terms: Mapping[str, Tensor] | None = None, batch_start: bool = True) -> Tensor:
     """One optimizer step of ``module`` (which holds a StepGuard as ``guard``), after its backward
     passes: clip, check (StepGuard.check: ``loss`` is this rank's loss of the step, ``terms`` a sum's
     terms), then step (or skip, or stop), zero the gradients and step the schedule. Returns the
-    gradient norm before clipping."""
+    gradient norm before clipping. ``batch_start``: the step is the first of its batch (a later
+    mini-batch of a rollout batch cannot be resumed from alone, so a stop there writes no checkpoint)."""
     params = list(parameters)
     norm = clip_gradients(module, params, max_norm)
     guard: StepGuard = module.guard
     trainer = module._trainer
     step = trainer.global_step + 1 if trainer is not None else guard.calls + 1
+    before = guard.state()
     try:
         apply = guard.check(step, norm, loss, loss_name, terms)
-    except NonFiniteError as e:
+    except NonFiniteStop as e:
         optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(f"{e}. {_how_to_continue(module, guard.stage)}") from None
+        guard.load(before)  # the checkpoint holds the state before this step: it is taken again on resume
+        raise NonFiniteError(f"{e}. {_how_to_continue(module, e, batch_start)}") from None
     if not apply:  # the optimizer skips parameters without a gradient: nothing of this step is applied
         optimizer.zero_grad(set_to_none=True)
     optimizer.step()
@@ -140,21 +165,32 @@ def guarded_step(module: Any, optimizer: Any, scheduler: Any, parameters: Iterab
     return norm
 
 
-def _how_to_continue(module: Any, stage: str) -> str:
-    """Write the stop checkpoint (the weights before the step that failed) and say how to go on."""
-    trainer = module._trainer
+def _how_to_continue(module: Any, stop: NonFiniteStop, batch_start: bool) -> str:
+    """Write the stop's checkpoint (the weights before the step that failed) and the marker that
+    lets a changed config continue from it; say how to go on."""
+    trainer, guard = module._trainer, module.guard
     cb = trainer.checkpoint_callback if trainer is not None else None
     if cb is None or not cb.dirpath:
         return "No checkpoint is kept (run.checkpoints is off), so the same command starts the stage again"
     path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-    module.saving_mid_step = True
-    try:
-        trainer.save_checkpoint(str(path), weights_only=False)
-    finally:
-        module.saving_mid_step = False
-    return (f"{path} holds the weights from before this step: the same command with stages.{stage}.nonfinite=skip "
-            f"continues from it and skips such steps; a change to the stage's training config (e.g. a lower "
-            f"stages.{stage}.lr) starts the stage again from step 0")
+    if batch_start:
+        module.saving_mid_step = True
+        try:
+            trainer.save_checkpoint(str(path), weights_only=False)
+        finally:
+            module.saving_mid_step = False
+        held = f"{path} holds the weights from before this step"
+    elif path.is_file():
+        held = (f"the step is a later mini-batch of its rollout batch ({guard.key}.mini_batches), which no checkpoint "
+                f"can split; {path} holds the weights of the last checkpoint before it")
+    else:
+        return (f"The step is a later mini-batch of its rollout batch ({guard.key}.mini_batches) and no checkpoint was "
+                f"written before it (run.checkpoint_every), so the same command starts the stage again")
+    if dist.is_main():
+        (path.parent / STOPPED).write_text(json.dumps({"step": stop.step, "message": str(stop)}))
+    dist.barrier()
+    return (f"{held}: the same command continues from it with {stop.hint}, or with other optimizer settings of the "
+            f"stage ({guard.key}.{', '.join(OPTIMIZER_KEYS)})")
 
 
 def check_checkpoint(checkpoint: Mapping[str, Any], stage: str, device: torch.device) -> None:

@@ -197,7 +197,7 @@ class OPDModule(GenerationEval):
         all_sum = dist.all_sum if world > 1 else (lambda x: x)
         terms = {f"loss.terms.{i} ({part.plugin_name})": f"{i}_{part.plugin_name}/loss"
                  for i, part in enumerate(self.built.loss.parts())}  # weighted_sum's terms, named in a stop
-        for rows in mini_batch_rows(rollout.input_ids.shape[0], st["mini_batches"]):
+        for m, rows in enumerate(mini_batch_rows(rollout.input_ids.shape[0], st["mini_batches"])):
             weights, denominator = aggregation(mask[rows.to(mask.device)], st["loss_aggregation"],
                                                norm_length=self.norm_length, all_sum=all_sum)
             loss, term_losses = torch.zeros((), device=self.device), {name: torch.zeros((), device=self.device) for name in terms}
@@ -214,7 +214,7 @@ class OPDModule(GenerationEval):
                     logs.setdefault(k, []).append(v)
             logs.setdefault("grad_norm", []).append(guarded_step(
                 self, opt, sched, self.student.parameters(), st["max_grad_norm"], loss,
-                f"the loss ({self.built.loss.plugin_name})", term_losses))
+                f"the loss ({self.built.loss.plugin_name})", term_losses, batch_start=m == 0))
         if sched is not None:
             logs["lr"] = [torch.tensor(sched.get_last_lr()[0])]
         if self.guard.mode == "skip":

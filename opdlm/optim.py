@@ -26,6 +26,28 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
+#: the keys of a stage node that set its optimizer and schedule (a stage stopped by a non-finite step
+#: continues from its checkpoint when only these, and the nonfinite keys, changed: opdlm.guard)
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "max_grad_norm")
+
+
+def retune(checkpoint: dict[str, Any], st: dict[str, Any]) -> None:
+    """Give a checkpoint's optimizer and schedule states the stage's current settings (lr, betas, eps,
+    weight decay; the schedule's base rate and the rate of its current step), so that a stage that
+    continues from it under changed optimizer keys trains with the new ones. For a checkpoint of the
+    same settings it writes back the values it holds."""
+    scheds = checkpoint.get("lr_schedulers") or []
+    done = int(scheds[0].get("last_epoch", 0)) if scheds else 0
+    rate = st["lr"] * lr_lambda(st["warmup_steps"], st["steps"], st["schedule"])(done)
+    for opt in checkpoint.get("optimizer_states") or []:
+        for group in opt.get("param_groups", []):
+            group.update(lr=rate, initial_lr=st["lr"], betas=tuple(st["betas"]), eps=st["eps"],
+                         weight_decay=st["weight_decay"])
+    for sched in scheds:
+        n = len(sched.get("base_lrs", [])) or 1
+        sched.update(base_lrs=[st["lr"]] * n, _last_lr=[rate] * n)
+
+
 def make_optimizer(module: L.LightningModule, params: Any, st: dict[str, Any]) -> Any:
     opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=tuple(st["betas"]),
                             eps=st["eps"])

@@ -41,9 +41,10 @@ from opdlm.config import to_yaml
 from opdlm.data import TaskData
 from opdlm.evaluation import evaluate
 from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint, vocab_digest
-from opdlm.guard import NonFiniteError, first_nonfinite
+from opdlm.guard import STOPPED, NonFiniteError, first_nonfinite
 from opdlm.models import load_or_build, load_weights, n_params, save_hf
 from opdlm.module import OPDModule
+from opdlm.optim import OPTIMIZER_KEYS
 from opdlm.sft import SFTModule
 from opdlm.trainer import trainer_kwargs
 
@@ -175,6 +176,7 @@ class Runner:
         self.log: Callable[[str], None] = print if self.main else (lambda _msg: None)
         self.current = ""  # the stage running now (for messages about an interruption)
         self.tag = ""  # a multi-task run's per-task teacher runner: the task's label (folder names)
+        self.task_key = ""  # and the prefix of its keys ("tasks.1.")
 
     def _name(self, stage: str) -> str:
         """The folder name of a stage's logs, checkpoints and rollouts."""
@@ -186,12 +188,17 @@ class Runner:
         L.seed_everything(self.cfg["run"]["seed"] + 1000 * STAGES.index(stage), workers=True, verbose=False)
 
     # -- decisions rank 0 takes ----------------------------------------------------------------
-    def _resume_point(self, stage: str, fp: str) -> str | None:
-        """The stage's last checkpoint if it was written for this fingerprint; any other is set
-        aside (renamed), with the reason."""
+    def _resume_point(self, stage: str, fp: str, frame: str = "", shared: bool = False) -> tuple[str | None, dict | None]:
+        """The stage's last checkpoint if it was written for this fingerprint, or (the stage stopped on
+        a non-finite step) for this config with other optimizer keys (then also what continues: the
+        step and the keys that changed, for stage.json); any other is set aside (renamed), with the
+        reason. ``frame``: the fingerprint without the stage's optimizer keys; ``shared``: the stage's
+        folder is in run.stage_cache, which keeps only results of one config (no continuing there)."""
         path = checkpoint_dir(self.run_dir, self._name(stage)) / "last.ckpt"
+        stopped = path.parent / STOPPED
         if not self.cfg["run"]["checkpoints"] or not path.is_file():
-            return None
+            return None, None
+        continued = None
         try:
             ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
             meta = ck.get("opdlm", {})
@@ -203,16 +210,26 @@ class Runner:
         else:
             reason = None if meta.get("fingerprint") == fp else (
                 f"written for another config or code (fingerprint {meta.get('fingerprint') or 'none'}, now {fp})")
+            if reason and stopped.is_file() and frame and meta.get("frame") == frame and not shared:
+                old, new = meta.get("optimizer", {}), {k: self.cfg["stages"][stage][k] for k in OPTIMIZER_KEYS}
+                changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
+                continued, reason = {"from_fingerprint": meta.get("fingerprint"), "at_step": step, "changed": changed}, None
             if bad:
                 reason = f"its weights hold non-finite values ({bad})"
         if reason is None:
-            self.log(f"[opdlm] stage {stage}: resuming from {path} (optimizer step {step})")
-            return str(path)
+            if continued is None:
+                self.log(f"[opdlm] stage {stage}: resuming from {path} (optimizer step {step})")
+            else:
+                diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in continued["changed"].items())
+                self.log(f"[opdlm] stage {stage}: continuing the stage stopped on a non-finite step from {path} "
+                         f"(optimizer step {step}) with other optimizer settings ({diff})")
+            return str(path), continued
         aside = path.with_name(f"last.ckpt.{time.strftime('%Y%m%d-%H%M%S')}.set-aside")
         path.rename(aside)
+        stopped.unlink(missing_ok=True)
         self.log(f"[opdlm] stage {stage}: not resuming from {path}: {reason}; moved to {aside.name}, "
                  f"the stage starts from step 0")
-        return None
+        return None, None
 
     # -- one stage ------------------------------------------------------------------------------
     def _stage(self, stage: str, folder: Path, build: Callable[[], L.LightningModule], model_of: Callable[[Any], nn.Module],
@@ -262,13 +279,17 @@ class Runner:
         tmp = Path(dist.broadcast(str(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))))
         if self.main:
             remove_stale(folder)
-        ckpt = dist.broadcast(self._resume_point(stage, fp) if self.main else None)
+        frame = fingerprint(self.cfg, stage, self.built, frame=True)
+        ckpt, continued = dist.broadcast(self._resume_point(stage, fp, frame, shared=folder.parent != self.run_dir)
+                                         if self.main else None)
         if self.main and ckpt is None:
             shutil.rmtree(self.run_dir / "logs" / self._name(stage), ignore_errors=True)  # this stage is computed anew
         dist.barrier()
         self._seed(stage)
         module = build()
-        module.fingerprint = fp
+        module.fingerprint, module.frame = fp, frame
+        if self.tag:  # a task's own teacher: its keys and label in the guard's messages
+            module.guard.key, module.guard.label = f"{self.task_key}teacher_sft", self.tag
         module.rollout_dir = self.run_dir / "rollouts" / self._name(stage) if self.main else None
         data = _data(self.built, self.cfg, stage, spec, start=lambda: module.batches_done)
         trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every, name=self._name(stage))
@@ -282,10 +303,12 @@ class Runner:
                 if trainer.interrupted:
                     raise RunInterrupted(self._interrupted(stage, trainer.global_step, steps)) from None
                 raise
+        if self.main:
+            (checkpoint_dir(self.run_dir, self._name(stage)) / STOPPED).unlink(missing_ok=True)
         skipped = module.guard.skipped
         if skipped:
             self.log(f"[opdlm] stage {stage}: {skipped} optimizer steps were skipped (a non-finite loss or gradient; "
-                     f"stages.{stage}.nonfinite=skip)")
+                     f"{module.guard.key}.nonfinite=skip)")
         model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0, stage=stage)
         t1 = time.time()
         metrics = evaluate(model, spec.tokenizer, self.built, self.cfg, spec.node["chat_template"], "test",
@@ -293,7 +316,8 @@ class Runner:
         t2 = time.time()
         info = {"stage": stage, "fingerprint": fp, "train_seconds": round(t1 - t0, 3),
                 "evaluations": {efp: {"test": metrics, "seconds": round(t2 - t1, 3)}},
-                "params": n_params(model), "processes": dist.world(), **({"skipped_steps": skipped} if skipped else {})}
+                "params": n_params(model), "processes": dist.world(), **({"skipped_steps": skipped} if skipped else {}),
+                **({"continued": continued} if continued else {})}
         if self.main:
             info["files"] = file_digests(tmp)
             write_json(tmp / "stage.json", info)
@@ -363,7 +387,7 @@ class Runner:
         out = {}
         for i, (label, run) in enumerate((self.built.tasks or {}).items()):
             out[label] = Runner(task_config(self.cfg, i), built=run)
-            out[label].tag = label
+            out[label].tag, out[label].task_key = label, f"tasks.{i}."
         return out
 
     def _teachers(self) -> dict[str, Any]:

@@ -176,9 +176,9 @@ class LossOutput:
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over ``mask`` (0 when the mask is empty)."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp_min(1.0)
+    """Mean of ``x`` over ``mask`` (0 when the mask is empty); values outside the mask are never read
+    (a NaN there does not make the mean NaN)."""
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().to(x.dtype).clamp_min(1.0)
 
 
 def empty_like_mask(mask: Tensor) -> Tensor:

@@ -276,9 +276,9 @@ def test_a_nan_at_step_three_stops_there_and_skip_continues_from_the_checkpoint(
     ckpt = tmp_path / "a" / "demo" / "checkpoints" / "opd" / "last.ckpt"
     assert last_line(stopped.stderr) == (
         f"opdlm: non-finite: stage opd, optimizer step 3 of 6: the loss (nan_at) is nan; the weights were not updated. "
-        f"{ckpt} holds the weights from before this step: the same command with stages.opd.nonfinite=skip continues "
-        f"from it and skips such steps; a change to the stage's training config (e.g. a lower stages.opd.lr) starts "
-        f"the stage again from step 0")
+        f"{ckpt} holds the weights from before this step: the same command continues from it with "
+        f"stages.opd.nonfinite=skip (drop such steps), or with other optimizer settings of the stage "
+        f"(stages.opd.lr, betas, eps, weight_decay, warmup_steps, schedule, max_grad_norm)")
     assert "Traceback" not in stopped.stderr
     ck = torch.load(ckpt, weights_only=False)
     assert ck["global_step"] == 2 and ck["opdlm"]["batches_done"] == 2
@@ -290,6 +290,7 @@ def test_a_nan_at_step_three_stops_there_and_skip_continues_from_the_checkpoint(
     assert f"stage opd: resuming from {ckpt} (optimizer step 2)" in resumed.stdout
     assert "stage opd: 1 optimizer steps were skipped" in resumed.stdout
     assert json.loads((tmp_path / "a" / "demo" / "student" / "stage.json").read_text())["skipped_steps"] == 1
+    assert not (ckpt.parent / "stopped.json").exists()  # the stage finished: nothing to continue any more
 
     whole = run_cli(tmp_path / "b", loss, "stages.opd.nonfinite=skip")  # the same, never stopped
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -325,9 +326,84 @@ def test_a_term_and_a_gradient_are_named(tmp_path):
     assert last_line(res.stderr) == (
         "opdlm: non-finite: stage opd, optimizer step 2 of 6: loss.terms.1 (nan_at) is nan; the weights were not "
         "updated. No checkpoint is kept (run.checkpoints is off), so the same command starts the stage again")
+    nan_outside = tmp_path / "p"  # a term that is NaN only where it does not count: the step is finite
+    nan_outside.mkdir()
+    (nan_outside / "nan_outside.py").write_text(
+        "import torch\nfrom opdlm.plugin_api import Loss\nfrom opdlm.registry import LOSSES\n"
+        "from opdlm.types import LossOutput\n\n\n@LOSSES.register('nan_outside')\nclass NanOutside(Loss):\n"
+        "    def __init__(self):\n        self.inner = LOSSES.build({'name': 'lsm'})\n        self.reads = self.inner.reads\n\n"
+        "    def compute(self, inputs):\n        out = self.inner.compute(inputs)\n"
+        "        return LossOutput(token_loss=torch.where(inputs.mask, out.token_loss, float('nan')))\n")
+    res = run_cli(tmp_path / "o", f"plugin_paths=[{PLUGINS},{nan_outside}]",
+                  "loss={name: weighted_sum, terms: [{name: lsm}, {name: nan_outside}]}", "run.checkpoints=false")
+    assert res.returncode == 0, res.stderr[-3000:]
     res = run_cli(tmp_path / "g", "loss={name: nan_at, steps: [1], where: gradient}")
     assert res.returncode == 1, res.stderr[-3000:]
     assert "stage opd, optimizer step 1 of 6: the gradient norm is nan; the weights were not updated." in res.stderr
+
+
+@pytest.mark.slow
+def test_a_stop_in_a_later_mini_batch_continues_from_the_last_batch(tmp_path):
+    """With 2 mini-batches per rollout batch a stop in the second one cannot be checkpointed (the first one's update
+    is in the weights); the last checkpoint (end of rollout batch 1) is named, and continuing from it with skip gives
+    the run that skipped from the start."""
+    loss = "loss={name: nan_at, steps: [2], call: 2}"
+    mb = ["stages.opd.mini_batches=2", "run.checkpoint_every=1"]
+    stopped = run_cli(tmp_path / "a", loss, *mb)
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    ckpt = tmp_path / "a" / "demo" / "checkpoints" / "opd" / "last.ckpt"
+    assert last_line(stopped.stderr).startswith(
+        "opdlm: non-finite: stage opd, optimizer step 4 of 6: the loss (nan_at) is nan; the weights were not updated. "
+        f"the step is a later mini-batch of its rollout batch (stages.opd.mini_batches), which no checkpoint can split; "
+        f"{ckpt} holds the weights of the last checkpoint before it: the same command continues from it with")
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 2
+    resumed = run_cli(tmp_path / "a", loss, *mb, "stages.opd.nonfinite=skip")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {ckpt} (optimizer step 2)" in resumed.stdout
+    whole = run_cli(tmp_path / "b", loss, *mb, "stages.opd.nonfinite=skip")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = student(tmp_path / "a"), student(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_skips_in_a_row_stop_and_a_larger_limit_continues(tmp_path):
+    loss = "loss={name: nan_at, steps: [3, 4]}"
+    stopped = run_cli(tmp_path, loss, "stages.opd.nonfinite=skip", "stages.opd.nonfinite_skips=2")
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert "optimizer step 4 of 6: the loss (nan_at) is nan; that is 2 skipped steps in a row" in stopped.stderr
+    assert "continues from it with a larger stages.opd.nonfinite_skips, or with" in stopped.stderr
+    ck = torch.load(tmp_path / "demo" / "checkpoints" / "opd" / "last.ckpt", weights_only=False)
+    assert ck["global_step"] == 3 and ck["opdlm"]["nonfinite"] == {"skipped": 1, "in_a_row": 1}  # before step 4
+    again = run_cli(tmp_path, loss, "stages.opd.nonfinite=skip", "stages.opd.nonfinite_skips=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage opd: 2 optimizer steps were skipped" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_stopped_stage_continues_with_other_optimizer_settings(tmp_path):
+    """The issue's promise: after a stop, the same command with a changed optimizer key (a lower lr) continues from
+    the stop's checkpoint, trains with the new settings, and says so in stage.json; any other change starts over."""
+    loss = "loss={name: nan_at, steps: [3]}"
+    assert run_cli(tmp_path / "a", loss).returncode == 1
+    ckpt = tmp_path / "a" / "demo" / "checkpoints" / "opd" / "last.ckpt"
+    lower = ["stages.opd.lr=0.0003", "stages.opd.betas=[0.8, 0.99]", "stages.opd.nonfinite=skip"]
+    res = run_cli(tmp_path / "a", loss, *lower)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (f"stage opd: continuing the stage stopped on a non-finite step from {ckpt} (optimizer step 2) with other "
+            f"optimizer settings (lr: 0.0006 -> 0.0003, betas: [0.9, 0.98] -> [0.8, 0.99])") in res.stdout
+    info = json.loads((tmp_path / "a" / "demo" / "student" / "stage.json").read_text())
+    assert info["continued"]["at_step"] == 2 and set(info["continued"]["changed"]) == {"lr", "betas"}
+    final = torch.load(ckpt, weights_only=False)
+    group = final["optimizer_states"][0]["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.0003) and tuple(group["betas"]) == (0.8, 0.99)
+    fresh = run_cli(tmp_path / "b", loss, *lower)  # the new settings from step 0: another student
+    assert fresh.returncode == 0
+    a, b = student(tmp_path / "a"), student(tmp_path / "b")
+    assert any(not torch.equal(a[k], b[k]) for k in b)
+    assert run_cli(tmp_path / "c", loss).returncode == 1  # another change than the optimizer's: from step 0
+    res = run_cli(tmp_path / "c", loss, "stages.opd.nonfinite=skip", "support.k=4")
+    assert res.returncode == 0 and "not resuming from" in res.stdout and "the stage starts from step 0" in res.stdout
 
 
 # -- weights that are written or read -------------------------------------------------------------
@@ -377,9 +453,20 @@ def test_checkpoints_and_stage_folders_with_nan_weights_are_not_written_or_resum
     path = tmp_path / "demo" / "checkpoints" / "teacher_sft" / "last.ckpt"
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "global_step": 2, "opdlm": {"fingerprint": fp}}, path)
-    assert runner._resume_point("teacher_sft", fp) is None
+    assert runner._resume_point("teacher_sft", fp) == (None, None)
     aside = [p.name for p in path.parent.iterdir()]
     assert len(aside) == 1 and aside[0].startswith("last.ckpt.") and aside[0].endswith(".set-aside")
+    # a stopped stage continues under other optimizer keys, except in a shared stage cache
+    fine = SFTModule(cfg, "teacher", built=built, model=built.teacher.build(1)).state_dict()
+    frame = fingerprint(cfg, "teacher_sft", built, frame=True)
+    for shared, expect in ((True, None), (False, str(path))):
+        torch.save({"state_dict": fine, "global_step": 2, "opdlm": {"fingerprint": "old", "frame": frame,
+                    "optimizer": {"lr": 1.0}}}, path)
+        (path.parent / "stopped.json").write_text("{}")
+        got, continued = runner._resume_point("teacher_sft", fp, frame, shared=shared)
+        assert got == expect
+        assert (continued is None) == shared
+    assert continued["changed"]["lr"] == [1.0, cfg["stages"]["teacher_sft"]["lr"]]
 
 
 def test_the_nonfinite_policy_is_not_part_of_the_fingerprint():
