@@ -10,22 +10,14 @@ from typing import Any
 
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.guard import MODES as NONFINITE_MODES
 from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
 from opdlm.ops.aggregate import AGGREGATIONS
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
 from opdlm.reads import check_reads, probe
-from opdlm.registry import (
-    ALIGNERS,
-    LOSSES,
-    MASKERS,
-    SAMPLERS,
-    SUPPORTS,
-    TASKS,
-    ConfigError,
-    plugin_options,
-)
+from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS, plugin_options
 from opdlm.trainer import check_trainer
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from opdlm.registry import KINDS, ConfigError, PluginError
+from opdlm.errors import ConfigError, PluginError
+from opdlm.registry import KINDS
 
 HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
        python run.py report FOLDER    (pictures of a run or sweep folder, in FOLDER/report/)
@@ -21,7 +22,8 @@ Runs an on-policy distillation experiment. With no conf=, runs the embedded demo
 
 def _list() -> str:
     from opdlm.discovery import discover
-    from opdlm.registry import option_hints, plugin_options, range_of
+    from opdlm.registry import option_hints, plugin_options
+    from opdlm.schema import range_of
     discover()
     lines = []
     width = max((len(n) for reg, _ in KINDS.values() for n in reg.names()), default=10) + 2

@@ -18,8 +18,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opdlm.discovery import discover
+from opdlm.errors import ConfigError
 from opdlm.paths import CONF_DIR as _CONF_DIR
-from opdlm.registry import KINDS, ConfigError, did_you_mean, nonfinite
+from opdlm.registry import KINDS
+from opdlm.schema import did_you_mean, nonfinite
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = _CONF_DIR

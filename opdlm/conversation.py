@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from opdlm.errors import ConfigError
 from opdlm.models import render_prompt
-from opdlm.registry import ConfigError
 
 
 class Conversation:

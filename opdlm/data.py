@@ -20,9 +20,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.models import render_prompt
 from opdlm.plugin_api import Task
-from opdlm.registry import ConfigError
 from opdlm.types import Example
 
 

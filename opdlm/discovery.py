@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
 
+from opdlm.errors import ConfigError
 from opdlm.paths import PLUGINS_DIR
-from opdlm.registry import ConfigError
 
 BUILTIN_DIR = PLUGINS_DIR
 ENTRY_POINT_GROUP = "opdlm.plugins"

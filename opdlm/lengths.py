@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from opdlm.errors import ConfigError
 from opdlm.models import render_prompt
 from opdlm.plugin_api import Task
-from opdlm.registry import ConfigError
 from opdlm.types import Example
 
 SPLITS = ("train", "val", "test")

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from opdlm.registry import ConfigError
+from opdlm.errors import ConfigError
 
 PAD, EOS, UNK = "<pad>", "<|im_end|>", "<unk>"
 CHAR_SPECIALS = [PAD, EOS, UNK, "<think>", "</think>"]

@@ -22,9 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from opdlm.build import BuiltRun, build_run, check_batches, task_texts
+from opdlm.errors import ConfigError
 from opdlm.models import ModelSpec
 from opdlm.plugin_api import Episode, Task
-from opdlm.registry import TASKS, ConfigError
+from opdlm.registry import TASKS
 from opdlm.types import Example
 
 EXTRAS = ("label", "weight", "teacher", "sampler", "teacher_sft")

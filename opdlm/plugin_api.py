@@ -164,7 +164,7 @@ class Aligner(Plugin):
 
 def check_support_size(option: str, value: int, tokenizer: Any = None, side: str = "") -> None:
     """ConfigError for a support size below 1, or (with a tokenizer) above its number of ids."""
-    from opdlm.registry import ConfigError
+    from opdlm.errors import ConfigError
 
     if value < 1:
         raise ConfigError(f"{option}: must be >= 1, got {value}")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from opdlm.registry import ConfigError, PluginError
+from opdlm.errors import ConfigError, PluginError
 from opdlm.types import LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
 
 #: Scores fields a loss may read, per side

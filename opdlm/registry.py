@@ -1,197 +1,25 @@
-"""One generic registry per plugin kind, and the config error every layer raises.
+"""One generic registry per plugin kind.
 
 A plugin is a class registered under a name; a config node ``{name: lsm, k: 32}`` is turned into
 ``cls(k=32)`` after every key and value is checked against the constructor's keyword-only
-signature, so a typo fails with a one-line message before any weights load.
+signature (opdlm.schema), so a typo fails with a one-line message before any weights load.
+ConfigError, PluginError (opdlm.errors) and Range (opdlm.schema) are also importable from here.
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
-import math
-import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+from opdlm.errors import ConfigError, PluginError
+from opdlm.schema import Range, check_bounds, check_type, did_you_mean, type_name
+
+__all__ = ["ALIGNERS", "ENVIRONMENTS", "KINDS", "LOSSES", "MASKERS", "SAMPLERS", "SUPPORTS", "TASKS", "ConfigError",
+           "PluginError", "Range", "Registry", "option_hints", "plugin_options"]
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A bad configuration: one line naming where it was set, the key, the value and the choices.
-
-    ``key`` is the config key the error is about (relative to the plugin that raised it, until a
-    caller puts the node's key in front with ``under``; "" when it names a file or nothing),
-    ``detail`` the rest, and ``origin`` the file:line or "command line" that set the key (``at``).
-    The text is "origin: key: detail". An error raised as one string, "k: must be >= 1", has its
-    key read from the text once, here: a first segment without spaces, before ": "."""
-
-    def __init__(self, message: str, *, key: str | None = None, origin: str = "") -> None:
-        if key is None:
-            head, sep, rest = message.partition(": ")
-            key, message = (head, rest) if sep and head and not any(c in head for c in " /=") else ("", message)
-        self.key, self.detail, self.origin = key, message, origin
-        super().__init__(": ".join(x for x in (origin, key, message) if x))
-
-    def under(self, prefix: str) -> ConfigError:
-        """The same error with the node's key in front of its own ("support" + "k" -> "support.k"),
-        or, when it names no key of the node, with the node's key as its key."""
-        if self.key:
-            return ConfigError(self.detail, key=f"{prefix}.{self.key}", origin=self.origin)
-        return ConfigError(self.detail, key=prefix, origin=self.origin)
-
-    def at(self, origin: str) -> ConfigError:
-        """The same error, located at the file:line or command line that set its key."""
-        return ConfigError(self.detail, key=self.key, origin=origin)
-
-
-class PluginError(RuntimeError):
-    """A plugin broke its contract while running (a loss that returned no LossOutput, ...): the
-    message is one line naming the plugin and its file."""
-
-
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The bounds of a numeric option, declared in its annotation so that the config check enforces
-    them for every plugin alike, before any weights load::
-
-        def __init__(self, *, top_p: Annotated[float, Range(gt=0, le=1)] = 0.9,
-                     max_weight: Annotated[float, Range(gt=0)] | None = None) -> None:
-
-    gt / ge / lt / le: the value must be > / >= / < / <= the bound (None: no bound on that side);
-    ``note`` is said with it ("0 = no limit").
-    In a list annotation (``list[Annotated[float, Range(ge=0)]]``) it applies to every item. A float
-    option is always checked to be finite (no NaN, no ±inf), with or without a Range."""
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-    note: str = ""
-
-    def holds(self, v: float) -> bool:
-        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
-                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
-
-    def text(self) -> str:
-        """'in (0, 1]', '> 0', '>= 0 and < 1', ..."""
-        lo = (f"({_num(self.gt)}" if self.gt is not None else f"[{_num(self.ge)}") if (self.gt, self.ge) != (None, None) else None
-        hi = (f"{_num(self.lt)})" if self.lt is not None else f"{_num(self.le)}]") if (self.lt, self.le) != (None, None) else None
-        if lo and hi:
-            return f"in {lo}, {hi}"
-        if lo:
-            return f"{'>' if self.gt is not None else '>='} {lo[1:]}"
-        if hi:
-            return f"{'<' if self.lt is not None else '<='} {hi[:-1]}"
-        return "any number"
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def nonfinite(value: Any) -> bool:
-    """True for a float that is NaN or ±inf (YAML's .nan, .inf, -.inf)."""
-    return isinstance(value, float) and not math.isfinite(value)
-
-
-def check_bounds(value: Any, tp: Any, key: str) -> None:
-    """ConfigError for a value that has the right type (check_type) but is not finite or breaks a
-    declared Range; lists are checked item by item ("key.2: must be ...")."""
-    if typing.get_origin(tp) is typing.Annotated:
-        inner, *meta = typing.get_args(tp)
-        check_bounds(value, inner, key)
-        for rng in meta:
-            if isinstance(rng, Range) and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and not rng.holds(value):
-                note = f" ({rng.note})" if rng.note else ""
-                raise ConfigError(f"{key}: must be {rng.text()}{note}, got {value!r}")
-        return
-    if nonfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for a in args:  # the first member the value fits
-            if check_type(value, a):
-                check_bounds(value, a, key)
-                return
-    elif origin in (list, tuple) and args and isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_bounds(v, args[0], f"{key}.{i}")
-
-
-def range_of(tp: Any) -> Range | None:
-    """The Range declared for a scalar option (through Optional), for listings and docs."""
-    if typing.get_origin(tp) is typing.Annotated:
-        return next((m for m in typing.get_args(tp)[1:] if isinstance(m, Range)), None)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return next((r for a in typing.get_args(tp) if (r := range_of(a)) is not None), None)
-    return None
-
-
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is typing.Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
-            tp.__name__, tp.__name__
-        )
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin in (list, tuple):
-        return f"list of {_type_name(args[0])}" if args else "list"
-    if origin is dict or origin is Mapping:
-        return "mapping"
-    return str(tp)
-
-
-def check_type(value: Any, tp: Any) -> bool:
-    """True if a YAML value fits the annotation ``tp`` (ints are accepted for floats, bools are not
-    accepted for numbers)."""
-    if tp is Any or tp is inspect.Parameter.empty:
-        return True
-    if typing.get_origin(tp) is typing.Annotated:
-        return check_type(value, typing.get_args(tp)[0])
-    if tp is type(None) or tp is None:
-        return value is None
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(check_type(value, a) for a in args)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if not args:
-            return True
-        inner = args[0]
-        return all(check_type(v, inner) for v in value)
-    if origin in (dict, Mapping) or tp in (dict, Mapping):
-        return isinstance(value, Mapping)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
 
 
 class Registry(Generic[T]):
@@ -313,7 +141,7 @@ class Registry(Generic[T]):
             tp = hints.get(k, inspect.Parameter.empty)
             if not check_type(v, tp):
                 raise ConfigError(
-                    f"{key}.{k}: expected {_type_name(tp)}, got {v!r} ({type(v).__name__})"
+                    f"{key}.{k}: expected {type_name(tp)}, got {v!r} ({type(v).__name__})"
                 )
             check_bounds(v, tp, f"{key}.{k}")
             out[k] = v

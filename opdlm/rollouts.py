@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import torch
 from torch import Tensor
 
-from opdlm.registry import ConfigError, Range
+from opdlm.errors import ConfigError
+from opdlm.schema import Range
 from opdlm.types import Example, Rollout
 
 #: the sampling options every sampler shares, with their bounds (checked when the config is composed)

@@ -10,7 +10,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from opdlm.registry import ConfigError
+from opdlm.errors import ConfigError
 
 #: opdlm's own keys in the trainer node (not Trainer arguments)
 OWN_KEYS = ("progress_bar", "threads")
@@ -39,7 +39,7 @@ def trainer_arguments() -> tuple[str, ...]:
 
 def check_key(key: str) -> str | None:
     """None if ``key`` may appear under trainer:, else the reason it may not."""
-    from opdlm.registry import did_you_mean
+    from opdlm.schema import did_you_mean
     if key in OWN_KEYS:
         return None
     if key in MANAGED:

@@ -6,8 +6,8 @@ import pytest
 from conftest import demo_cfg
 
 from opdlm.build import build_run
+from opdlm.errors import ConfigError
 from opdlm.models import char_tokenizer
-from opdlm.registry import ConfigError
 
 
 def plan_err(*overrides: str) -> str:

@@ -8,7 +8,8 @@ import pytest
 from conftest import ROOT, demo_cfg
 
 from opdlm.config import compose
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import LOSSES
 
 
 def err(*overrides: str, confs: list[str] | None = None) -> str:

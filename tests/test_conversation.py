@@ -9,8 +9,8 @@ import pytest
 from conftest import qwen_tokenizer_dir
 
 from opdlm.conversation import Conversation
+from opdlm.errors import ConfigError
 from opdlm.models import char_tokenizer, load_tokenizer
-from opdlm.registry import ConfigError
 
 
 def test_piece_by_piece_equals_the_chat_templates_whole_conversation():

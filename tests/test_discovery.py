@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, demo_cfg
 
 from opdlm import discovery
-from opdlm.registry import KINDS, LOSSES, ConfigError, Registry
+from opdlm.errors import ConfigError
+from opdlm.registry import KINDS, LOSSES, Registry
 
 
 def test_builtin_plugin_names_equal_file_stems():

@@ -15,11 +15,12 @@ from conftest import TINY, demo_cfg
 
 from opdlm.build import build_run
 from opdlm.dist import step_seed
+from opdlm.errors import ConfigError
 from opdlm.evaluation import SPLIT_SEED, evaluate, generate_batch
 from opdlm.metrics import majority_correct, pass_at_k
 from opdlm.models import render_prompt
 from opdlm.pipeline import results_table
-from opdlm.registry import TASKS, ConfigError
+from opdlm.registry import TASKS
 
 
 @pytest.mark.parametrize("n", range(1, 7))

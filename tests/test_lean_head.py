@@ -69,7 +69,7 @@ def test_lean_equals_naive_across_tokenizers(node):
 
 
 def test_lean_path_config_errors():
-    from opdlm.registry import ConfigError
+    from opdlm.errors import ConfigError
     with pytest.raises(ConfigError, match=r"stages.opd.student_head_block: must be >= 1, got 0"):
         build_run(demo_cfg(*TINY, "stages.opd.head=lean", "stages.opd.student_head_block=0"))
     with pytest.raises(ConfigError, match=r"stages.opd.head: must be naive or lean, got 'fast'"):

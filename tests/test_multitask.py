@@ -11,10 +11,10 @@ from conftest import DEFAULT_CONF, TINY, compose
 
 from opdlm.build import build_run
 from opdlm.data import TaskData
+from opdlm.errors import ConfigError
 from opdlm.evaluation import evaluate
 from opdlm.module import OPDModule
 from opdlm.multitask import MultiTaskBatches, TaskSchedule, merged_metrics
-from opdlm.registry import ConfigError
 
 SMALL = [o for o in TINY if not o.startswith("task.")]
 TWO = [  # two arithmetic tasks that differ in operators and budgets, each with its own teacher

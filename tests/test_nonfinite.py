@@ -20,10 +20,12 @@ from conftest import TINY, demo_cfg
 from opdlm.build import build_run
 from opdlm.cli import main
 from opdlm.config import compose
+from opdlm.errors import ConfigError
 from opdlm.fingerprint import fingerprint
 from opdlm.guard import NonFiniteError, StepGuard, first_nonfinite, guarded_step
 from opdlm.models import load_weights, save_hf
-from opdlm.registry import KINDS, ConfigError, Range, check_type, option_hints, range_of
+from opdlm.registry import KINDS, option_hints
+from opdlm.schema import Range, check_type, range_of
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = ROOT / "tests" / "dist" / "plugins"  # nan_at: LSM that is NaN at chosen steps
@@ -146,7 +148,7 @@ def test_range_texts_and_list_items():
     assert Range(gt=0, le=1).text() == "in (0, 1]"
     assert Range(ge=0, lt=1).text() == "in [0, 1)"
     assert Range(gt=0).text() == "> 0" and Range(ge=2).text() == ">= 2" and Range(le=0.5).text() == "<= 0.5"
-    from opdlm.registry import check_bounds
+    from opdlm.schema import check_bounds
     with pytest.raises(ConfigError) as e:
         check_bounds([0.5, 2.0], list[typing.Annotated[float, Range(le=1)]], "x")
     assert str(e.value) == "x.1: must be <= 1, got 2.0"

@@ -10,9 +10,10 @@ from conftest import TINY, demo_cfg
 
 from opdlm.build import build_run
 from opdlm.cli import _list
+from opdlm.errors import ConfigError, PluginError
 from opdlm.module import OPDModule
 from opdlm.reads import Reads, probe
-from opdlm.registry import LOSSES, ConfigError, PluginError
+from opdlm.registry import LOSSES
 
 
 def tiny(*extra: str) -> dict:

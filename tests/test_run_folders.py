@@ -112,7 +112,7 @@ def test_a_second_live_run_on_the_same_folder_is_refused(tmp_path):
 def test_overwriting_leaves_nothing_of_the_other_config(tmp_path, capsys):
     """With run.overwrite the old results and the stage folders of the other config go first: a run
     that then fails leaves config.yaml with only the stages that belong to it."""
-    from opdlm.registry import PluginError
+    from opdlm.errors import PluginError
     run(tmp_path)
     demo = tmp_path / "demo"
     plugins = tmp_path / "plugins"

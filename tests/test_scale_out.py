@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 from opdlm import fingerprint as fpmod
 from opdlm.build import build_run
 from opdlm.data import EvalBatches, StepBatches, global_batch
+from opdlm.errors import ConfigError
 from opdlm.evaluation import evaluate
 from opdlm.pipeline import Runner, make_trainer
-from opdlm.registry import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from opdlm.registry import ConfigError
+from opdlm.errors import ConfigError
 from opdlm.xtok.align import INVALID_UTF8, OK, align_rows, teacher_encoder
 from opdlm.xtok.corpus import mixed_corpus
 from opdlm.xtok.tables import pair_tables, token_bytes

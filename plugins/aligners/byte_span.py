@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Aligner, Context
-from opdlm.registry import ALIGNERS, ConfigError
+from opdlm.registry import ALIGNERS
 from opdlm.types import Rollout, TeacherView
 from opdlm.xtok.align import INVALID_UTF8, OK, align_rows, teacher_encoder
 from opdlm.xtok.tables import PairTables, pair_tables

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Aligner, Context
-from opdlm.registry import ALIGNERS, ConfigError
+from opdlm.registry import ALIGNERS
 from opdlm.types import Rollout, TeacherView
 
 

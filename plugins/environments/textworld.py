@@ -32,8 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Environment, Episode, Step
-from opdlm.registry import ENVIRONMENTS, ConfigError
+from opdlm.registry import ENVIRONMENTS
 
 #: game type -> (tw-make challenge, its level range or None, extra tw-make arguments)
 GAME_TYPES: dict[str, tuple[str, tuple[int, int] | None, list[str]]] = {

@@ -14,7 +14,8 @@ import torch
 from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, Range
+from opdlm.registry import LOSSES
+from opdlm.schema import Range
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput
 
 

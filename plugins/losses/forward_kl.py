@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from opdlm.errors import ConfigError
 from opdlm.ops.kl import masked_log_softmax, support_forward_kl
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput
 
 

@@ -17,7 +17,8 @@ from torch import Tensor
 from opdlm.ops.kl import masked_log_softmax, masked_sum
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, Range
+from opdlm.registry import LOSSES
+from opdlm.schema import Range
 from opdlm.types import LossInputs, LossOutput
 
 

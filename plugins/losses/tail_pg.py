@@ -24,7 +24,8 @@ import torch
 from opdlm.ops.kl import support_reverse_kl
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
-from opdlm.registry import LOSSES, Range
+from opdlm.registry import LOSSES
+from opdlm.schema import Range
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 

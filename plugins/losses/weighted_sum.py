@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, Loss, SupportSelector
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 

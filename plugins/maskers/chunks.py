@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opdlm.errors import ConfigError
 from opdlm.ops.batch import per_chunk_sum
 from opdlm.plugin_api import Masker
-from opdlm.registry import MASKERS, ConfigError
+from opdlm.registry import MASKERS
 from opdlm.types import Rollout, TeacherView
 
 

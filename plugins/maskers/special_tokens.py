@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, Masker
-from opdlm.registry import MASKERS, ConfigError
+from opdlm.registry import MASKERS
 from opdlm.types import Rollout, TeacherView
 
 

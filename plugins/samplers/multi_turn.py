@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from opdlm.conversation import Conversation
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, Sampler
-from opdlm.registry import SAMPLERS, ConfigError
+from opdlm.registry import SAMPLERS
 from opdlm.rollouts import Count, Nucleus, Temperature
 from opdlm.types import Example, Outcome, Rollout
 

@@ -37,9 +37,11 @@ import numpy
 import torch
 from torch import nn
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, Sampler
-from opdlm.registry import SAMPLERS, ConfigError, Range
+from opdlm.registry import SAMPLERS
 from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, left_pad, require_eos
+from opdlm.schema import Range
 from opdlm.types import Example, Rollout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")

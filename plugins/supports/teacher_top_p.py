@@ -9,8 +9,10 @@ from typing import Annotated
 
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, SupportSelector, check_support_size
-from opdlm.registry import SUPPORTS, ConfigError, Range
+from opdlm.registry import SUPPORTS
+from opdlm.schema import Range
 from opdlm.types import Rollout, Scores, Support, TeacherView
 
 

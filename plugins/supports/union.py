@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, SupportSelector
-from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.registry import SUPPORTS
 from opdlm.types import Rollout, Scores, Support, TeacherView
 
 

@@ -14,8 +14,9 @@ import random
 import re
 from collections.abc import Iterable
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Task
-from opdlm.registry import TASKS, ConfigError
+from opdlm.registry import TASKS
 from opdlm.types import Example
 
 BOXED = re.compile(r"\\boxed\{([^{}]*)\}")

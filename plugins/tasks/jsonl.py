@@ -28,8 +28,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Task
-from opdlm.registry import TASKS, ConfigError, Range
+from opdlm.registry import TASKS
+from opdlm.schema import Range
 from opdlm.types import Example
 
 

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Environment, Episode, Task
-from opdlm.registry import ENVIRONMENTS, TASKS, ConfigError
+from opdlm.registry import ENVIRONMENTS, TASKS
 from opdlm.types import Example
 
 SPLITS = ("train", "val", "test")

@@ -12,7 +12,8 @@ import pytest
 
 pytest.importorskip("textworld", reason='pip install "opdlm[textworld]"')
 
-from opdlm.registry import ENVIRONMENTS, ConfigError  # noqa: E402
+from opdlm.errors import ConfigError
+from opdlm.registry import ENVIRONMENTS  # noqa: E402
 
 pytestmark = pytest.mark.slow  # generates games with tw-make (a few seconds each)
 

@@ -7,7 +7,8 @@ import plugin_testkit as kit
 import pytest
 import torch
 
-from opdlm.registry import LOSSES, SUPPORTS, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import LOSSES, SUPPORTS
 from opdlm.types import Scores, Support
 
 B, T, V = 2, 4, 6

@@ -10,7 +10,8 @@ import plugin_testkit as kit
 import pytest
 import torch
 
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import Scores, Support
 
 B, T, V = 2, 3, 7

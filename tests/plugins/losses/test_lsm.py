@@ -8,8 +8,9 @@ import plugin_testkit
 import pytest
 import torch
 
+from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context
-from opdlm.registry import LOSSES, SUPPORTS, ConfigError
+from opdlm.registry import LOSSES, SUPPORTS
 from opdlm.types import Scores, Support
 
 kit = plugin_testkit

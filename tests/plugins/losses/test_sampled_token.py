@@ -8,7 +8,8 @@ import plugin_testkit
 import pytest
 import torch
 
-from opdlm.registry import LOSSES, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import LOSSES
 from opdlm.types import Scores
 
 kit = plugin_testkit

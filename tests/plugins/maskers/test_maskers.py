@@ -7,7 +7,8 @@ import plugin_testkit
 import pytest
 import torch
 
-from opdlm.registry import MASKERS, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import MASKERS
 
 kit = plugin_testkit
 make_rollout = kit.build_rollout

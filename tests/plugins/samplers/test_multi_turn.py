@@ -16,10 +16,10 @@ pytest.importorskip("textworld", reason='pip install "opdlm[textworld]"')
 from opdlm.build import build_run  # noqa: E402
 from opdlm.conversation import Conversation  # noqa: E402
 from opdlm.data import sft_collate  # noqa: E402
+from opdlm.errors import ConfigError  # noqa: E402
 from opdlm.evaluation import evaluate  # noqa: E402
 from opdlm.models import render_prompt  # noqa: E402
 from opdlm.module import OPDModule  # noqa: E402
-from opdlm.registry import ConfigError  # noqa: E402
 from opdlm.types import Rollout  # noqa: E402
 
 pytestmark = pytest.mark.slow  # generates games (about a second each)

@@ -19,8 +19,9 @@ from conftest import TINY, demo_cfg
 
 from opdlm.bench.rollout import trainer_logprobs
 from opdlm.build import build_run
+from opdlm.errors import ConfigError
 from opdlm.models import load_or_build
-from opdlm.registry import SAMPLERS, ConfigError
+from opdlm.registry import SAMPLERS
 from opdlm.rollouts import build_rollout
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None

@@ -7,7 +7,8 @@ import plugin_testkit as kit
 import pytest
 import torch
 
-from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import SUPPORTS
 from opdlm.types import Scores
 
 B, T, V = 3, 5, 12

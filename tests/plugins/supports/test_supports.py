@@ -6,7 +6,8 @@ import plugin_testkit
 import pytest
 import torch
 
-from opdlm.registry import SUPPORTS, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import SUPPORTS
 from opdlm.types import Scores
 
 kit = plugin_testkit

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from opdlm.discovery import discover
-from opdlm.registry import TASKS, ConfigError
+from opdlm.errors import ConfigError
+from opdlm.registry import TASKS
 from opdlm.types import Example
 
 discover()
