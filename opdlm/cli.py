@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from opdlm import dist
     from opdlm.guard import NonFiniteError
-    from opdlm.pipeline import FolderBusy, RunInterrupted, Runner, quiet_libraries
+    from opdlm.pipeline import FolderBusy, RunInterrupted, Runner
+    from opdlm.trainer import quiet_libraries
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
     quiet_libraries()  # again: now it knows the rank

@@ -17,21 +17,16 @@ barriers and read what it wrote. Test evaluation is sharded over the ranks and s
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from opdlm import dist
@@ -40,79 +35,16 @@ from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, re
 from opdlm.config import to_yaml
 from opdlm.data import TaskData
 from opdlm.evaluation import evaluate
-from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint, vocab_digest
+from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint
 from opdlm.guard import STOPPED, NonFiniteError, first_nonfinite
 from opdlm.models import load_or_build, load_weights, n_params, save_hf
 from opdlm.module import OPDModule
 from opdlm.optim import OPTIMIZER_KEYS
+from opdlm.results import config_diff, results_table
 from opdlm.sft import SFTModule
-from opdlm.trainer import trainer_kwargs
+from opdlm.trainer import checkpoint_dir, make_trainer, quiet_libraries
 
-__all__ = ["STAGES", "FolderBusy", "Runner", "fingerprint", "make_trainer", "results_table", "vocab_digest"]
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's progress bar on stderr, so that ``python run.py > file`` captures opdlm's lines and
-    the results table, not thousands of progress updates."""
-
-    def _on_stderr(self, make: Callable[[], Any]) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return make()
-
-    def init_sanity_tqdm(self) -> Any:
-        return self._on_stderr(super().init_sanity_tqdm)
-
-    def init_train_tqdm(self) -> Any:
-        return self._on_stderr(super().init_train_tqdm)
-
-    def init_validation_tqdm(self) -> Any:
-        return self._on_stderr(super().init_validation_tqdm)
-
-    def init_test_tqdm(self) -> Any:
-        return self._on_stderr(super().init_test_tqdm)
-
-    def init_predict_tqdm(self) -> Any:
-        return self._on_stderr(super().init_predict_tqdm)
-
-
-def _loggers(cfg: dict[str, Any], run_dir: Path, stage: str) -> list[Any]:
-    loggers: list[Any] = [CSVLogger(str(run_dir / "logs"), name=stage, version="")]
-    if cfg["run"]["tensorboard"]:
-        try:
-            import tensorboard  # noqa: F401
-            from lightning.pytorch.loggers import TensorBoardLogger
-            loggers.append(TensorBoardLogger(str(run_dir / "tb"), name=stage, version=""))
-        except ImportError:
-            pass
-    return loggers
-
-
-def checkpoint_dir(run_dir: Path, stage: str) -> Path:
-    return run_dir / "checkpoints" / stage
-
-
-def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, every: int | None = None,
-                 name: str | None = None) -> L.Trainer:
-    """The stage's Trainer: the trainer node's arguments plus what opdlm sets from its own keys.
-    ``every``: optimizer steps between checkpoints (default run.checkpoint_every); ``name``: the
-    folder name of its logs and checkpoints (default: the stage; one per task's teacher)."""
-    name = name or stage
-    tr = cfg["trainer"]
-    callbacks: list[Any] = [ProgressBar()] if tr["progress_bar"] else []
-    if cfg["run"]["checkpoints"]:
-        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir, name)), save_last=True,
-                                         save_top_k=0, every_n_train_steps=every or cfg["run"]["checkpoint_every"],
-                                         enable_version_counter=False))
-    kw: dict[str, Any] = dict(enable_model_summary=False)
-    kw.update(trainer_kwargs(tr))
-    # validation is the module's own (GenerationEval), not Lightning's loop; every stage optimises by hand
-    # (clipping included: opdlm.guard.guarded_step)
-    return L.Trainer(
-        **kw, max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
-        enable_progress_bar=tr["progress_bar"], logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
-        default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
-        use_distributed_sampler=False,
-    )
+__all__ = ["FolderBusy", "RunInterrupted", "Runner"]
 
 
 def _data(built: BuiltRun, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
@@ -128,33 +60,6 @@ def _data(built: BuiltRun, cfg: dict[str, Any], stage: str, spec: Any, start: Ca
                     steps=steps, seed=cfg["run"]["seed"],
                     tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start,
                     schedule=schedule)
-
-
-def quiet_libraries() -> None:
-    """Keep the console for opdlm's own lines, the progress bar and real warnings: drop library
-    banners, per-file loading bars and warnings that do not apply to how opdlm drives Lightning.
-    Ranks other than 0 print no warnings at all (rank 0 prints the same ones)."""
-    import logging
-
-    import transformers
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.fabric.utilities.distributed", "lightning.pytorch.utilities.distributed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for msg in (".*does not have many workers.*", ".*`training_step` returns `None`.*",
-                ".*ModelCheckpoint with manual optimization.*", ".*module\\(s\\) in eval mode.*",
-                ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
-                ".*smaller than the logging interval.*", ".*Found keys that are in the model state dict but not in the checkpoint.*",
-                ".*Experiment logs directory .* exists and is not empty.*",
-                ".*Checkpoint directory .* exists and is not empty.*",
-                ".*could not determine the length of.*", ".*is an invalid value for `sync_dist`.*",
-                ".*`use_distributed_sampler=False`.*",
-                # opdlm's batches resume by themselves (opdlm.data.StepBatches starts at the restored batch)
-                ".*resuming from a checkpoint that ended before the epoch ended.*"):
-        warnings.filterwarnings("ignore", message=msg)
-    if not dist.is_main():
-        warnings.simplefilter("ignore")
 
 
 def _sharded(trainer: L.Trainer) -> bool:
@@ -453,7 +358,7 @@ class Runner:
                 old = None
             if old != self._config_fingerprints():
                 if not self.cfg["run"]["overwrite"]:
-                    diff = _config_diff(config, self.cfg)
+                    diff = config_diff(config, self.cfg)
                     return (f"{self.run_dir} holds the finished result of another config{diff}; choose another "
                             f"run.name, or set run.overwrite=true to replace it")
                 self.log(f"[opdlm] {self.run_dir}: replacing the finished result of another config (run.overwrite)")
@@ -509,86 +414,3 @@ class Runner:
             self.log(f"\n[opdlm] run folder: {self.run_dir}  (student exported to {after['folder']})")
         dist.barrier()
         return results
-
-
-def _config_diff(saved: Path, cfg: dict[str, Any], most: int = 3) -> str:
-    """' (differs in a.b: x -> y, ...)' between a saved config.yaml and ``cfg``."""
-    try:
-        import yaml
-        old = yaml.safe_load(saved.read_text())
-    except Exception:
-        return ""
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(d, dict):
-            return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: d}
-    a, b = flat(old), flat(cfg)
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if not keys:
-        return ""
-    shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:most])
-    return f" (differs in {shown}{', ...' if len(keys) > most else ''})"
-
-
-def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
-    if cfg.get("tasks"):  # one table per task (each teacher on its own task), then the mean over tasks
-        keys = ("teacher", "student_before", "student_after")
-        blocks = []
-        for entry in cfg["tasks"]:
-            label = entry["label"]
-            own = {key: {"test": {f"test/{k[len(f'test/{label}/'):]}": v for k, v in results[key]["test"].items()
-                                  if k.startswith(f"test/{label}/")}} for key in keys}
-            table = results_table({**own, "seed": results["seed"], "seconds": results["seconds"]},
-                                  {**cfg, "tasks": [], "eval": cfg["eval"]})
-            blocks.append(f"task {label} ({entry['name']}):\n\n" + table.rsplit("\n\nseed ", 1)[0])
-        m0 = "greedy" if cfg["eval"]["greedy"] else "sampled"
-        rows = ["| model | " + " | ".join(e["label"] for e in cfg["tasks"]) + " | mean |", "|---" * (2 + len(cfg["tasks"])) + "|"]
-        names = {"teacher": "teachers (each on its task)", "student_before": "student before OPD",
-                 "student_after": "student after OPD"}
-        for key, name in names.items():
-            t = results[key]["test"]
-            cells = [f"{100 * t.get('test/' + e['label'] + '/acc_' + m0, float('nan')):.1f} %" for e in cfg["tasks"]]
-            rows.append(f"| {name} | " + " | ".join(cells) + f" | {100 * t.get(f'test/acc_{m0}', float('nan')):.1f} % |")
-        procs = results.get("processes", 1)
-        wall = results.get("wall_seconds", results["seconds"])
-        tail = (f"\nseed {results['seed']}, {cfg['eval']['test_prompts']} test prompts per task, {results['seconds']:.1f} s "
-                f"of compute" + (f" ({wall:.1f} s in this command, the rest cached)" if wall < results["seconds"] - 1 else "")
-                + (f", {procs} processes" if procs > 1 else ""))
-        return "\n\n".join(blocks) + f"\n\nall tasks (test acc / success, {m0}):\n\n" + "\n".join(rows) + "\n" + tail
-    ev = cfg["eval"]
-    modes = [m for m in ("greedy", "sampled") if ev[m]]
-    m0 = modes[0] if modes else "greedy"
-    n = ev["samples"]["test"]
-    cols = [(f"test acc ({m}{', avg@' + str(n) if m == 'sampled' and n > 1 else ''})", f"test/acc_{m}", True)
-            for m in modes]
-    cols += [(name, f"test/{name}", True) for k in ev["pass_k"]["test"] for name in (f"pass@{k}", f"maj@{k}")]
-    cols += [("unparsed", f"test/unparsed_{m0}", True), ("mean length", f"test/len_{m0}", False),
-             ("truncated", f"test/trunc_{m0}", True), ("mean turns", f"test/turns_{m0}", False),
-             ("invalid actions", f"test/invalid_{m0}", True)]
-    names = {"teacher": "teacher", "student_before": "student before OPD", "student_after": "student after OPD"}
-    tests = {key: results[key]["test"] for key in names}
-    if any(f"test/turns_{m0}" in t for t in tests.values()):  # played episodes: accuracy is the success rate
-        cols = [(c[0].replace("test acc", "success"), *c[1:]) for c in cols]
-    cols = [c for c in cols if any(c[1] in t for t in tests.values())]  # maj@k, unparsed: tasks that extract
-
-    def cell(t: dict[str, float], key: str, pct: bool) -> str:
-        v = t.get(key, float("nan"))
-        return f"{100 * v:.1f} %" if pct else f"{v:.1f}"
-
-    rows = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---" * (1 + len(cols)) + "|"]
-    rows += [f"| {label} | " + " | ".join(cell(tests[key], k, pct) for _, k, pct in cols) + " |"
-             for key, label in names.items()]
-    benches = sorted({k.split("/")[1] for t in tests.values() for k in t if k.count("/") == 2})
-    if benches:  # one column per benchmark (the first mode's accuracy); the table above averages them
-        rows += ["", f"per benchmark (test acc, {m0}):", "",
-                 "| model | " + " | ".join(benches) + " | mean |", "|---" * (2 + len(benches)) + "|"]
-        rows += [f"| {label} | " + " | ".join(cell(tests[key], f"test/{b}/acc_{m0}", True) for b in benches)
-                 + f" | {cell(tests[key], f'test/acc_{m0}', True)} |" for key, label in names.items()]
-    n = cfg["eval"]["test_prompts"]
-    procs = results.get("processes", 1)
-    wall = results.get("wall_seconds", results["seconds"])
-    rows.append(f"\nseed {results['seed']}, {n} test prompts, {results['seconds']:.1f} s of compute"
-                + (f" ({wall:.1f} s in this command, the rest cached)" if wall < results["seconds"] - 1 else "")
-                + (f", {procs} processes" if procs > 1 else ""))
-    return "\n".join(rows)

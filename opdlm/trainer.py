@@ -1,16 +1,33 @@
-"""The ``trainer:`` node: any keyword of ``lightning.Trainer`` (checked against its signature), minus
-the few that opdlm sets itself from its own keys, plus opdlm's ``progress_bar`` and ``threads``.
-``check_trainer`` builds a Trainer from the node before any weights load, so a wrong accelerator,
-device count, strategy or precision stops the run with one line that names the key."""
+"""The Lightning Trainer of every stage, and the ``trainer:`` node it is made from: any keyword of
+``lightning.Trainer`` (checked against its signature), minus the few that opdlm sets itself from its
+own keys, plus opdlm's ``progress_bar`` and ``threads``. ``check_trainer`` builds a Trainer from the
+node before any weights load, so a wrong accelerator, device count, strategy or precision stops the
+run with one line that names the key; ``make_trainer`` builds a stage's (its progress bar on stderr,
+its CSV and TensorBoard logs, its checkpoints); ``quiet_libraries`` keeps the console for opdlm's
+own lines."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
+import sys
+import warnings
+from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
+import lightning as L
+import transformers
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from opdlm import dist
 from opdlm.errors import ConfigError
+from opdlm.schema import did_you_mean
 
 #: opdlm's own keys in the trainer node (not Trainer arguments)
 OWN_KEYS = ("progress_bar", "threads")
@@ -33,13 +50,11 @@ MANAGED = {
 
 @lru_cache(maxsize=1)
 def trainer_arguments() -> tuple[str, ...]:
-    import lightning as L
     return tuple(p for p in inspect.signature(L.Trainer.__init__).parameters if p != "self")
 
 
 def check_key(key: str) -> str | None:
     """None if ``key`` may appear under trainer:, else the reason it may not."""
-    from opdlm.schema import did_you_mean
     if key in OWN_KEYS:
         return None
     if key in MANAGED:
@@ -68,14 +83,9 @@ def check_trainer(tr: dict[str, Any]) -> int:
     """Build a Trainer from the node (no process is started, nothing is written); ConfigError on
     what Lightning rejects, on a strategy that spawns processes per Trainer, and on more CPU
     processes than the machine has cores. Returns the number of processes of the run."""
-    import logging
-
-    import lightning as L
-
     strategy = tr.get("strategy", "auto")
     if isinstance(strategy, str):
-        from opdlm.dist import SPAWNING
-        if any(w in strategy for w in SPAWNING):
+        if any(w in strategy for w in dist.SPAWNING):
             raise ConfigError(f"trainer.strategy: '{strategy}' starts new processes for every Trainer, but opdlm runs "
                               f"all stages in the same processes; use ddp (or fsdp, deepspeed), which opdlm launches once")
     kw = trainer_kwargs(tr)
@@ -92,10 +102,96 @@ def check_trainer(tr: dict[str, Any]) -> int:
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)
-    from lightning.pytorch.accelerators import CPUAccelerator
     cores = os.cpu_count() or 1
     if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices * trainer.num_nodes > 1 \
             and trainer.num_devices > cores:
         raise ConfigError(f"trainer.devices: {trainer.num_devices} processes on the CPU, but this machine has "
                           f"{cores} cores")
     return trainer.world_size
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's progress bar on stderr, so that ``python run.py > file`` captures opdlm's lines and
+    the results table, not thousands of progress updates."""
+
+    def _on_stderr(self, make: Callable[[], Any]) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return make()
+
+    def init_sanity_tqdm(self) -> Any:
+        return self._on_stderr(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self) -> Any:
+        return self._on_stderr(super().init_train_tqdm)
+
+    def init_validation_tqdm(self) -> Any:
+        return self._on_stderr(super().init_validation_tqdm)
+
+    def init_test_tqdm(self) -> Any:
+        return self._on_stderr(super().init_test_tqdm)
+
+    def init_predict_tqdm(self) -> Any:
+        return self._on_stderr(super().init_predict_tqdm)
+
+
+def _loggers(cfg: dict[str, Any], run_dir: Path, stage: str) -> list[Any]:
+    loggers: list[Any] = [CSVLogger(str(run_dir / "logs"), name=stage, version="")]
+    if cfg["run"]["tensorboard"]:
+        try:
+            import tensorboard  # noqa: F401  (optional: TensorBoard logs when it is installed)
+            loggers.append(TensorBoardLogger(str(run_dir / "tb"), name=stage, version=""))
+        except ImportError:
+            pass
+    return loggers
+
+
+def checkpoint_dir(run_dir: Path, stage: str) -> Path:
+    return run_dir / "checkpoints" / stage
+
+
+def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, every: int | None = None,
+                 name: str | None = None) -> L.Trainer:
+    """The stage's Trainer: the trainer node's arguments plus what opdlm sets from its own keys.
+    ``every``: optimizer steps between checkpoints (default run.checkpoint_every); ``name``: the
+    folder name of its logs and checkpoints (default: the stage; one per task's teacher)."""
+    name = name or stage
+    tr = cfg["trainer"]
+    callbacks: list[Any] = [ProgressBar()] if tr["progress_bar"] else []
+    if cfg["run"]["checkpoints"]:
+        callbacks.append(ModelCheckpoint(dirpath=str(checkpoint_dir(run_dir, name)), save_last=True,
+                                         save_top_k=0, every_n_train_steps=every or cfg["run"]["checkpoint_every"],
+                                         enable_version_counter=False))
+    kw: dict[str, Any] = dict(enable_model_summary=False)
+    kw.update(trainer_kwargs(tr))
+    # validation is the module's own (GenerationEval), not Lightning's loop; every stage optimises by hand
+    # (clipping included: opdlm.guard.guarded_step)
+    return L.Trainer(
+        **kw, max_steps=steps, max_epochs=-1, num_sanity_val_steps=0, limit_val_batches=0,
+        enable_progress_bar=tr["progress_bar"], logger=_loggers(cfg, run_dir, name), callbacks=callbacks,
+        default_root_dir=str(run_dir), enable_checkpointing=cfg["run"]["checkpoints"],
+        use_distributed_sampler=False,
+    )
+
+
+def quiet_libraries() -> None:
+    """Keep the console for opdlm's own lines, the progress bar and real warnings: drop library
+    banners, per-file loading bars and warnings that do not apply to how opdlm drives Lightning.
+    Ranks other than 0 print no warnings at all (rank 0 prints the same ones)."""
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.distributed", "lightning.pytorch.utilities.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for msg in (".*does not have many workers.*", ".*`training_step` returns `None`.*",
+                ".*ModelCheckpoint with manual optimization.*", ".*module\\(s\\) in eval mode.*",
+                ".*overridden `transfer_batch_to_device`.*", ".*LeafSpec.*",
+                ".*smaller than the logging interval.*", ".*Found keys that are in the model state dict but not in the checkpoint.*",
+                ".*Experiment logs directory .* exists and is not empty.*",
+                ".*Checkpoint directory .* exists and is not empty.*",
+                ".*could not determine the length of.*", ".*is an invalid value for `sync_dist`.*",
+                ".*`use_distributed_sampler=False`.*",
+                # opdlm's batches resume by themselves (opdlm.data.StepBatches starts at the restored batch)
+                ".*resuming from a checkpoint that ended before the epoch ended.*"):
+        warnings.filterwarnings("ignore", message=msg)
+    if not dist.is_main():
+        warnings.simplefilter("ignore")

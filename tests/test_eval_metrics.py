@@ -19,8 +19,8 @@ from opdlm.errors import ConfigError
 from opdlm.evaluation import SPLIT_SEED, evaluate, generate_batch
 from opdlm.metrics import majority_correct, pass_at_k
 from opdlm.models import render_prompt
-from opdlm.pipeline import results_table
 from opdlm.registry import TASKS
+from opdlm.results import results_table
 
 
 @pytest.mark.parametrize("n", range(1, 7))

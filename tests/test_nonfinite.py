@@ -220,8 +220,8 @@ def test_a_skipped_step_changes_no_weight_and_no_optimizer_state():
 def test_an_sft_stage_stops_at_the_step_and_keeps_a_finite_checkpoint(tmp_path):
     """The SFT stages go through the same guard: logits made NaN at the second step stop it there."""
     from opdlm.data import TaskData
-    from opdlm.pipeline import make_trainer
     from opdlm.sft import SFTModule
+    from opdlm.trainer import make_trainer
 
     over = [o for o in TINY if not o.startswith("run.checkpoints")]
     cfg = demo_cfg(*over, f"run.out_dir={tmp_path}", "run.checkpoints=true")

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from opdlm.build import build_run
 from opdlm.data import TaskData
 from opdlm.module import OPDModule
-from opdlm.pipeline import Runner, make_trainer
+from opdlm.pipeline import Runner
+from opdlm.trainer import make_trainer
 
 
 def tiny(*extra: str, tmp=None) -> dict:

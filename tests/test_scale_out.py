@@ -20,7 +20,8 @@ from opdlm.build import build_run
 from opdlm.data import EvalBatches, StepBatches, global_batch
 from opdlm.errors import ConfigError
 from opdlm.evaluation import evaluate
-from opdlm.pipeline import Runner, make_trainer
+from opdlm.pipeline import Runner
+from opdlm.trainer import make_trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 

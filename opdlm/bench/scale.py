@@ -32,7 +32,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
     from opdlm.config import compose
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
-    from opdlm.pipeline import make_trainer, quiet_libraries
+    from opdlm.trainer import make_trainer, quiet_libraries
 
     quiet_libraries()
     dist.launch({"accelerator": "cpu", "devices": world, "num_nodes": 1})

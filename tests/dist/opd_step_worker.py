@@ -60,7 +60,7 @@ def run_case(name: str, overrides: list[str], out: Path) -> None:
     from opdlm.build import build_run
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
-    from opdlm.pipeline import make_trainer
+    from opdlm.trainer import make_trainer
 
     cfg = demo_cfg(*TINY, f"run.out_dir={out}", *overrides, *DDP)
     built = build_run(cfg)
@@ -89,7 +89,7 @@ def run_sft_case(out: Path) -> None:
 
     from opdlm.build import build_run
     from opdlm.data import TaskData
-    from opdlm.pipeline import make_trainer
+    from opdlm.trainer import make_trainer
     from opdlm.sft import SFTModule
 
     cfg = demo_cfg(*TINY, f"run.out_dir={out}", *SFT, *DDP)
@@ -120,7 +120,7 @@ def run_empty_rank_case(out: Path) -> None:
     from opdlm.build import build_run
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
-    from opdlm.pipeline import make_trainer
+    from opdlm.trainer import make_trainer
 
     common = ["stages.opd.prompts_per_step=4", "sampler.n=2", "sampler.max_new_tokens=10", "stages.opd.steps=2",
               "support.k=4", f"plugin_paths=[{ROOT / 'tests' / 'dist' / 'plugins'}]",
@@ -140,7 +140,7 @@ def main() -> None:
     torch.set_default_dtype(torch.float64)
     out = Path(sys.argv[1])
     dist.launch({"accelerator": "cpu", "devices": 2, "num_nodes": 1})
-    from opdlm.pipeline import quiet_libraries
+    from opdlm.trainer import quiet_libraries
     quiet_libraries()
     for name, overrides in cases().items():
         run_case(name, overrides, out)
