@@ -1,47 +1,171 @@
-"""Build everything a run needs before any weights load: the task, both tokenizers, every plugin,
-and the cross-plugin checks (support size vs loss, vocabularies vs aligner). ``--check`` stops here."""
+"""Build everything a run needs before any weights load, and check that it fits together.
+
+A run is a set of tasks (opdlm.config.task_entries: the config's single ``task``, or the entries of
+``tasks``) and one student. Each task (a TaskRun) has its own task plugin, teacher, sampler and
+plugins: the run's aligner, support, maskers and loss nodes, built once per task and bound to that
+task's teacher. Tiny tokenizers are built from the text of every task, so one vocabulary serves all
+tiny models. ``--check`` stops here.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from opdlm.config import task_entries, task_view
 from opdlm.errors import ConfigError
-from opdlm.guard import MODES as NONFINITE_MODES
 from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
-from opdlm.ops.aggregate import AGGREGATIONS
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
 from opdlm.reads import check_reads, probe
 from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS, plugin_options
 from opdlm.trainer import check_trainer
+from opdlm.types import Example
 
 
 @dataclass
-class BuiltRun:
-    """Everything a run is made of, built and cross-checked from its config before any weights
-    load: the task, both models' specs (tokenizers, configs), every plugin and their Context."""
+class TaskRun:
+    """One task of a run and everything that is its own: the task plugin, its teacher's spec, its
+    sampler and the run's plugins bound to them. ``cfg`` is the config as this task sees it
+    (opdlm.config.task_view: its task, teacher, sampler and teacher SFT stage in place of the run's);
+    ``key`` goes in front of its keys in messages ("" for a ``task:`` config, "tasks.1." for an
+    entry of ``tasks``)."""
 
+    label: str
+    key: str
     cfg: dict[str, Any]
-    world: int  # processes of the run (devices x nodes)
-    dropped: dict[str, int]  # examples left out per split as too long for the models (data.too_long: skip)
+    weight: float
     task: Task
     teacher: ModelSpec
-    student: ModelSpec
     sampler: Sampler
     aligner: Aligner
     support: SupportSelector
     maskers: list[Masker]
     loss: Loss
     ctx: Context
-    #: multi-task runs (config ``tasks``): each task's own run (its task, teacher, sampler; the student
-    #: shared), by label; ``task`` is then an opdlm.multitask.MultiTask over them and the plugins
-    #: above are the first task's
-    tasks: dict[str, BuiltRun] | None = None
+    dropped: dict[str, int] = field(default_factory=dict)  # examples left out per split (data.too_long: skip)
+
+
+@dataclass
+class BuiltRun:
+    """A run built from its config before any weights load: its tasks by label (one for a ``task:``
+    config), the student they share, and the number of processes. ``several``: the config lists its
+    tasks (``tasks: [...]``), so folders, logs and tables name each task."""
+
+    cfg: dict[str, Any]
+    world: int
+    student: ModelSpec
+    tasks: dict[str, TaskRun]
+    several: bool = False
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Examples left out per split as too long for the models, over every task."""
+        out: dict[str, int] = {}
+        for t in self.tasks.values():
+            for split, n in t.dropped.items():
+                out[split] = out.get(split, 0) + n
+        return out
+
+    def sets(self, split: str) -> dict[str, list[Example]]:
+        """Each task's examples of ``split``, by label (opdlm.data.TaskData's input)."""
+        return {label: t.task.examples(split) for label, t in self.tasks.items()}
+
+    def examples(self, split: str) -> list[Example]:
+        """Every task's examples of ``split``, task after task (the student's cold start learns them all)."""
+        return [ex for xs in self.sets(split).values() for ex in xs]
+
+    # -- one task's parts, for a run of one task (scripts, tests, benchmarks) -------------------------
+    @property
+    def only(self) -> TaskRun:
+        if len(self.tasks) != 1:
+            raise AttributeError(f"this run has {len(self.tasks)} tasks ({', '.join(self.tasks)}): use run.tasks[label]")
+        return next(iter(self.tasks.values()))
+
+    task = property(lambda self: self.only.task)
+    teacher = property(lambda self: self.only.teacher)
+    sampler = property(lambda self: self.only.sampler)
+    aligner = property(lambda self: self.only.aligner)
+    support = property(lambda self: self.only.support)
+    maskers = property(lambda self: self.only.maskers)
+    loss = property(lambda self: self.only.loss)
+    ctx = property(lambda self: self.only.ctx)
+
+
+def build_run(cfg: Mapping[str, Any]) -> BuiltRun:
+    """Construct and cross-check every plugin of a composed config (opdlm.config.compose)."""
+    cfg = dict(cfg)
+    check_values(cfg)
+    world = check_trainer(cfg["trainer"])
+    check_world(cfg, world)
+    entries = task_entries(cfg)
+    views = [task_view(cfg, entry) for _, entry in entries]
+    plugins = [TASKS.build(view["task"], key[:-1] or "task") for (key, _), view in zip(entries, views)]
+    models = [cfg["student"], *(v["teacher"] for v in views)]
+    corpus = [text for t in plugins for text in t.corpus()] if any(not m["path"] for m in models) else None
+    train = ([ex.prompt + (ex.solution or "") for t in plugins for ex in t.examples("train")]
+             if any(not m["path"] and m["tiny_tokenizer"] == "bpe" for m in models) else None)
+    student = ModelSpec(cfg["student"], "student", corpus, train_texts=train)
+    tasks = {}
+    for (key, entry), view, plugin in zip(entries, views, plugins):
+        tasks[entry["label"]] = _located(key, _build_task, view, key, entry, plugin, student, corpus, train, world)
+    run = BuiltRun(cfg=cfg, world=world, student=student, tasks=tasks, several=bool(cfg.get("tasks")))
+    st = cfg["stages"]["student_sft"]
+    if st["steps"] > 0 and st["batch_size"] > len(run.examples("train")):  # its batches mix every task's examples
+        whose = "the task's" if len(tasks) == 1 else "the tasks'"
+        raise ConfigError(f"stages.student_sft.batch_size: a batch of {st['batch_size']} is larger than {whose} "
+                          f"{len(run.examples('train'))} training examples")
+    return run
+
+
+def _located(key: str, make: Any, *args: Any) -> Any:
+    """``make(*args)``, with a task's key prefix ("tasks.1.") put in front of the keys its errors name: its
+    task, teacher and sampler keys, and its teacher's SFT stage; a run-wide key says which task."""
+    try:
+        return make(*args)
+    except ConfigError as e:
+        if not key:
+            raise
+        if e.key.split(".")[0] in ("task", "teacher", "sampler"):
+            raise ConfigError(e.detail, key=f"{key}{e.key}", origin=e.origin) from None
+        if e.key.startswith("stages.teacher_sft."):
+            raise ConfigError(e.detail, key=f"{key}teacher_sft.{e.key[len('stages.teacher_sft.'):]}",
+                              origin=e.origin) from None
+        raise ConfigError(f"{e.detail} (in {key[:-1]})", key=e.key, origin=e.origin) from None
+
+
+def _build_task(cfg: dict[str, Any], key: str, entry: Mapping[str, Any], task: Task, student: ModelSpec,
+                corpus: list[str] | None, train: list[str] | None, world: int) -> TaskRun:
+    """One task's run (``cfg``: the task's view of the config), its plugins built and bound."""
+    node = cfg["teacher"]
+    same_tiny = not node["path"] and not node["tokenizer_path"] and all(
+        node[k] == cfg["student"][k] for k in ("path", "tokenizer_path", "tiny_tokenizer", "tiny_vocab", "tiny_digits"))
+    teacher = ModelSpec(node, "teacher", corpus, shared_tokenizer=student.tokenizer if same_tiny else None,
+                        train_texts=train)
+    ctx = Context(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer,
+                  student_vocab_rows=student.vocab_rows, teacher_vocab_rows=teacher.vocab_rows, task=task)
+    sampler = SAMPLERS.build(cfg["sampler"], "sampler")
+    aligner = ALIGNERS.build(cfg["aligner"], "aligner")
+    support = SUPPORTS.build(cfg["support"], "support")
+    maskers = [MASKERS.build(m, f"maskers.{i}") for i, m in enumerate(cfg["maskers"])]
+    loss = LOSSES.build(cfg["loss"], "loss")
+    _bind(task, ctx, "task")
+    check_task(cfg, task, sampler, world)
+    for plugin, name in ((sampler, "sampler"), (aligner, "aligner"), (support, "support"),
+                         *((m, f"maskers.{i}") for i, m in enumerate(maskers)), (loss, "loss")):
+        _bind(plugin, ctx, name)
+    check_plugins(cfg, loss, support, aligner)
+    task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
+    check_batches(cfg, len(task.examples("train")))
+    ctx.task = task
+    return TaskRun(label=entry["label"], key=key, cfg=cfg, weight=float(entry["weight"]), task=task, teacher=teacher,
+                   sampler=sampler, aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx,
+                   dropped=dropped)
 
 
 def _bind(plugin: Any, ctx: Context, key: str) -> None:
@@ -56,182 +180,8 @@ def _bind(plugin: Any, ctx: Context, key: str) -> None:
         raise ConfigError(str(e), key=key) from None
 
 
-def check_values(cfg: Mapping[str, Any]) -> None:
-    """Range checks of framework keys (types were checked when composing)."""
-    def need(ok: bool, key: str, rule: str, value: Any) -> None:
-        if not ok:
-            raise ConfigError(f"{key}: must be {rule}, got {value!r}")
-
-    for stage, st in cfg["stages"].items():
-        k = f"stages.{stage}"
-        need(st["steps"] >= 0, f"{k}.steps", ">= 0", st["steps"])
-        need(st["lr"] > 0, f"{k}.lr", "> 0", st["lr"])
-        need(st["weight_decay"] >= 0, f"{k}.weight_decay", ">= 0", st["weight_decay"])
-        betas = st["betas"]
-        need(len(betas) == 2 and all(0 <= b < 1 for b in betas), f"{k}.betas", "two numbers in [0, 1)", betas)
-        need(st["eps"] > 0, f"{k}.eps", "> 0", st["eps"])
-        if "gap_buckets" in st:
-            edges = st["gap_buckets"]
-            need(all(isinstance(e, int) and e >= 0 for e in edges) and edges == sorted(set(edges)),
-                 f"{k}.gap_buckets", "increasing integers >= 0", edges)
-            need(st["log_rollouts"] >= 0, f"{k}.log_rollouts", ">= 0", st["log_rollouts"])
-        if "loss_aggregation" in st:
-            need(st["loss_aggregation"] in AGGREGATIONS, f"{k}.loss_aggregation", " | ".join(AGGREGATIONS),
-                 st["loss_aggregation"])
-            need(st["loss_norm_length"] >= 0, f"{k}.loss_norm_length", ">= 0 (0 = sampler.max_new_tokens)",
-                 st["loss_norm_length"])
-        need(st["warmup_steps"] >= 0, f"{k}.warmup_steps", ">= 0", st["warmup_steps"])
-        need(st["schedule"] in ("constant", "cosine"), f"{k}.schedule", "constant or cosine", st["schedule"])
-        need(st["val_every"] >= 0, f"{k}.val_every", ">= 0", st["val_every"])
-        need(st["max_grad_norm"] is None or st["max_grad_norm"] >= 0, f"{k}.max_grad_norm", ">= 0 or null", st["max_grad_norm"])
-        need(st["nonfinite"] in NONFINITE_MODES, f"{k}.nonfinite", " or ".join(NONFINITE_MODES), st["nonfinite"])
-        need(st["nonfinite_skips"] >= 1, f"{k}.nonfinite_skips", ">= 1", st["nonfinite_skips"])
-        for key in ("batch_size", "prompts_per_step", "mini_batches", "micro_batches"):
-            if key in st:
-                need(st[key] >= 1, f"{k}.{key}", ">= 1", st[key])
-        if "teacher_head_block" in st:
-            need(st["teacher_head_block"] >= 0, f"{k}.teacher_head_block", ">= 0 (0 = all positions at once)",
-                 st["teacher_head_block"])
-        if "head" in st:
-            need(st["head"] in ("naive", "lean"), f"{k}.head", "naive or lean", st["head"])
-            need(st["student_head_block"] >= 1, f"{k}.student_head_block", ">= 1", st["student_head_block"])
-    ev = cfg["eval"]
-    need(ev["batch_size"] >= 1, "eval.batch_size", ">= 1", ev["batch_size"])
-    need(ev["val_prompts"] >= 0, "eval.val_prompts", ">= 0", ev["val_prompts"])
-    need(ev["test_prompts"] >= 0, "eval.test_prompts", ">= 0", ev["test_prompts"])
-    for split in ("val", "test"):
-        n = ev["samples"][split]
-        need(isinstance(n, int) and n >= 1, f"eval.samples.{split}", "an integer >= 1", n)
-        for k in ev["pass_k"][split]:
-            need(isinstance(k, int) and 1 <= k <= n, f"eval.pass_k.{split}",
-                 f"integers between 1 and eval.samples.{split} ({n})", ev["pass_k"][split])
-        need(not ev["pass_k"][split] or ev["sampled"], f"eval.pass_k.{split}", "empty when eval.sampled is false",
-             ev["pass_k"][split])
-    need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
-    need(cfg["trainer"]["threads"] >= 0, "trainer.threads", ">= 0", cfg["trainer"]["threads"])
-    need(cfg["data"]["too_long"] in ("error", "skip"), "data.too_long", "error or skip", cfg["data"]["too_long"])
-    need(cfg["run"]["checkpoint_every"] >= 1, "run.checkpoint_every", ">= 1", cfg["run"]["checkpoint_every"])
-    name = cfg["run"]["name"]
-    need(isinstance(name, str) and name.strip() not in ("", ".", "..") and "/" not in name, "run.name",
-         "a folder name (not empty, no '/')", name)
-    for key in ("out_dir", "stage_cache"):
-        check_folder(f"run.{key}", cfg["run"][key])
-    for role in ("teacher", "student"):
-        dtype = cfg[role]["dtype"]
-        need(isinstance(getattr(torch, str(dtype), None), torch.dtype) and getattr(torch, str(dtype)).is_floating_point,
-             f"{role}.dtype", "a torch floating dtype (float32, bfloat16, float16, float64)", dtype)
-    need(str(cfg["trainer"]["precision"]) not in ("16-mixed", "16"), "trainer.precision",
-         "32-true, bf16-mixed or bf16-true (fp16 loss scaling is not supported by the OPD stage's manual "
-         "optimisation)", cfg["trainer"]["precision"])
-    for role in ("teacher", "student"):
-        node = cfg[role]
-        if not node["path"]:
-            for key in ("hidden_size", "intermediate_size", "layers", "heads", "max_positions"):
-                need(node[key] >= 1, f"{role}.{key}", ">= 1", node[key])
-            need(node["kv_heads"] >= 0, f"{role}.kv_heads", ">= 0 (0 = heads)", node["kv_heads"])
-            need(node["tiny_rows"] >= 0, f"{role}.tiny_rows", ">= 0 (0 = the tokenizer's ids)", node["tiny_rows"])
-
-
-def check_folder(key: str, path: str | None) -> None:
-    """A folder opdlm will write to: an existing folder, or one that can be made under an existing,
-    writable folder."""
-    if path is None:
-        return
-    p = Path(str(path)).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{key}: '{path}' is a file, not a folder")
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{key}: '{probe}' (on the way to '{path}') is a file, not a folder")
-    import tempfile
-    try:  # the only sure test of writability (permissions, read-only mounts, pseudo file systems)
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot write in '{probe}' ({e.strerror})"
-                          + (f", needed to make '{path}'" if probe != p else "")) from None
-
-
-def check_world(cfg: Mapping[str, Any], world: int) -> None:
-    """Global batch sizes must split evenly over the processes."""
-    for stage, st in cfg["stages"].items():
-        key = "prompts_per_step" if "prompts_per_step" in st else "batch_size"
-        if st[key] % world:
-            raise ConfigError(f"stages.{stage}.{key}: {st[key]} is the batch over all processes and must split "
-                              f"evenly over the {world} processes of trainer.devices x trainer.num_nodes")
-
-
-def task_texts(task: Task) -> tuple[list[str], list[str]]:
-    """What tiny tokenizers are built from: the task's character inventory (Task.corpus) and the
-    training texts BPE merges are learnt on."""
-    return list(task.corpus()), [ex.prompt + (ex.solution or "") for ex in task.examples("train")]
-
-
-def build_run(cfg: Mapping[str, Any], *, texts: tuple[list[str], list[str]] | None = None,
-              student: ModelSpec | None = None, key: str = "", task: Task | None = None) -> BuiltRun:
-    """Construct and cross-check every plugin of a composed config (see opdlm.config.compose).
-    A multi-task config (``tasks``) builds one run per task (opdlm.multitask); each of those is
-    built here with the tiny tokenizers' ``texts`` of all tasks, the shared ``student`` spec, and
-    ``key`` (e.g. 'tasks.1.') in front of its task's keys in errors, and its ``task`` built already."""
-    cfg = dict(cfg)
-    if cfg.get("tasks"):
-        from opdlm.multitask import build_multi
-        return build_multi(cfg)
-    try:
-        return _build_one(cfg, texts, student, task)
-    except ConfigError as e:
-        if key and e.key.split(".")[0] in ("task", "teacher", "sampler"):
-            raise ConfigError(e.detail, key=f"{key}{e.key}", origin=e.origin) from None
-        if key and e.key.startswith("stages.teacher_sft."):  # the task's own teacher_sft
-            raise ConfigError(e.detail, key=f"{key}teacher_sft.{e.key[len('stages.teacher_sft.'):]}",
-                              origin=e.origin) from None
-        if key:  # a run-wide key, about this task
-            raise ConfigError(f"{e.detail} (in {key[:-1]})", key=e.key, origin=e.origin) from None
-        raise
-
-
-def check_batches(cfg: Mapping[str, Any], n_train: int, shared_student: bool = False) -> None:
-    """A training stage's batch must fit in the train split (a batch never holds an item twice).
-    ``shared_student``: one task of several, whose student SFT batches draw from every task."""
-    for stage, st in cfg["stages"].items():
-        key = "prompts_per_step" if "prompts_per_step" in st else "batch_size"
-        if st["steps"] > 0 and st[key] > n_train and not (shared_student and stage == "student_sft"):
-            raise ConfigError(f"stages.{stage}.{key}: a batch of {st[key]} is larger than the task's {n_train} "
-                              f"training examples")
-
-
-def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, student: ModelSpec | None,
-               task: Task | None) -> BuiltRun:
-    student_given = student is not None
-    check_values(cfg)
-    world = check_trainer(cfg["trainer"])
-    check_world(cfg, world)
-    if task is None:
-        task = TASKS.build(cfg["task"], "task")
-    corpus, train_texts = None, None
-    if texts is not None:
-        corpus, train_texts = texts
-    else:
-        if not cfg["teacher"]["path"] or not cfg["student"]["path"]:
-            corpus = list(task.corpus())
-        if any(not cfg[r]["path"] and cfg[r]["tiny_tokenizer"] == "bpe" for r in ("teacher", "student")):
-            train_texts = task_texts(task)[1]
-    teacher = ModelSpec(cfg["teacher"], "teacher", corpus, train_texts=train_texts)
-    tiny_keys = ("path", "tokenizer_path", "tiny_tokenizer", "tiny_vocab", "tiny_digits")
-    same_tiny = all(cfg["teacher"][k] == cfg["student"][k] for k in tiny_keys)
-    shared = teacher.tokenizer if not cfg["teacher"]["path"] and not cfg["teacher"]["tokenizer_path"] and same_tiny else None
-    if student is None:
-        student = ModelSpec(cfg["student"], "student", corpus, shared_tokenizer=shared, train_texts=train_texts)
-    ctx = Context(student_tokenizer=student.tokenizer, teacher_tokenizer=teacher.tokenizer,
-                  student_vocab_rows=student.vocab_rows, teacher_vocab_rows=teacher.vocab_rows, task=task)
-    sampler = SAMPLERS.build(cfg["sampler"], "sampler")
-    aligner = ALIGNERS.build(cfg["aligner"], "aligner")
-    support = SUPPORTS.build(cfg["support"], "support")
-    maskers = [MASKERS.build(node, f"maskers.{i}") for i, node in enumerate(cfg["maskers"])]
-    loss = LOSSES.build(cfg["loss"], "loss")
-    _bind(task, ctx, "task")
+def check_task(cfg: Mapping[str, Any], task: Task, sampler: Sampler, world: int) -> None:
+    """A task's splits and sampler fit the stages that read them."""
     if not task.examples("test"):
         raise ConfigError("task: the test split is empty, but every stage ends with a test evaluation")
     for stage in ("teacher_sft", "student_sft"):
@@ -246,12 +196,10 @@ def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, s
     if world > 1 and sampler.single_process:
         raise ConfigError(f"sampler: '{sampler.plugin_name}' runs in single-process runs for now, but this run has "
                           f"{world} processes (trainer.devices x trainer.num_nodes); use sampler.name=top_p")
-    _bind(sampler, ctx, "sampler")
-    _bind(aligner, ctx, "aligner")
-    _bind(support, ctx, "support")
-    for i, m in enumerate(maskers):
-        _bind(m, ctx, f"maskers.{i}")
-    _bind(loss, ctx, "loss")
+
+
+def check_plugins(cfg: Mapping[str, Any], loss: Loss, support: SupportSelector, aligner: Aligner) -> None:
+    """The loss, the support and the aligner work together (what the loss reads, vocabularies, prompts)."""
     loss.check_support(support, "support")
     check_reads(loss, support, aligner)
     for key, part in [*((f"loss.terms.{i}", p) for i, p in enumerate(loss.parts())), ("loss", loss)]:
@@ -265,8 +213,78 @@ def _build_one(cfg: dict[str, Any], texts: tuple[list[str], list[str]] | None, s
             f"tokens, so teacher.chat_template ({cfg['teacher']['chat_template']}) must equal "
             f"student.chat_template ({cfg['student']['chat_template']})"
         )
-    task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
-    check_batches(cfg, len(task.examples("train")), shared_student=student_given)
-    ctx.task = task
-    return BuiltRun(cfg=cfg, world=world, dropped=dropped, task=task, teacher=teacher, student=student, sampler=sampler,
-                aligner=aligner, support=support, maskers=maskers, loss=loss, ctx=ctx)
+
+
+def check_values(cfg: Mapping[str, Any]) -> None:
+    """What the config check (opdlm.config: types, bounds, choices) cannot see key by key: values that
+    must agree with each other, folders that must be writable, dtypes and precisions torch has."""
+    def need(ok: bool, key: str, rule: str, value: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: must be {rule}, got {value!r}")
+
+    for stage, st in cfg["stages"].items():
+        need(len(st["betas"]) == 2, f"stages.{stage}.betas", "two numbers in [0, 1)", st["betas"])
+    edges = cfg["stages"]["opd"]["gap_buckets"]
+    need(all(isinstance(e, int) for e in edges) and edges == sorted(set(edges)), "stages.opd.gap_buckets",
+         "increasing integers >= 0", edges)
+    ev = cfg["eval"]
+    for split in ("val", "test"):
+        n = ev["samples"][split]
+        need(all(isinstance(k, int) and k <= n for k in ev["pass_k"][split]), f"eval.pass_k.{split}",
+             f"integers between 1 and eval.samples.{split} ({n})", ev["pass_k"][split])
+        need(not ev["pass_k"][split] or ev["sampled"], f"eval.pass_k.{split}", "empty when eval.sampled is false",
+             ev["pass_k"][split])
+    need(ev["greedy"] or ev["sampled"], "eval.greedy", "true when eval.sampled is false (nothing to evaluate)", ev["greedy"])
+    name = cfg["run"]["name"]
+    need(isinstance(name, str) and name.strip() not in ("", ".", "..") and "/" not in name, "run.name",
+         "a folder name (not empty, no '/')", name)
+    for key in ("out_dir", "stage_cache"):
+        check_folder(f"run.{key}", cfg["run"][key])
+    for role in ("teacher", "student"):
+        dtype = cfg[role]["dtype"]
+        need(isinstance(getattr(torch, str(dtype), None), torch.dtype) and getattr(torch, str(dtype)).is_floating_point,
+             f"{role}.dtype", "a torch floating dtype (float32, bfloat16, float16, float64)", dtype)
+    need(str(cfg["trainer"]["precision"]) not in ("16-mixed", "16"), "trainer.precision",
+         "32-true, bf16-mixed or bf16-true (fp16 loss scaling is not supported by the OPD stage's manual "
+         "optimisation)", cfg["trainer"]["precision"])
+
+
+def check_folder(key: str, path: str | None) -> None:
+    """A folder opdlm will write to: an existing folder, or one that can be made under an existing,
+    writable folder."""
+    if path is None:
+        return
+    p = Path(str(path)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{key}: '{path}' is a file, not a folder")
+    probe_dir = p
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"{key}: '{probe_dir}' (on the way to '{path}') is a file, not a folder")
+    try:  # the only sure test of writability (permissions, read-only mounts, pseudo file systems)
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot write in '{probe_dir}' ({e.strerror})"
+                          + (f", needed to make '{path}'" if probe_dir != p else "")) from None
+
+
+def check_world(cfg: Mapping[str, Any], world: int) -> None:
+    """Global batch sizes must split evenly over the processes."""
+    for stage, st in cfg["stages"].items():
+        key = "prompts_per_step" if "prompts_per_step" in st else "batch_size"
+        if st[key] % world:
+            raise ConfigError(f"stages.{stage}.{key}: {st[key]} is the batch over all processes and must split "
+                              f"evenly over the {world} processes of trainer.devices x trainer.num_nodes")
+
+
+def check_batches(cfg: Mapping[str, Any], n_train: int) -> None:
+    """A task's teacher SFT and OPD batches must fit in its train split (a batch never holds an item
+    twice); the student's SFT batches draw from every task (build_run checks those)."""
+    for stage in ("teacher_sft", "opd"):
+        st = cfg["stages"][stage]
+        key = "prompts_per_step" if "prompts_per_step" in st else "batch_size"
+        if st["steps"] > 0 and st[key] > n_train:
+            raise ConfigError(f"stages.{stage}.{key}: a batch of {st[key]} is larger than the task's {n_train} "
+                              f"training examples")

@@ -23,6 +23,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from opdlm.guard import STOPPED, first_nonfinite
+
 try:
     import fcntl
 except ImportError:  # not on Windows: runs are then not locked
@@ -158,3 +162,47 @@ class Lock:
             fcntl.flock(self.fh, fcntl.LOCK_UN)
             self.fh.close()
             self.fh = None
+
+
+def resume_point(path: Path, stage: str, fp: str, frame: str, optimizer: dict[str, Any],
+                 log: Callable[[str], None]) -> tuple[str | None, dict | None]:
+    """A stage's last checkpoint ``path`` if it was written for fingerprint ``fp``; or, when the
+    stage stopped on a non-finite step (``stopped.json`` next to it, opdlm.guard) and the checkpoint
+    was written for this config up to its optimizer keys (the same ``frame`` fingerprint; "" never
+    matches), the checkpoint and what continues (the step and the keys that changed from the ones it
+    holds to ``optimizer``, for stage.json). Any other checkpoint, and one whose weights hold a NaN or
+    inf, is set aside (renamed), with the reason."""
+    stopped = path.parent / STOPPED
+    if not path.is_file():
+        return None, None
+    continued = None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        meta = ck.get("opdlm", {})
+        step = ck.get("global_step", "?")
+        bad = first_nonfinite(ck.get("state_dict", {}).items())
+        del ck
+    except Exception as e:  # a damaged file: say so and start over
+        reason, meta, step = f"unreadable ({type(e).__name__})", None, None
+    else:
+        reason = None if meta.get("fingerprint") == fp else (
+            f"written for another config or code (fingerprint {meta.get('fingerprint') or 'none'}, now {fp})")
+        if reason and stopped.is_file() and frame and meta.get("frame") == frame:
+            old = meta.get("optimizer", {})
+            changed = {k: [old.get(k), v] for k, v in optimizer.items() if old.get(k) != v}
+            continued, reason = {"from_fingerprint": meta.get("fingerprint"), "at_step": step, "changed": changed}, None
+        if bad:
+            reason = f"its weights hold non-finite values ({bad})"
+    if reason is None:
+        if continued is None:
+            log(f"[opdlm] stage {stage}: resuming from {path} (optimizer step {step})")
+        else:
+            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in continued["changed"].items())
+            log(f"[opdlm] stage {stage}: continuing the stage stopped on a non-finite step from {path} "
+                f"(optimizer step {step}) with other optimizer settings ({diff})")
+        return str(path), continued
+    aside = path.with_name(f"last.ckpt.{time.strftime('%Y%m%d-%H%M%S')}.set-aside")
+    path.rename(aside)
+    stopped.unlink(missing_ok=True)
+    log(f"[opdlm] stage {stage}: not resuming from {path}: {reason}; moved to {aside.name}, the stage starts from step 0")
+    return None, None

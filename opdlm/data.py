@@ -1,5 +1,7 @@
-"""Lightning DataModule over a task plugin: tokenised reference solutions for the SFT stage,
-prompts for the OPD stage, and held-out prompts for validation and test.
+"""Lightning DataModule over a run's tasks: tokenised reference solutions for the SFT stages (a
+teacher's own task, or every task for the student's cold start), prompt batches for the OPD stage
+(each of one task, in the order of ``stages.opd.task_schedule``), and held-out prompts for
+validation and test.
 
 Training batches are global: step s takes the s-th batch of a stream of reshuffles of the train
 split (one permutation per pass, drawn from a generator seeded with the run's seed, cut into
@@ -8,18 +10,22 @@ consecutive slices of that global batch, so no item appears twice in one global 
 ranks' slices, concatenated in rank order, are the batch one process would get. A stream resumed
 at step s (after a kill) continues with batch s.
 
-Evaluation batches are numbered; rank r takes batches r, r + W, ... (sharded, nothing repeated or
+OPD batches follow a schedule of tasks (``TaskSchedule``): the k-th batch of task j is the k-th
+batch of that task's own stream, seeded with the run's seed + 7919·j (the run's seed for the first
+or only task). Evaluation batches are numbered; rank r takes batches r, r + W, ... (sharded, nothing repeated or
 padded) and the metrics are summed over ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 
+from opdlm.conversation import Conversation
 from opdlm.errors import ConfigError
 from opdlm.models import render_prompt
 from opdlm.plugin_api import Task
@@ -43,7 +49,6 @@ def sft_collate(tokenizer: Any, chat_template: bool, max_len: int | None = None)
             if ex.meta.get("turns"):
                 nonlocal conversation
                 if conversation is None:
-                    from opdlm.conversation import Conversation
                     conversation = Conversation(tokenizer, chat_template)
                 ids, mine = conversation.render(ex.prompt, ex.meta["turns"])
                 lab = [i if m else -100 for i, m in zip(ids, mine)]
@@ -70,21 +75,18 @@ def sft_collate(tokenizer: Any, chat_template: bool, max_len: int | None = None)
 
 
 class PromptBatch:
-    """The examples of one prompt batch, in a box that Lightning's batch transfers and precision
-    casts leave alone (they walk into lists and dataclasses)."""
+    """The examples of one prompt batch and the label of their task, in a box that Lightning's batch
+    transfers and precision casts leave alone (they walk into lists and dataclasses)."""
 
-    def __init__(self, examples: list[Example]) -> None:
+    def __init__(self, examples: list[Example], label: str = "") -> None:
         self.examples = list(examples)
+        self.label = label
 
     def __iter__(self) -> Iterator[Example]:
         return iter(self.examples)
 
     def __len__(self) -> int:
         return len(self.examples)
-
-
-def list_collate(batch: list[Example]) -> PromptBatch:
-    return PromptBatch(batch)
 
 
 def global_batch(n_items: int, batch_size: int, step: int, seed: int, _cache: dict | None = None) -> list[int]:
@@ -152,17 +154,72 @@ def eval_items(task: Task, split: str, n: int) -> list[Example]:
     return items[:n] if n > 0 else items
 
 
-class TaskData(L.LightningDataModule):
-    """Train batches (SFT token batches or OPD prompt batches, global ``batch_size`` split over
-    the processes) for ``steps`` steps. Validation and test batches are opdlm.evaluation's own."""
+class TaskSchedule:
+    """Which task rollout batch s holds: ``alternate`` (in order, ``weight`` consecutive batches
+    each) or ``mixed`` (drawn in proportion to ``weight`` from ``seed``); the same on every process
+    and whatever the order of asking."""
 
-    def __init__(self, task: Task, *, mode: str, batch_size: int, steps: int, seed: int,
-                 tokenizer: Any = None, chat_template: bool = False,
-                 start: Callable[[], int] = lambda: 0, schedule: Callable[[int], str] | None = None) -> None:
+    def __init__(self, labels: list[str], weights: list[float], kind: str, seed: int) -> None:
+        self.labels, self.weights, self.kind = labels, weights, kind
+        self.cycle = [lab for lab, w in zip(labels, weights) for _ in range(int(w))] if kind == "alternate" else []
+        self._drawn: list[str] = []
+        self._rng = random.Random(seed)
+
+    def __call__(self, step: int) -> str:
+        if self.kind == "alternate":
+            return self.cycle[step % len(self.cycle)]
+        while len(self._drawn) <= step:
+            self._drawn.append(self._rng.choices(self.labels, weights=self.weights)[0])
+        return self._drawn[step]
+
+
+class ScheduledBatches:
+    """The OPD prompt batches of one rank for steps [start, steps): batch s holds the prompts of task
+    schedule(s), the k-th batch of that task being the k-th of its own stream of reshuffles
+    (global_batch, seeded with seed + 7919·j for the j-th task), cut into the processes' slices as
+    StepBatches are. Each batch is a PromptBatch that carries its task's label."""
+
+    def __init__(self, items: Mapping[str, Sequence[Example]], schedule: Callable[[int], str], *, batch_size: int,
+                 steps: int, seed: int, rank: int, world: int, start: Callable[[], int] = lambda: 0) -> None:
+        for label, xs in items.items():
+            if batch_size > len(xs):
+                raise ConfigError(f"stages.opd.prompts_per_step: a batch of {batch_size} is larger than task "
+                                  f"{label!r}'s {len(xs)} training items")
+        self.items, self.schedule, self.batch_size, self.steps = items, schedule, batch_size, steps
+        self.seed, self.rank, self.world, self.start = seed, rank, world, start
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        caches: dict[str, dict] = {label: {} for label in self.items}
+        counts = {label: 0 for label in self.items}
+        seeds = {label: self.seed + 7919 * j for j, label in enumerate(self.items)}  # a stream per task
+        for s in range(self.start()):
+            counts[self.schedule(s)] += 1
+        per = self.batch_size // self.world
+        for step in range(self.start(), self.steps):
+            label = self.schedule(step)
+            xs = self.items[label]
+            idx = global_batch(len(xs), self.batch_size, counts[label], seeds[label], caches[label])
+            counts[label] += 1
+            yield PromptBatch([xs[i] for i in idx[self.rank * per:(self.rank + 1) * per]], label)
+
+
+class TaskData(L.LightningDataModule):
+    """The train batches of one stage from ``sets`` (task label -> its train examples) for ``steps``
+    steps of ``batch_size`` items over all processes: SFT token batches over every set's examples
+    (one set for a teacher, every task's for the student), or OPD prompt batches, each of one task,
+    in the order of ``schedule`` (default: the tasks in turn). Validation and test batches are
+    opdlm.evaluation's own."""
+
+    def __init__(self, sets: Mapping[str, Sequence[Example]], *, mode: str, batch_size: int, steps: int, seed: int,
+                 tokenizer: Any = None, chat_template: bool = False, start: Callable[[], int] = lambda: 0,
+                 schedule: Callable[[int], str] | None = None) -> None:
         super().__init__()
-        self.task, self.mode, self.batch_size, self.steps, self.seed = task, mode, batch_size, steps, seed
+        self.sets, self.mode, self.batch_size, self.steps, self.seed = dict(sets), mode, batch_size, steps, seed
         self.tokenizer, self.chat_template, self.start = tokenizer, chat_template, start
-        self.schedule = schedule  # multi-task OPD: the task of each batch (opdlm.multitask.TaskSchedule)
+        self.schedule = schedule or TaskSchedule(list(self.sets), [1.0] * len(self.sets), "alternate", seed)
 
     def _ranks(self) -> tuple[int, int]:
         t = self.trainer
@@ -170,14 +227,10 @@ class TaskData(L.LightningDataModule):
 
     def train_dataloader(self) -> Any:
         rank, world = self._ranks()
-        if self.mode == "opd" and self.schedule is not None:
-            from opdlm.multitask import MultiTaskBatches, label_of
-            items: dict[str, list[Example]] = {}
-            for ex in self.task.examples("train"):
-                items.setdefault(label_of(ex), []).append(ex)
-            return MultiTaskBatches(items, self.schedule, batch_size=self.batch_size, steps=self.steps, seed=self.seed,
-                                    rank=rank, world=world, collate=list_collate, start=self.start)
-        collate = sft_collate(self.tokenizer, self.chat_template) if self.mode == "sft" else list_collate
-        return StepBatches(self.task.examples("train"), batch_size=self.batch_size, steps=self.steps,
-                           seed=self.seed, rank=rank, world=world, collate=collate, start=self.start)
+        if self.mode == "opd":
+            return ScheduledBatches(self.sets, self.schedule, batch_size=self.batch_size, steps=self.steps,
+                                    seed=self.seed, rank=rank, world=world, start=self.start)
+        items = [ex for xs in self.sets.values() for ex in xs]
+        return StepBatches(items, batch_size=self.batch_size, steps=self.steps, seed=self.seed, rank=rank, world=world,
+                           collate=sft_collate(self.tokenizer, self.chat_template), start=self.start)
 

@@ -9,12 +9,17 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from opdlm.build import BuiltRun
+from opdlm import dist
+from opdlm.build import BuiltRun, TaskRun
+from opdlm.data import EvalBatches, eval_items
 from opdlm.dist import step_seed
 from opdlm.guard import check_checkpoint
+from opdlm.metrics import majority_correct, pass_at_k
 from opdlm.models import render_prompt
 from opdlm.optim import OPTIMIZER_KEYS, retune
+from opdlm.plugin_api import Task
 from opdlm.types import Example
 
 #: numbers that keep the seeds of the evaluation splits apart from the training stages' seeds
@@ -29,7 +34,6 @@ def sampler_kwargs(sampler: Any, chat_template: bool) -> dict[str, Any]:
 
 def task_extracts(task: Any) -> bool:
     """Whether the task reads answers out of responses (Task.extract): maj@k and unparsed need it."""
-    from opdlm.plugin_api import Task
     task = getattr(task, "inner", task)  # (examples left out as too long: the task itself decides)
     return type(task).extract is not Task.extract
 
@@ -48,7 +52,7 @@ def metric_names(modes: list[str], pass_k: list[int], extracts: bool, interactiv
 
 
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_template: bool, batch: list[Example],
+def generate_batch(model: nn.Module, tokenizer: Any, run: TaskRun, chat_template: bool, batch: list[Example],
                    modes: list[str], seed: int, samples: int = 1, pass_k: list[int] | tuple[int, ...] = ()
                    ) -> dict[str, Tensor]:
     """Per-prompt metrics [len(batch)] of one batch (metric_names): greedy decodes once; the sampled
@@ -57,16 +61,15 @@ def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_templ
     truncation and the unparsed share are means over a prompt's responses. The sampled mode draws
     from a generator seeded with ``seed`` alone, so a batch's result does not depend on which
     process evaluates it or on what ran before."""
-    from opdlm.metrics import majority_correct, pass_at_k
-    task = built.task
+    task = run.task
     extracts = task_extracts(task)
     prompts = [render_prompt(tokenizer, ex.prompt, chat_template) for ex in batch]
     out: dict[str, Tensor] = {}
     for i, mode in enumerate(modes):
         torch.manual_seed(step_seed(seed, i))
         n = 1 if mode == "greedy" else samples
-        ro = built.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=n,
-                                  **sampler_kwargs(built.sampler, chat_template))
+        ro = run.sampler.sample(model, tokenizer, prompts, batch, greedy=mode == "greedy", n=n,
+                                **sampler_kwargs(run.sampler, chat_template))
         if ro.outcomes is not None:  # played episodes: success is winning
             correct = [o.won for o in ro.outcomes]
         else:
@@ -96,26 +99,46 @@ def generate_batch(model: nn.Module, tokenizer: Any, built: BuiltRun, chat_templ
     return out
 
 
-def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str, Any], chat_template: bool,
-             split: str = "test", progress: bool = False) -> dict[str, float]:
-    """The metrics (metric_names) of ``model`` on the first ``eval.<split>_prompts`` prompts of a
-    split, as ``<split>/<metric>``: means over prompts. When the split holds several named
+def evaluate(model: nn.Module, tokenizer: Any, run: BuiltRun, config: dict[str, Any], chat_template: bool,
+             split: str = "test", progress: bool = False, task: str | None = None) -> dict[str, float]:
+    """The metrics of ``model`` on every task of the run (or on ``task`` alone, a teacher's own), each
+    evaluated with its own sampler (evaluate_task). A run that lists its tasks (``tasks: [...]``)
+    reports each as ``<split>/<label>/<metric>`` and their mean as ``<split>/<metric>``."""
+    if task is not None:
+        return evaluate_task(model, tokenizer, run.tasks[task], config, chat_template, split, progress)
+    per = {label: evaluate_task(model, tokenizer, t, config, chat_template, split, progress)
+           for label, t in run.tasks.items()}
+    return merged_metrics(per, split) if run.several else per[next(iter(per))]
+
+
+def merged_metrics(per_task: dict[str, dict[str, float]], split: str) -> dict[str, float]:
+    """``<split>/<label>/<metric>`` for every task, and ``<split>/<metric>``: the mean over the tasks
+    that report it."""
+    out: dict[str, float] = {}
+    names: dict[str, list[float]] = {}
+    for label, m in per_task.items():
+        for k, v in m.items():
+            metric = k.split("/", 1)[1]
+            out[f"{split}/{label}/{metric}"] = v
+            if "/" not in metric:  # (a task's own benchmarks stay under the task)
+                names.setdefault(metric, []).append(v)
+    out.update({f"{split}/{m}": sum(vs) / len(vs) for m, vs in names.items()})
+    return out
+
+
+def evaluate_task(model: nn.Module, tokenizer: Any, run: TaskRun, config: dict[str, Any], chat_template: bool,
+                  split: str = "test", progress: bool = False) -> dict[str, float]:
+    """The metrics (metric_names) of ``model`` on the first ``eval.<split>_prompts`` prompts of one
+    task's split, as ``<split>/<metric>``: means over prompts. When the split holds several named
     benchmarks (Example.meta["benchmark"]), each is also reported as ``<split>/<benchmark>/<metric>``
     and ``<split>/<metric>`` is their mean, as papers' tables average benchmarks. Sharded over the
     processes of a multi-device run (rank r evaluates batches r, r + W, ...) and summed over them:
     every process gets the same numbers, and they do not depend on the number of processes."""
-    from opdlm import dist
-    from opdlm.data import EvalBatches, eval_items
-
-    if built.tasks:  # several tasks: each evaluated with its own run (its sampler), then merged
-        from opdlm.multitask import merged_metrics
-        return merged_metrics({label: evaluate(model, tokenizer, run, config, chat_template, split, progress)
-                               for label, run in built.tasks.items()}, split)
     ev = config["eval"]
     modes = eval_modes(config)
     samples, pass_k = ev["samples"][split], list(ev["pass_k"][split])
-    names = metric_names(modes, pass_k, task_extracts(built.task), bool(getattr(built.task, "interactive", False)))
-    items = eval_items(built.task, split, ev[f"{split}_prompts"])
+    names = metric_names(modes, pass_k, task_extracts(run.task), bool(getattr(run.task, "interactive", False)))
+    items = eval_items(run.task, split, ev[f"{split}_prompts"])
     groups = sorted({ex.meta.get("benchmark", "") for ex in items})  # the same on every process
     batches = EvalBatches(items, ev["batch_size"], dist.rank(), dist.world())
     device = next(model.parameters()).device
@@ -124,10 +147,9 @@ def evaluate(model: nn.Module, tokenizer: Any, built: BuiltRun, config: dict[str
     model.eval()
     bar = None
     if progress and dist.is_main():
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(batches), desc=f"{split} evaluation", leave=False, dynamic_ncols=True)
     for b, batch in batches:
-        res = generate_batch(model, tokenizer, built, chat_template, batch, modes,
+        res = generate_batch(model, tokenizer, run, chat_template, batch, modes,
                              step_seed(config["run"]["seed"], SPLIT_SEED[split], b), samples, pass_k)
         for p, ex in enumerate(batch):
             g = groups.index(ex.meta.get("benchmark", ""))
@@ -155,8 +177,10 @@ class GenerationEval(L.LightningModule):
 
     MODES = ("greedy", "sampled")
 
-    def setup_eval(self, built: BuiltRun, modes: list[str], chat_template: bool, val_every: int = 0) -> None:
-        self.built = built
+    def setup_eval(self, run: BuiltRun, modes: list[str], chat_template: bool, val_every: int = 0,
+                   task: str | None = None) -> None:
+        """``task``: the one task validated (a teacher's own), else every task of ``run``."""
+        self.run, self.eval_task = run, task
         self.eval_modes = modes
         self.chat_template = chat_template
         self.val_every = val_every
@@ -166,11 +190,6 @@ class GenerationEval(L.LightningModule):
     @property
     def eval_model(self) -> nn.Module:
         raise NotImplementedError
-
-    @property
-    def eval_built(self) -> BuiltRun:
-        """The run evaluation reads (a multi-task run's whole run, whichever task trains now)."""
-        return self.built
 
     @property
     def eval_tokenizer(self) -> Any:
@@ -211,9 +230,11 @@ class GenerationEval(L.LightningModule):
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if gather is not None:
                 with gather(wrapped, writeback=False, recurse=True):
-                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.eval_built, config, self.chat_template, "val")
+                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.run, config, self.chat_template, "val",
+                                       task=self.eval_task)
             else:
-                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.eval_built, config, self.chat_template, "val")
+                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.run, config, self.chat_template, "val",
+                                       task=self.eval_task)
         # to the log files once, at this step (self.log would repeat the value at every later logging
         # step); to the progress bar through self.log
         for lg in self.loggers:

@@ -16,7 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from opdlm.config import TASK_EXTRAS, task_entries
 from opdlm.optim import OPTIMIZER_KEYS
+from opdlm.plugin_api import Plugin
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 STAGES = ("teacher_sft", "student_sft", "opd")
@@ -37,7 +39,6 @@ def package_digest() -> str:
 def plugin_files(objects: list[Any]) -> list[str]:
     """Source files of the plugin classes in ``objects`` and of the plugins they hold (attributes,
     lists, tuples and dicts are searched), sorted."""
-    from opdlm.plugin_api import Plugin
 
     seen: set[int] = set()
     files: set[str] = set()
@@ -68,11 +69,21 @@ def plugin_files(objects: list[Any]) -> list[str]:
     return sorted(f for f in files if f)
 
 
-def code_digest(stage: str, built: Any) -> str:
-    """Hash of the opdlm package and of the plugin files ``stage`` uses."""
-    used = [built.task, built.sampler, *(r.sampler for r in (built.tasks or {}).values())]
-    if stage == "opd":
-        used += [built.aligner, built.support, *built.maskers, built.loss]
+def _scope(stage: str, built: Any, task: str | None) -> list[Any]:
+    """The tasks a stage depends on: a teacher stage its own task (``task``, or the run's only one),
+    the student's stages every task."""
+    if stage == "teacher_sft":
+        return [built.tasks[task] if task is not None else built.only]
+    return list(built.tasks.values())
+
+
+def code_digest(stage: str, built: Any, task: str | None = None) -> str:
+    """Hash of the opdlm package and of the plugin files ``stage`` uses (of its task, or of every task)."""
+    used: list[Any] = []
+    for t in _scope(stage, built, task):
+        used += [t.task, t.sampler]
+        if stage == "opd":
+            used += [t.aligner, t.support, *t.maskers, t.loss]
     h = hashlib.sha256(package_digest().encode())
     for f in plugin_files(used):
         h.update(f.encode() + b"\0" + Path(f).read_bytes() + b"\0")
@@ -100,33 +111,40 @@ def _hashed(node: Any) -> Any:
     return out
 
 
-def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, frame: bool = False) -> str:
-    """Hash of everything a stage's result depends on (see the module docstring); ``code=False``
-    leaves the code out (what a run folder's result was made with, as configuration); ``frame=True``
-    leaves the stage's optimizer keys out (what a stage stopped by a non-finite step may continue
-    under: opdlm.guard)."""
-    stages = {k: _hashed(v) for k, v in cfg["stages"].items()}
-    if frame:
-        stages[stage] = {k: v for k, v in stages[stage].items() if k not in OPTIMIZER_KEYS}
-    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "task": cfg["task"],
-                             **({"tasks": [_hashed(e) for e in cfg["tasks"]]} if cfg.get("tasks") else {}),
-                             "data": cfg["data"], "teacher": cfg["teacher"],
-                             "teacher_vocab": vocab_digest(built.teacher.tokenizer),
-                             "teacher_sft": stages["teacher_sft"],
-                             "precision": cfg["trainer"]["precision"], "code": code_digest(stage, built) if code else ""}
+def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, frame: bool = False,
+                task: str | None = None) -> str:
+    """Hash of everything a stage's result depends on (see the module docstring); ``task``: the task
+    of a teacher stage (default: the run's only one); ``code=False`` leaves the code out (what a run
+    folder's result was made with, as configuration); ``frame=True`` leaves the stage's optimizer keys
+    out (what a stage stopped by a non-finite step may continue under: opdlm.guard)."""
+    def stage_node(node: dict[str, Any], name: str) -> Any:
+        node = _hashed(node)
+        return {k: v for k, v in node.items() if k not in OPTIMIZER_KEYS} if frame and name == stage else node
+
+    entries = {e["label"]: e for _, e in task_entries(cfg)}  # the config's values; the built run's vocabularies
+    tasks = [{"label": t.label, "weight": entries[t.label]["weight"],
+              "task": {k: v for k, v in entries[t.label].items() if k not in TASK_EXTRAS},
+              "teacher": entries[t.label]["teacher"], "teacher_vocab": vocab_digest(t.teacher.tokenizer),
+              "teacher_sft": stage_node(entries[t.label]["teacher_sft"], "teacher_sft"),
+              **({"sampler": entries[t.label]["sampler"]} if stage == "opd" else {})} for t in _scope(stage, built, task)]
+    parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "tasks": tasks, "data": cfg["data"],
+                             "precision": cfg["trainer"]["precision"],
+                             "code": code_digest(stage, built, task) if code else ""}
     if stage in ("student_sft", "opd"):
-        parts.update(student=cfg["student"], student_sft=stages["student_sft"],
+        parts.update(student=cfg["student"], student_sft=stage_node(cfg["stages"]["student_sft"], "student_sft"),
                      student_vocab=vocab_digest(built.student.tokenizer))
     if stage == "opd":
-        parts.update({k: cfg[k] for k in ("sampler", "aligner", "support", "maskers", "loss")})
-        parts["opd"] = stages["opd"]
+        parts.update({k: cfg[k] for k in ("aligner", "support", "maskers", "loss")})
+        parts["opd"] = stage_node(cfg["stages"]["opd"], "opd")
         parts["processes"] = built.world  # each process samples with its own random stream
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def eval_fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True) -> str:
+def eval_fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, task: str | None = None) -> str:
     """Hash of what a stage's test metrics depend on beyond its weights: the evaluation keys and the
-    sampler (the sampled mode decodes with it), on top of the training fingerprint."""
-    parts = {"train": fingerprint(cfg, stage, built, code), "eval": cfg["eval"], "sampler": cfg["sampler"]}
+    samplers (the sampled mode decodes with them), on top of the training fingerprint."""
+    entries = {e["label"]: e for _, e in task_entries(cfg)}
+    parts = {"train": fingerprint(cfg, stage, built, code, task=task), "eval": cfg["eval"],
+             "samplers": [entries[t.label]["sampler"] for t in _scope(stage, built, task)]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

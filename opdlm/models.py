@@ -85,11 +85,7 @@ def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str,
     kind = node["tiny_tokenizer"]
     if kind == "char":
         return char_tokenizer(texts)
-    if kind == "bpe":
-        if node["tiny_vocab"] < 64:
-            raise ConfigError(f"{key}.tiny_vocab: must be >= 64, got {node['tiny_vocab']}")
-        if node["tiny_digits"] < 1:
-            raise ConfigError(f"{key}.tiny_digits: must be >= 1, got {node['tiny_digits']}")
+    if kind == "bpe":  # (tiny_vocab >= 64 and tiny_digits >= 1: opdlm.config.BOUNDS)
         return bpe_tokenizer([*(train_texts or []), *texts], node["tiny_vocab"], node["tiny_digits"])
     raise ConfigError(f"{key}.tiny_tokenizer: unknown kind '{kind}'; choices: {', '.join(TINY_TOKENIZERS)}")
 

@@ -22,19 +22,21 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from opdlm import dist
 from opdlm.build import BuiltRun, build_run
-from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, write_json
+from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, resume_point, write_json
 from opdlm.config import to_yaml
-from opdlm.data import TaskData
-from opdlm.evaluation import evaluate
+from opdlm.data import TaskData, TaskSchedule
+from opdlm.evaluation import evaluate, merged_metrics
 from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint
 from opdlm.guard import STOPPED, NonFiniteError, first_nonfinite
 from opdlm.models import load_or_build, load_weights, n_params, save_hf
@@ -47,21 +49,6 @@ from opdlm.trainer import checkpoint_dir, make_trainer, quiet_libraries
 __all__ = ["FolderBusy", "RunInterrupted", "Runner"]
 
 
-def _data(built: BuiltRun, cfg: dict[str, Any], stage: str, spec: Any, start: Callable[[], int]) -> TaskData:
-    st = cfg["stages"][stage]
-    steps = -(-st["steps"] // st["mini_batches"]) if stage == "opd" else st["steps"]  # rollout batches
-    schedule = None
-    if stage == "opd" and built.tasks:  # one task per rollout batch, in the schedule's order
-        from opdlm.multitask import TaskSchedule
-        schedule = TaskSchedule(list(built.tasks), [float(e["weight"]) for e in cfg["tasks"]],
-                                st["task_schedule"], cfg["run"]["seed"])
-    return TaskData(built.task, mode="opd" if stage == "opd" else "sft",
-                    batch_size=st["prompts_per_step"] if stage == "opd" else st["batch_size"],
-                    steps=steps, seed=cfg["run"]["seed"],
-                    tokenizer=spec.tokenizer, chat_template=spec.node["chat_template"], start=start,
-                    schedule=schedule)
-
-
 def _sharded(trainer: L.Trainer) -> bool:
     """Whether the trained parameters live in shards across processes (FSDP, DeepSpeed)."""
     name = type(trainer.strategy).__name__.lower()
@@ -72,7 +59,26 @@ class RunInterrupted(Exception):
     """Ctrl-C stopped a stage; the message says where and how to continue."""
 
 
+@dataclass
+class Plan:
+    """One stage to run: its name, the task of a teacher stage (its label; None for the student's
+    stages), its folder, its stage node, the model it trains (``spec``, ``build``: the module,
+    ``model_of``: the model in it) and how its first line describes it."""
+
+    stage: str
+    task: str | None
+    folder: Path
+    node: dict[str, Any]
+    spec: Any
+    build: Callable[[], L.LightningModule]
+    model_of: Callable[[Any], nn.Module]
+    describe: Callable[[Any], str]
+    every: int | None = None  # optimizer steps between checkpoints (default: run.checkpoint_every)
+
+
 class Runner:
+    """Runs the stages of one run in its folder (see the module docstring); ``run`` is the entry point."""
+
     def __init__(self, cfg: dict[str, Any], built: BuiltRun | None = None) -> None:
         self.cfg = cfg
         self.built = built or build_run(cfg)
@@ -80,88 +86,61 @@ class Runner:
         self.main = dist.is_main()
         self.log: Callable[[str], None] = print if self.main else (lambda _msg: None)
         self.current = ""  # the stage running now (for messages about an interruption)
-        self.tag = ""  # a multi-task run's per-task teacher runner: the task's label (folder names)
-        self.task_key = ""  # and the prefix of its keys ("tasks.1.")
 
-    def _name(self, stage: str) -> str:
-        """The folder name of a stage's logs, checkpoints and rollouts."""
-        return f"{stage}_{self.tag}" if self.tag else stage
+    def _name(self, stage: str, task: str | None = None) -> str:
+        """The folder name of a stage's logs, checkpoints and rollouts (a task's teacher in a run of
+        several tasks: with its label)."""
+        return f"{stage}_{task}" if task is not None and self.built.several else stage
 
     def _seed(self, stage: str) -> None:
         """Each stage starts from its own seed, so a stage gives the same result whether the
         stages before it ran now or came from the cache."""
         L.seed_everything(self.cfg["run"]["seed"] + 1000 * STAGES.index(stage), workers=True, verbose=False)
 
+    def _fingerprints(self, plan: Plan, code: bool = True) -> tuple[str, str]:
+        return (fingerprint(self.cfg, plan.stage, self.built, code, task=plan.task),
+                eval_fingerprint(self.cfg, plan.stage, self.built, code, task=plan.task))
+
     # -- decisions rank 0 takes ----------------------------------------------------------------
-    def _resume_point(self, stage: str, fp: str, frame: str = "", shared: bool = False) -> tuple[str | None, dict | None]:
-        """The stage's last checkpoint if it was written for this fingerprint, or (the stage stopped on
-        a non-finite step) for this config with other optimizer keys (then also what continues: the
-        step and the keys that changed, for stage.json); any other is set aside (renamed), with the
-        reason. ``frame``: the fingerprint without the stage's optimizer keys; ``shared``: the stage's
-        folder is in run.stage_cache, which keeps only results of one config (no continuing there)."""
-        path = checkpoint_dir(self.run_dir, self._name(stage)) / "last.ckpt"
-        stopped = path.parent / STOPPED
-        if not self.cfg["run"]["checkpoints"] or not path.is_file():
+    def _resume_point(self, plan: Plan, fp: str, frame: str = "") -> tuple[str | None, dict | None]:
+        """The stage's checkpoint to go on from, if any (opdlm.cache.resume_point; a stage whose folder
+        is in run.stage_cache, which keeps only results of one config, never continues under changed
+        optimizer keys)."""
+        if not self.cfg["run"]["checkpoints"]:
             return None, None
-        continued = None
-        try:
-            ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            meta = ck.get("opdlm", {})
-            step = ck.get("global_step", "?")
-            bad = first_nonfinite(ck.get("state_dict", {}).items())
-            del ck
-        except Exception as e:  # a damaged file: say so and start over
-            reason, meta, step = f"unreadable ({type(e).__name__})", None, None
-        else:
-            reason = None if meta.get("fingerprint") == fp else (
-                f"written for another config or code (fingerprint {meta.get('fingerprint') or 'none'}, now {fp})")
-            if reason and stopped.is_file() and frame and meta.get("frame") == frame and not shared:
-                old, new = meta.get("optimizer", {}), {k: self.cfg["stages"][stage][k] for k in OPTIMIZER_KEYS}
-                changed = {k: [old.get(k), v] for k, v in new.items() if old.get(k) != v}
-                continued, reason = {"from_fingerprint": meta.get("fingerprint"), "at_step": step, "changed": changed}, None
-            if bad:
-                reason = f"its weights hold non-finite values ({bad})"
-        if reason is None:
-            if continued is None:
-                self.log(f"[opdlm] stage {stage}: resuming from {path} (optimizer step {step})")
-            else:
-                diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in continued["changed"].items())
-                self.log(f"[opdlm] stage {stage}: continuing the stage stopped on a non-finite step from {path} "
-                         f"(optimizer step {step}) with other optimizer settings ({diff})")
-            return str(path), continued
-        aside = path.with_name(f"last.ckpt.{time.strftime('%Y%m%d-%H%M%S')}.set-aside")
-        path.rename(aside)
-        stopped.unlink(missing_ok=True)
-        self.log(f"[opdlm] stage {stage}: not resuming from {path}: {reason}; moved to {aside.name}, "
-                 f"the stage starts from step 0")
-        return None, None
+        path = checkpoint_dir(self.run_dir, self._name(plan.stage, plan.task)) / "last.ckpt"
+        now = {k: plan.node[k] for k in OPTIMIZER_KEYS}
+        return resume_point(path, plan.stage, fp, frame if plan.folder.parent == self.run_dir else "", now, self.log)
 
     # -- one stage ------------------------------------------------------------------------------
-    def _stage(self, stage: str, folder: Path, build: Callable[[], L.LightningModule], model_of: Callable[[Any], nn.Module],
-               spec: Any, steps: int, describe: Callable[[Any], str],
-               every: int | None = None) -> dict[str, Any]:
-        fp, efp = fingerprint(self.cfg, stage, self.built), eval_fingerprint(self.cfg, stage, self.built)
-        lock = None
+    def _stage(self, plan: Plan) -> dict[str, Any]:
+        fp, efp = self._fingerprints(plan)
+        folder, lock = plan.folder, None
         if self.main and self.cfg["run"]["stage_cache"] and folder.parent != self.run_dir:  # a shared cache entry
             lock = Lock(folder.with_name(f".{folder.name}.lock"), str(folder), wait=True)
         try:
-            state, info = dist.broadcast(lookup(stage, folder, fp, efp, self.log) if self.main else None)
+            state, info = dist.broadcast(lookup(plan.stage, folder, fp, efp, self.log) if self.main else None)
             if state == "cached":
                 return info | {"folder": str(folder.resolve())}
             if state == "evaluate":
-                return self._evaluate_again(stage, folder, info, efp, spec) | {"folder": str(folder.resolve())}
-            return self._compute(stage, folder, build, model_of, spec, steps, describe, every, fp, efp)
+                return self._evaluate_again(plan, info, efp) | {"folder": str(folder.resolve())}
+            return self._compute(plan, fp, efp)
         finally:
             if lock is not None:
                 lock.release()
 
-    def _evaluate_again(self, stage: str, folder: Path, info: dict[str, Any], efp: str, spec: Any) -> dict[str, Any]:
+    def _test(self, plan: Plan, model: nn.Module) -> dict[str, float]:
+        """The test metrics of a stage's model: on its own task (a teacher), or on every task."""
+        return evaluate(model, plan.spec.tokenizer, self.built, self.cfg, plan.spec.node["chat_template"], "test",
+                        progress=self.cfg["trainer"]["progress_bar"], task=plan.task)
+
+    def _evaluate_again(self, plan: Plan, info: dict[str, Any], efp: str) -> dict[str, Any]:
         """New test metrics for a cached model (only the evaluation settings changed)."""
         t0 = time.time()
-        self.current = stage
-        model = load_weights(folder, f"stage folder {folder}", getattr(torch, spec.node["dtype"])).to(self._device())
-        metrics = evaluate(model, spec.tokenizer, self.built, self.cfg, spec.node["chat_template"], "test",
-                           progress=self.cfg["trainer"]["progress_bar"])
+        self.current = plan.stage
+        folder = plan.folder
+        model = load_weights(folder, f"stage folder {folder}", getattr(torch, plan.spec.node["dtype"])).to(self._device())
+        metrics = self._test(plan, model)
         evaluations = {**info.get("evaluations", {}), efp: {"test": metrics, "seconds": round(time.time() - t0, 3)}}
         info = info | {"evaluations": evaluations}
         if self.main:
@@ -176,29 +155,39 @@ class Runner:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
 
-    def _compute(self, stage: str, folder: Path, build: Callable[[], L.LightningModule],
-                 model_of: Callable[[Any], nn.Module], spec: Any, steps: int, describe: Callable[[Any], str],
-                 every: int | None, fp: str, efp: str) -> dict[str, Any]:
+    def _data(self, plan: Plan, start: Callable[[], int]) -> TaskData:
+        """The stage's batches: a teacher's on its own task; the student's SFT on every task's; OPD's
+        one task per rollout batch, in stages.opd.task_schedule's order."""
+        st, seed, tasks = plan.node, self.cfg["run"]["seed"], self.built.tasks
+        sets = self.built.sets("train")
+        labels = [plan.task] if plan.task is not None else list(tasks)
+        sets = {label: sets[label] for label in labels}
+        if plan.stage != "opd":
+            return TaskData(sets, mode="sft", batch_size=st["batch_size"], steps=st["steps"], seed=seed,
+                            tokenizer=plan.spec.tokenizer, chat_template=plan.spec.node["chat_template"], start=start)
+        schedule = TaskSchedule(labels, [tasks[label].weight for label in labels], st["task_schedule"], seed)
+        return TaskData(sets, mode="opd", batch_size=st["prompts_per_step"], steps=-(-st["steps"] // st["mini_batches"]),
+                        seed=seed, start=start, schedule=schedule)
+
+    def _compute(self, plan: Plan, fp: str, efp: str) -> dict[str, Any]:
         t0 = time.time()
+        stage, folder, name, steps = plan.stage, plan.folder, self._name(plan.stage, plan.task), plan.node["steps"]
         # written under a name of its own (one per writing process), renamed into place when complete
         tmp = Path(dist.broadcast(str(folder.with_name(f".{folder.name}.tmp-{os.getpid()}"))))
         if self.main:
             remove_stale(folder)
-        frame = fingerprint(self.cfg, stage, self.built, frame=True)
-        ckpt, continued = dist.broadcast(self._resume_point(stage, fp, frame, shared=folder.parent != self.run_dir)
-                                         if self.main else None)
+        frame = fingerprint(self.cfg, stage, self.built, frame=True, task=plan.task)
+        ckpt, continued = dist.broadcast(self._resume_point(plan, fp, frame) if self.main else None)
         if self.main and ckpt is None:
-            shutil.rmtree(self.run_dir / "logs" / self._name(stage), ignore_errors=True)  # this stage is computed anew
+            shutil.rmtree(self.run_dir / "logs" / name, ignore_errors=True)  # this stage is computed anew
         dist.barrier()
         self._seed(stage)
-        module = build()
+        module = plan.build()
         module.fingerprint, module.frame = fp, frame
-        if self.tag:  # a task's own teacher: its keys and label in the guard's messages
-            module.guard.key, module.guard.label = f"{self.task_key}teacher_sft", self.tag
-        module.rollout_dir = self.run_dir / "rollouts" / self._name(stage) if self.main else None
-        data = _data(self.built, self.cfg, stage, spec, start=lambda: module.batches_done)
-        trainer = make_trainer(self.cfg, self.run_dir, stage, steps, every, name=self._name(stage))
-        self.log(f"[opdlm] stage {stage}{f' ({self.tag})' if self.tag else ''}: {describe(module)}"
+        module.rollout_dir = self.run_dir / "rollouts" / name if self.main else None
+        data = self._data(plan, start=lambda: module.batches_done)
+        trainer = make_trainer(self.cfg, self.run_dir, stage, steps, plan.every, name=name)
+        self.log(f"[opdlm] stage {stage}{f' ({plan.task})' if name != stage else ''}: {plan.describe(module)}"
                  + (f", on {dist.world()} processes" if dist.world() > 1 else ""))
         self.current = stage
         if steps > 0:
@@ -206,18 +195,18 @@ class Runner:
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt)
             except SystemExit:  # Lightning exits this way after Ctrl-C
                 if trainer.interrupted:
-                    raise RunInterrupted(self._interrupted(stage, trainer.global_step, steps)) from None
+                    raise RunInterrupted(self._interrupted(plan, trainer.global_step)) from None
                 raise
         if self.main:
-            (checkpoint_dir(self.run_dir, self._name(stage)) / STOPPED).unlink(missing_ok=True)
+            (checkpoint_dir(self.run_dir, name) / STOPPED).unlink(missing_ok=True)
         skipped = module.guard.skipped
         if skipped:
             self.log(f"[opdlm] stage {stage}: {skipped} optimizer steps were skipped (a non-finite loss or gradient; "
                      f"{module.guard.key}.nonfinite=skip)")
-        model = self._export(trainer, module, model_of(module), spec.tokenizer, tmp, trained=steps > 0, stage=stage)
+        model = self._export(trainer, module, plan.model_of(module), plan.spec.tokenizer, tmp, trained=steps > 0,
+                             stage=stage)
         t1 = time.time()
-        metrics = evaluate(model, spec.tokenizer, self.built, self.cfg, spec.node["chat_template"], "test",
-                           progress=self.cfg["trainer"]["progress_bar"])
+        metrics = self._test(plan, model)
         t2 = time.time()
         info = {"stage": stage, "fingerprint": fp, "train_seconds": round(t1 - t0, 3),
                 "evaluations": {efp: {"test": metrics, "seconds": round(t2 - t1, 3)}},
@@ -231,13 +220,13 @@ class Runner:
         seconds = round(info["train_seconds"] + info["evaluations"][efp]["seconds"], 3)  # as a cached lookup sums them
         return info | {"test": metrics, "eval_fingerprint": efp, "seconds": seconds, "folder": str(folder.resolve())}
 
-    def _interrupted(self, stage: str, step: int, steps: int) -> str:
-        path = checkpoint_dir(self.run_dir, self._name(stage)) / "last.ckpt"
+    def _interrupted(self, plan: Plan, step: int) -> str:
+        path = checkpoint_dir(self.run_dir, self._name(plan.stage, plan.task)) / "last.ckpt"
         if self.cfg["run"]["checkpoints"] and path.is_file():
             how = f"the same command continues it from {path}"
         else:
             how = "no checkpoint was written yet (run.checkpoint_every), so the same command starts it again"
-        return f"interrupted (Ctrl-C) in stage {stage} at optimizer step {step} of {steps}; {how}"
+        return f"interrupted (Ctrl-C) in stage {plan.stage} at optimizer step {step} of {plan.node['steps']}; {how}"
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, model: nn.Module, tokenizer: Any,
                 tmp: Path, trained: bool, stage: str) -> nn.Module:
@@ -260,62 +249,50 @@ class Runner:
         prefix = next(n for n, m in module.named_children() if m is model) + "."
         refuse(first_nonfinite(state.items()) if self.main else None)
         if self.main:
-            from transformers import AutoModelForCausalLM
             full = AutoModelForCausalLM.from_config(model.config)
             full.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             full.generation_config = model.generation_config
             save_hf(full, tokenizer, tmp)
         dist.barrier()
-        from transformers import AutoModelForCausalLM
         loaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True)
         return loaded.to(module.device)
 
-    def sft(self, role: str, init: str | None) -> dict[str, Any]:
+    # -- the stages ----------------------------------------------------------------------------------
+    def _plans(self) -> list[Plan]:
+        """Every stage of the run, in order: each task's teacher SFT, the student's SFT, OPD."""
+        return [*(self._sft_plan("teacher", label) for label in self.built.tasks), self._sft_plan("student"),
+                self._opd_plan()]
+
+    def _sft_plan(self, role: str, task: str | None = None) -> Plan:
         stage = f"{role}_sft"
-        folder = self.run_dir / self._name(role) if role == "teacher" else self.run_dir / "student_sft"
+        own = self.built.tasks[task] if task is not None else None
+        spec = own.teacher if own is not None else self.built.student
+        node = (own.cfg if own is not None else self.cfg)["stages"][stage]
+        init = spec.node["path"]
+        folder = self.run_dir / (self._name("teacher", task) if own is not None else "student_sft")
         if self.cfg["run"]["stage_cache"]:  # shared between runs (sweeps): keyed by fingerprint
-            folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.built)}"
-        spec = self.built.teacher if role == "teacher" else self.built.student
-        st = self.cfg["stages"][stage]
+            folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.built, task=task)}"
         seed = self.cfg["run"]["seed"] + (1 if role == "teacher" else 0)
 
         def build() -> SFTModule:
-            return SFTModule(self.cfg, role, init, built=self.built, model=load_or_build(spec, init, seed))
+            return SFTModule(self.cfg, role, init, built=self.built, model=load_or_build(spec, init, seed), task=task)
 
-        return self._stage(stage, folder, build, lambda m: m.model, spec, st["steps"],
-                           lambda m: f"{n_params(m.model):,} parameters, {st['steps']} steps of {st['batch_size']} sequences")
+        return Plan(stage, task, folder, node, spec, build, lambda m: m.model,
+                    lambda m: f"{n_params(m.model):,} parameters, {node['steps']} steps of {node['batch_size']} sequences")
 
-    def _task_runners(self) -> dict[str, Runner]:
-        """A multi-task run's runner per task (its config and run, folders tagged with its label),
-        for the task's own teacher stage; empty for a single-task run."""
-        from opdlm.multitask import task_config
-        out = {}
-        for i, (label, run) in enumerate((self.built.tasks or {}).items()):
-            out[label] = Runner(task_config(self.cfg, i), built=run)
-            out[label].tag, out[label].task_key = label, f"tasks.{i}."
-        return out
-
-    def _teachers(self) -> dict[str, Any]:
-        """A multi-task run's teachers, each its task's own teacher stage (folder teacher_<label>),
-        as one result: each task's test metrics by its own teacher (opdlm.multitask.merged_metrics)."""
-        from opdlm.multitask import merged_metrics
-        results = {label: sub.sft("teacher", sub.cfg["teacher"]["path"]) for label, sub in self._task_runners().items()}
-        return {"test": merged_metrics({k: r["test"] for k, r in results.items()}, "test"),
-                "folders": {k: r["folder"] for k, r in results.items()},
-                "folder": str(self.run_dir), "seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 3)}
-
-    def opd(self, student_init: str, teacher_init: str | dict[str, str]) -> dict[str, Any]:
+    def _opd_plan(self, student_init: str | None = None, teacher_init: dict[str, str] | None = None) -> Plan:
         st = self.cfg["stages"]["opd"]
 
         def build() -> OPDModule:
             return OPDModule(self.cfg, student_init, teacher_init, built=self.built)
 
         def describe(_m: Any) -> str:
+            n = "/".join(str(k) for k in sorted({t.sampler.n for t in self.built.tasks.values()}))
             return (f"loss {self.cfg['loss']['name']}, support {self.cfg['support']['name']}, {st['steps']} steps of "
-                    f"{st['prompts_per_step']} prompts x {self.built.sampler.n} rollouts")
+                    f"{st['prompts_per_step']} prompts x {n} rollouts")
 
-        return self._stage("opd", self.run_dir / "student", build, lambda m: m.student, self.built.student,
-                           st["steps"], describe, every=self.cfg["run"]["checkpoint_every"] * st["mini_batches"])
+        return Plan("opd", None, self.run_dir / "student", st, self.built.student, build, lambda m: m.student, describe,
+                    every=self.cfg["run"]["checkpoint_every"] * st["mini_batches"])
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -341,10 +318,10 @@ class Runner:
                 lock.release()
 
     def _config_fingerprints(self) -> dict[str, list[str]]:
-        """Per stage, the training and evaluation fingerprints of the config alone (the code left out:
-        a re-run of the same config after a code change updates its own result)."""
-        return {s: [fingerprint(self.cfg, s, self.built, code=False), eval_fingerprint(self.cfg, s, self.built, code=False)]
-                for s in STAGES}
+        """Per stage (a teacher stage per task in a run of several), the training and evaluation
+        fingerprints of the config alone (the code left out: a re-run of the same config after a code
+        change updates its own result)."""
+        return {self._name(p.stage, p.task): list(self._fingerprints(p, code=False)) for p in self._plans()}
 
     def _claim_folder(self) -> str | None:
         """Make the run folder this config's: None, or why it cannot be (it holds the finished result
@@ -372,17 +349,13 @@ class Runner:
     def _remove_other_stages(self) -> None:
         """Remove the run folder's stage folders made for another config (they would be recomputed
         anyway); the folder then holds nothing that disagrees with its config.yaml."""
-        own = {"teacher": ("teacher_sft", self.cfg, self.built)}
-        for sub in self._task_runners().values():  # each task's own teacher stage
-            own[sub._name("teacher")] = ("teacher_sft", sub.cfg, sub.built)
-        own.update({"student_sft": ("student_sft", self.cfg, self.built), "student": ("opd", self.cfg, self.built)})
-        for name, (stage, cfg, built) in own.items():
-            folder = self.run_dir / name
+        for plan in self._plans():
+            folder = self.run_dir / plan.folder.name
             try:
                 fp = json.loads((folder / "stage.json").read_text()).get("fingerprint")
             except (OSError, ValueError, AttributeError):
                 fp = None
-            if folder.is_dir() and fp != fingerprint(cfg, stage, built):
+            if folder.is_dir() and fp != self._fingerprints(plan)[0]:
                 shutil.rmtree(folder)
 
     def _run_stages(self) -> dict[str, Any]:
@@ -393,14 +366,14 @@ class Runner:
             self.log(f"[opdlm] data.too_long=skip: left out {counts} examples longer than the models' positions")
         L.seed_everything(cfg["run"]["seed"], workers=True, verbose=False)
         t0 = time.time()
-        if self.built.tasks:  # one teacher per task, each trained on (or loaded for) its own task
-            teacher = self._teachers()
-            student = self.sft("student", cfg["student"]["path"])
-            after = self.opd(student["folder"], teacher["folders"])
-        else:
-            teacher = self.sft("teacher", cfg["teacher"]["path"])
-            student = self.sft("student", cfg["student"]["path"])
-            after = self.opd(student["folder"], teacher["folder"])
+        teachers = {label: self._stage(self._sft_plan("teacher", label)) for label in self.built.tasks}
+        student = self._stage(self._sft_plan("student"))
+        after = self._stage(self._opd_plan(student["folder"], {label: r["folder"] for label, r in teachers.items()}))
+        teacher = teachers[next(iter(teachers))]
+        if self.built.several:  # the teachers as one result: each task's metrics by its own teacher
+            teacher = {"test": merged_metrics({k: r["test"] for k, r in teachers.items()}, "test"),
+                       "folders": {k: r["folder"] for k, r in teachers.items()}, "folder": str(self.run_dir),
+                       "seconds": round(sum(r.get("seconds", 0.0) for r in teachers.values()), 3)}
         stages = (teacher, student, after)
         results = {"seed": cfg["run"]["seed"], "teacher": teacher, "student_before": student,
                    "student_after": after, "processes": dist.world(), "config_fingerprints": self._config_fingerprints(),

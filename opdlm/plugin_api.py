@@ -176,8 +176,8 @@ class SupportSelector(Plugin):
     """Chooses the token set compared at each response position."""
 
     #: how many of the teacher's / student's own top ids select() needs in its Scores
-    teacher_topk: int = 0
-    student_topk: int = 0
+    teacher_k: int = 0
+    student_k: int = 0
     #: returns student ids with their teacher ids (Support.teacher_ids), so it works across tokenizers
     cross_vocabulary: bool = False
 
@@ -203,9 +203,9 @@ class TopKSupport(SupportSelector):
         check_support_size("k", k)
         self.k = k
         if self.side == "teacher":
-            self.teacher_topk = k
+            self.teacher_k = k
         else:
-            self.student_topk = k
+            self.student_k = k
 
     @property
     def size(self) -> int:

@@ -75,7 +75,8 @@ class Reads:
                      positions=max(self.positions, other.positions, key=POSITIONS.index),
                      vocabulary=self.vocabulary)
 
-    def reads(self, side: str, field: str) -> bool:
+    def has(self, side: str, field: str) -> bool:
+        """Whether ``field`` is read on ``side`` (student or teacher)."""
         return field in getattr(self, side)
 
 
@@ -86,7 +87,7 @@ def check_reads(loss: Any, support: Any, aligner: Any) -> None:
     if r.vocabulary == "full" and not aligner.shared_vocabulary:
         raise ConfigError(f"'{name}' compares the full vocabulary id by id, but aligner '{aligner.plugin_name}' "
                           "joins two vocabularies; use a support loss with mapped_topk", key="loss")
-    if r.vocabulary == "support" and ({"topk_ids", "topk_logits"} & r.teacher) and not support.teacher_topk:
+    if r.vocabulary == "support" and ({"topk_ids", "topk_logits"} & r.teacher) and not support.teacher_k:
         raise ConfigError(f"loss '{name}' reads the teacher's own top-k, which support '{support.plugin_name}' "
                           "does not compute; choose a support built on the teacher's top-k (teacher_topk, ...)",
                           key="support.name")

@@ -6,12 +6,14 @@ rollout in ``<run>/rollouts/opd/step_<n>.jsonl``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from opdlm.ops.batch import take
 from opdlm.types import Rollout, Scores, TeacherView
 
 
@@ -53,3 +55,17 @@ def write_records(folder: Path, step: int, records: list[dict[str, Any]]) -> Pat
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     tmp.replace(path)
     return path
+
+
+def save_rollouts(folder: Path | None, step: int, n: int, rollout: Rollout, view: TeacherView, teacher: Scores,
+                  mask: Tensor, student_logprob: Callable[[Rollout], Tensor], student_tok: Any, teacher_tok: Any) -> None:
+    """The first ``n`` rollouts of a step, token by token, into ``folder`` (nothing when ``n`` is 0
+    or ``folder`` None); ``student_logprob`` scores the student on them."""
+    if not n or folder is None:
+        return
+    rows = torch.arange(min(n, rollout.input_ids.shape[0]))
+    ro = take(rollout, rows)
+    with torch.no_grad():
+        lp = student_logprob(ro)
+    write_records(folder, step, rollout_records(step, ro, take(view, rows), take(teacher, rows), lp, take(mask, rows),
+                                                student_tok, teacher_tok, len(rows)))

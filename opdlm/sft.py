@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from opdlm.build import BuiltRun
+from opdlm.build import BuiltRun, build_run
+from opdlm.dist import all_sum
 from opdlm.evaluation import GenerationEval, eval_modes
 from opdlm.guard import StepGuard, guarded_step
 from opdlm.models import load_or_build
@@ -17,21 +18,24 @@ from opdlm.optim import make_optimizer
 
 
 class SFTModule(GenerationEval):
-    """Cross-entropy on reference solutions (prompt tokens are not learned)."""
+    """Cross-entropy on reference solutions (prompt tokens are not learned). ``role`` teacher: the
+    teacher of ``task`` (the run's only task by default) on that task's solutions, with its own
+    stages.teacher_sft; student: the student on every task's solutions."""
 
     def __init__(self, config: dict[str, Any], role: str, init: str | None = None, *,
-                 built: BuiltRun | None = None, model: nn.Module | None = None) -> None:
+                 built: BuiltRun | None = None, model: nn.Module | None = None, task: str | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": config, "role": role, "init": init})
-        if built is None:
-            from opdlm.build import build_run
-            built = build_run(config)
-        self.spec = built.teacher if role == "teacher" else built.student
+        self.save_hyperparameters({"config": config, "role": role, "init": init, "task": task})
+        run = built if built is not None else build_run(config)
+        own = run.tasks[task] if task is not None else run.only if role == "teacher" else None
+        self.spec = own.teacher if own is not None else run.student
         self.model = model if model is not None else load_or_build(self.spec, init, config["run"]["seed"])
-        self.stage = config["stages"][f"{role}_sft"]
-        self.guard = StepGuard(f"{role}_sft", self.stage)
+        self.stage = (own.cfg if own is not None else config)["stages"][f"{role}_sft"]
+        self.guard = StepGuard(f"{role}_sft", self.stage, key=f"{own.key}teacher_sft" if own is not None and own.key else "",
+                               label=own.label if own is not None and run.several else "")
         self.automatic_optimization = False
-        self.setup_eval(built, eval_modes(config), self.spec.node["chat_template"], self.stage["val_every"])
+        self.setup_eval(run, eval_modes(config), self.spec.node["chat_template"], self.stage["val_every"],
+                        task=own.label if own is not None else None)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -49,7 +53,6 @@ class SFTModule(GenerationEval):
         world = self.trainer.world_size
         loss = out.loss
         if world > 1:  # the token mean over every process's tokens (data-parallel averaging then gives it exactly)
-            from opdlm.dist import all_sum
             loss = out.loss * n / all_sum(n.float()).clamp_min(1.0) * world
         self.manual_backward(loss)
         guarded_step(self, self.optimizers(), self.lr_schedulers(), self.model.parameters(), self.stage["max_grad_norm"],

@@ -40,7 +40,7 @@ def world(tmp_path_factory):
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
     rollout = built.sampler.sample(module.student, tok, prompts, ex)
     view = built.aligner.align(rollout)
-    teacher = module.score_teacher(view)
+    teacher = module.scorer().teacher_scores(module.teacher, view)
     jsonl = tmp_path_factory.mktemp("data") / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) for i in range(20)))
     return {"cfg": cfg, "built": built, "module": module, "rollout": rollout, "view": view,
@@ -110,9 +110,9 @@ def test_support_contract(name, world):
     s = build(SUPPORTS, name, world, "support")
     ro = world["rollout"]
     teacher = world["teacher"]
-    if s.teacher_topk > teacher.topk_ids.shape[-1]:
+    if s.teacher_k > teacher.topk_ids.shape[-1]:
         pytest.skip("fixture teacher top-k too small")
-    student = world["module"].score_student(ro, None, topk=s.student_topk) if s.student_topk else None
+    student = world["module"].score_student(ro, None, topk=s.student_k) if s.student_k else None
     view = world["view"]
     sup = s.select(teacher, student, ro, view)
     B, T = ro.response_mask.shape
@@ -141,10 +141,10 @@ def test_loss_contract(name, world):
         sup = full_support(ro.targets, len(world["built"].student.tokenizer))
     loss.check_support(SUPPORTS.build({"name": "teacher_topk", "k": 4}), "support")
     module.student.zero_grad()
-    student = module.score_student(ro, sup.ids, first_byte=loss.reads.reads("student", "byte_logprobs"))
+    student = module.score_student(ro, sup.ids, first_byte=loss.reads.has("student", "byte_logprobs"))
     t = world["teacher"]
     with torch.no_grad():
-        t_sup = module.score_student(ro, sup.ids, first_byte=loss.reads.reads("student", "byte_logprobs"))  # any fixed values will do
+        t_sup = module.score_student(ro, sup.ids, first_byte=loss.reads.has("student", "byte_logprobs"))  # any fixed values will do
     t_bytes = None
     if t_sup.byte_logprobs is not None:
         t_bytes = torch.log_softmax(t_sup.byte_logprobs + 0.3 * torch.randn_like(t_sup.byte_logprobs), -1)

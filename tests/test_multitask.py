@@ -10,11 +10,10 @@ import torch
 from conftest import DEFAULT_CONF, TINY, compose
 
 from opdlm.build import build_run
-from opdlm.data import TaskData
+from opdlm.data import ScheduledBatches, TaskData, TaskSchedule
 from opdlm.errors import ConfigError
-from opdlm.evaluation import evaluate
+from opdlm.evaluation import evaluate, evaluate_task, merged_metrics
 from opdlm.module import OPDModule
-from opdlm.multitask import MultiTaskBatches, TaskSchedule, merged_metrics
 
 SMALL = [o for o in TINY if not o.startswith("task.")]
 TWO = [  # two arithmetic tasks that differ in operators and budgets, each with its own teacher
@@ -38,12 +37,14 @@ def test_tasks_are_completed_with_their_teacher_and_sampler():
     built = build_run(cfg)
     assert list(built.tasks) == ["add", "sub"]
     assert built.tasks["add"].sampler.max_new_tokens == 10 and built.tasks["sub"].sampler.max_new_tokens == 14
-    assert built.tasks["add"].student is built.tasks["sub"].student  # one student
+    assert built.several and [t.key for t in built.tasks.values()] == ["tasks.0.", "tasks.1."]
     sft = {label: run.cfg["stages"]["teacher_sft"] for label, run in built.tasks.items()}  # each teacher's own SFT
     assert (sft["add"]["steps"], sft["sub"]["steps"], sft["sub"]["lr"]) == (3, 5, 0.01)
     assert sft["sub"]["batch_size"] == sft["add"]["batch_size"] == cfg["stages"]["teacher_sft"]["batch_size"]
-    labels = {ex.meta["task"] for ex in built.task.examples("train")}
-    assert labels == {"add", "sub"} and len(built.task.examples("train")) == 240
+    assert {k: len(v) for k, v in built.sets("train").items()} == {"add": 120, "sub": 120}
+    assert len(built.examples("train")) == 240  # the student's cold start reads them all
+    with pytest.raises(AttributeError, match="this run has 2 tasks"):
+        built.sampler  # noqa: B018  (the parts of one task: only for a run of one task)
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -52,7 +53,7 @@ def test_tasks_are_completed_with_their_teacher_and_sampler():
     (["tasks.1.label=add"], r"tasks.1.label: two tasks are named 'add' \(tasks.0 and tasks.1\)"),
     (["tasks.0.weight=0"], r"tasks.0.weight: must be a finite number > 0, got 0$"),
     (["tasks.0.weight=.inf"], r"tasks.0.weight: must be a finite number > 0, got inf$"),
-    (["tasks.1.teacher_sft.steps=-1"], r"^tasks.1.teacher_sft.steps: must be >= 0, got -1$"),
+    (["tasks.1.teacher_sft.steps=-1"], r"^command line: tasks.1.teacher_sft.steps: must be >= 0, got -1$"),
     (["tasks.0.weight=1.5"], r"tasks.0.weight: task_schedule alternate gives each task `weight` consecutive batches: "
                              r"a whole number, got 1.5$"),
     (["stages.opd.task_schedule=random"], r"stages.opd.task_schedule: must be alternate or mixed, got 'random'$"),
@@ -85,24 +86,34 @@ def test_the_mixed_schedule_draws_tasks_in_proportion_to_their_weight():
 
 def test_batches_follow_the_schedule_and_each_task_its_own_stream():
     built = build_run(two_cfg())
-    items: dict[str, list] = {}
-    for ex in built.task.examples("train"):
-        items.setdefault(ex.meta["task"], []).append(ex)
+    items = built.sets("train")
     sched = TaskSchedule(["add", "sub"], [1, 2], "alternate", seed=0)
-    one = list(MultiTaskBatches(items, sched, batch_size=4, steps=12, seed=3, rank=0, world=1, collate=list))
-    for s, batch in enumerate(one):
-        assert {ex.meta["task"] for ex in batch} == {sched(s)}
-    add_batches = [b for b in one if b[0].meta["task"] == "add"]
-    seen = [ex.prompt for b in add_batches for ex in b]
+
+    def batches(**kw):  # (label, examples) per batch
+        return [(b.label, b.examples) for b in ScheduledBatches(items, sched, batch_size=4, steps=12, seed=3, **kw)]
+
+    one = batches(rank=0, world=1)
+    for s, (label, batch) in enumerate(one):
+        assert label == sched(s) and all(ex in items[label] for ex in batch)
+    seen = [ex.prompt for label, b in one if label == "add" for ex in b]
     assert len(seen) == len(set(seen))  # within one pass over the task's items, nothing twice
     # two processes: the ranks' halves, concatenated, are the one-process batch
-    ranks = [list(MultiTaskBatches(items, sched, batch_size=4, steps=12, seed=3, rank=r, world=2, collate=list))
-             for r in range(2)]
-    assert [r0 + r1 for r0, r1 in zip(*ranks)] == one
+    ranks = [batches(rank=r, world=2) for r in range(2)]
+    assert [(a[0], a[1] + b[1]) for a, b in zip(*ranks)] == one
     # resumed at step 5 (after a kill): the same batches from there on
-    later = list(MultiTaskBatches(items, sched, batch_size=4, steps=12, seed=3, rank=0, world=1, collate=list,
-                                  start=lambda: 5))
-    assert later == one[5:]
+    assert batches(rank=0, world=1, start=lambda: 5) == one[5:]
+
+
+def test_a_run_of_one_task_takes_the_batches_of_its_own_stream():
+    """The first (or only) task's stream is seeded with the run's seed: a run of one task draws the
+    batches a plain shuffled stream (opdlm.data.StepBatches) gives."""
+    from opdlm.data import StepBatches
+    built = build_run(compose([str(DEFAULT_CONF)], [*TINY]))
+    items = built.sets("train")
+    (label,) = items
+    sched = TaskSchedule([label], [1.0], "alternate", seed=0)
+    got = [b.examples for b in ScheduledBatches(items, sched, batch_size=4, steps=9, seed=3, rank=0, world=1)]
+    assert got == list(StepBatches(items[label], batch_size=4, steps=9, seed=3, rank=0, world=1, collate=list))
 
 
 def test_each_batch_is_sampled_and_scored_with_its_own_tasks_sampler_and_teacher():
@@ -116,18 +127,16 @@ def test_each_batch_is_sampled_and_scored_with_its_own_tasks_sampler_and_teacher
     for label, t in module.teachers.items():
         t.model.register_forward_hook(lambda *_a, label=label: calls.__setitem__(label, calls[label] + 1))  # its body
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
-    data = TaskData(built.task, mode="opd", batch_size=2, steps=3, seed=0, schedule=TaskSchedule(
+    data = TaskData(built.sets("train"), mode="opd", batch_size=2, steps=3, seed=0, schedule=TaskSchedule(
         ["add", "sub"], [1, 2], "alternate", seed=0))
     for batch in data.train_dataloader():
-        label = batch.examples[0].meta["task"]
+        task = built.tasks[batch.label]
         before = dict(calls)
-        module.use(label)
-        rollout = module.sample(batch)
-        assert rollout.response_mask.shape[1] <= built.tasks[label].sampler.max_new_tokens
-        view, teacher, support, mask = module.prepare(rollout)
-        module.update(rollout, view, teacher, support, mask, optimizer=opt)
-        assert calls[label] == before[label] + 1 and sum(calls.values()) == sum(before.values()) + 1
-        assert module.teacher is module.teachers[label]
+        rollout = module.sample(batch.examples, task)
+        assert rollout.response_mask.shape[1] <= task.sampler.max_new_tokens
+        view, teacher, support, mask = module.prepare(rollout, task)
+        module.update(rollout, view, teacher, support, mask, optimizer=opt, task=task)
+        assert calls[batch.label] == before[batch.label] + 1 and sum(calls.values()) == sum(before.values()) + 1
     assert calls == {"add": 1, "sub": 2}
 
 
@@ -136,8 +145,9 @@ def test_evaluation_reports_every_task_and_their_mean():
     built = build_run(cfg)
     module = OPDModule(cfg, built=built)
     m = evaluate(module.student, built.student.tokenizer, built, cfg, False, "test")
-    per = {label: evaluate(module.student, built.student.tokenizer, run, cfg, False, "test")
+    per = {label: evaluate_task(module.student, built.student.tokenizer, run, cfg, False, "test")
            for label, run in built.tasks.items()}
+    assert evaluate(module.student, built.student.tokenizer, built, cfg, False, "test", task="sub") == per["sub"]
     for label in ("add", "sub"):
         assert m[f"test/{label}/acc_greedy"] == per[label]["test/acc_greedy"]
     assert m["test/acc_greedy"] == pytest.approx((per["add"]["test/acc_greedy"] + per["sub"]["test/acc_greedy"]) / 2)

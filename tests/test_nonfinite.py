@@ -235,7 +235,7 @@ def test_an_sft_stage_stops_at_the_step_and_keeps_a_finite_checkpoint(tmp_path):
 
     model.lm_head.register_forward_hook(nan_at_second)
     module = SFTModule(cfg, "teacher", built=built, model=model)
-    data = TaskData(built.task, mode="sft", batch_size=8, steps=3, seed=0, tokenizer=built.teacher.tokenizer)
+    data = TaskData(built.sets("train"), mode="sft", batch_size=8, steps=3, seed=0, tokenizer=built.teacher.tokenizer)
     trainer = make_trainer(cfg, tmp_path, "teacher_sft", 3)
     with pytest.raises(NonFiniteError) as e:
         trainer.fit(module, datamodule=data)
@@ -455,17 +455,20 @@ def test_checkpoints_and_stage_folders_with_nan_weights_are_not_written_or_resum
     path = tmp_path / "demo" / "checkpoints" / "teacher_sft" / "last.ckpt"
     path.parent.mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "global_step": 2, "opdlm": {"fingerprint": fp}}, path)
-    assert runner._resume_point("teacher_sft", fp) == (None, None)
+    plan = runner._sft_plan("teacher", "arithmetic")
+    assert runner._resume_point(plan, fp) == (None, None)
     aside = [p.name for p in path.parent.iterdir()]
     assert len(aside) == 1 and aside[0].startswith("last.ckpt.") and aside[0].endswith(".set-aside")
     # a stopped stage continues under other optimizer keys, except in a shared stage cache
     fine = SFTModule(cfg, "teacher", built=built, model=built.teacher.build(1)).state_dict()
     frame = fingerprint(cfg, "teacher_sft", built, frame=True)
+    shared_plan = Runner(demo_cfg(*TINY, f"run.out_dir={tmp_path}", "run.checkpoints=true",
+                                  f"run.stage_cache={tmp_path / 'cache'}"), built)._sft_plan("teacher", "arithmetic")
     for shared, expect in ((True, None), (False, str(path))):
         torch.save({"state_dict": fine, "global_step": 2, "opdlm": {"fingerprint": "old", "frame": frame,
                     "optimizer": {"lr": 1.0}}}, path)
         (path.parent / "stopped.json").write_text("{}")
-        got, continued = runner._resume_point("teacher_sft", fp, frame, shared=shared)
+        got, continued = runner._resume_point(shared_plan if shared else plan, fp, frame)
         assert got == expect
         assert (continued is None) == shared
     assert continued["changed"]["lr"] == [1.0, cfg["stages"]["teacher_sft"]["lr"]]
@@ -484,7 +487,7 @@ def test_the_nonfinite_policy_is_not_part_of_the_fingerprint():
 def test_the_nonfinite_keys_are_checked():
     with pytest.raises(ConfigError) as e:
         build_run(demo_cfg(*TINY, "stages.opd.nonfinite=ignore"))
-    assert str(e.value) == "stages.opd.nonfinite: must be stop or skip, got 'ignore'"
+    assert str(e.value) == "command line: stages.opd.nonfinite: must be stop or skip, got 'ignore'"
     with pytest.raises(ConfigError) as e:
         build_run(demo_cfg(*TINY, "stages.teacher_sft.nonfinite_skips=0"))
-    assert str(e.value) == "stages.teacher_sft.nonfinite_skips: must be >= 1, got 0"
+    assert str(e.value) == "command line: stages.teacher_sft.nonfinite_skips: must be >= 1, got 0"

@@ -54,7 +54,7 @@ def test_teacher_scores_its_own_greedy_tokens_like_the_sampler():
     ex = built.task.examples("val")[:4]
     prompts = [tok(e.prompt, add_special_tokens=False)["input_ids"] for e in ex]
     ro = built.sampler.sample(module.teacher, tok, prompts, ex, n=1)
-    t = module.score_teacher(built.aligner.align(ro))
+    t = module.scorer().teacher_scores(module.teacher, built.aligner.align(ro))
     m = ro.response_mask
     torch.testing.assert_close(t.token_logprob[m], ro.behaviour_logprobs[m], atol=2e-5, rtol=0)
 
@@ -63,7 +63,7 @@ def fit(cfg, steps: int, student=None, teacher=None, seed: int = 0):
     built = build_run(cfg)
     L.seed_everything(seed, verbose=False)
     module = OPDModule(cfg, built=built, student=student, teacher=teacher)
-    data = TaskData(built.task, mode="opd", batch_size=cfg["stages"]["opd"]["prompts_per_step"], steps=steps,
+    data = TaskData(built.sets("train"), mode="opd", batch_size=cfg["stages"]["opd"]["prompts_per_step"], steps=steps,
                     seed=seed)
     cfg = copy.deepcopy(cfg)
     trainer = make_trainer(cfg, __import__("pathlib").Path(cfg["run"]["out_dir"]) / "fit", "opd", steps)

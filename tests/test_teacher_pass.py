@@ -41,7 +41,7 @@ def full_teacher_logits(module: OPDModule, view) -> torch.Tensor:
         out = module.teacher(input_ids=view.input_ids, attention_mask=view.attention_mask,
                              position_ids=view.position_ids).logits
     z = out.gather(1, view.pred_columns.clamp_min(0).unsqueeze(-1).expand(-1, -1, out.shape[-1]))
-    return z[..., : module.built.teacher.n_ids] / module.temperature
+    return z[..., : module.run.teacher.n_ids] / module.scorer().temperature
 
 
 def prepare_counting_head_calls(module: OPDModule, ro):
@@ -75,7 +75,7 @@ class OddIds(SupportSelector):
     """A support of fixed ids (5 and 6), which the teacher's pass reads only where they happen to be
     in its top-2 or the sampled token."""
 
-    teacher_topk = 2
+    teacher_k = 2
 
     @property
     def size(self) -> int:
@@ -89,7 +89,7 @@ class OddIds(SupportSelector):
 
 def test_ids_outside_the_pass_cost_a_second_pass_with_the_same_values():
     module, built, ro = setup("support.k=2")
-    module.built.support = OddIds()
+    module.run.only.support = OddIds()
     (view, teacher, support, mask), calls = prepare_counting_head_calls(module, ro)
     assert calls == 2
     z = full_teacher_logits(module, view)

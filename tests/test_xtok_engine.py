@@ -385,11 +385,11 @@ def test_config_errors_across_tokenizers():
 
 
 def test_demo_xtok_runs_end_to_end(tmp_path):
-    from opdlm.config import ROOT
+    from opdlm.config import CONF_DIR
     from opdlm.pipeline import Runner
 
     cfg = demo_cfg(*TINY, f"run.out_dir={tmp_path}", "student.tiny_vocab=320",
-                   confs=[str(ROOT / "conf" / "demo_xtok.yaml")])
+                   confs=[str(CONF_DIR / "demo_xtok.yaml")])
     Runner(cfg).run()
     import csv
     rows = list(csv.DictReader(open(tmp_path / "demo_xtok" / "logs" / "opd" / "metrics.csv")))

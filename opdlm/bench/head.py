@@ -133,7 +133,6 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             mem["peak"] = (torch.cuda.max_memory_allocated() / 1024 if cuda
                            else (_rss_kb("VmHWM") if mem["ok"] else 0))
 
-    module.phase_hook = hook
     plain = not args.demo and tokens <= args.naive_max  # plain forwards hold [B, L, V] logits
     for rep in range(args.repeats + args.warmup):  # warm-up steps first
         loss_time[0] = 0.0
@@ -149,7 +148,11 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         t2 = time.perf_counter()
         module.student.zero_grad(set_to_none=True)
         with autocast:
-            module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+            feats, head = module.student_features(ro)  # the student's body; then the measured loss path
+            hook("loss_path_start")
+            module.head_loss_backward(feats, head, ro, support, teacher, None, mask, view, mask.sum().float())
+            del feats, head
+            hook("loss_path_end")
         sync()
         t3 = time.perf_counter()
         grad_mb = sum(p.grad.numel() * p.grad.element_size() for p in module.student.parameters()
@@ -162,7 +165,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         tp = sp = float("nan")
         if plain:
             with torch.no_grad(), autocast:
-                v = module.align(ro)
+                v = module.align(ro, built.only)
                 s0 = time.perf_counter()
                 module.teacher(input_ids=v.input_ids, attention_mask=v.attention_mask, position_ids=v.position_ids,
                                use_cache=False).logits.sum().item()

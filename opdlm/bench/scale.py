@@ -61,14 +61,13 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
 
     sample = module.sample
 
-    def sample_and_count(batch: Any) -> Any:
-        ro = sample(batch)
+    def sample_and_count(*a: Any, **kw: Any) -> Any:
+        ro = sample(*a, **kw)
         tokens.append(int(dist.all_sum(ro.response_mask.sum()).item()))
         return ro
 
     module.sample = timed("rollout", sample_and_count)
-    for name in ("align", "student_topk", "score_teacher", "select_support", "mask"):
-        setattr(module, name, timed("teacher", getattr(module, name)))
+    module.prepare = timed("teacher", module.prepare)  # align, the teacher's pass, support, mask
     module.update = timed("student", module.update)
     comm: list[float] = []
     step_comm: list[float] = []
@@ -96,7 +95,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
         def on_train_batch_end(self, *_: Any) -> None:
             step_comm.append(sum(comm))
 
-    data = TaskData(built.task, mode="opd", batch_size=args.prompts, steps=args.steps + 1, seed=0)
+    data = TaskData(built.sets("train"), mode="opd", batch_size=args.prompts, steps=args.steps + 1, seed=0)
     trainer = make_trainer(cfg, Path(args.out), "opd", args.steps + 1)
     trainer.callbacks.append(Timer())
     t0 = time.perf_counter()

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from opdlm import dist
 from opdlm.ops.batch import alignment_stats
 from opdlm.types import LossInputs, Rollout, TeacherView, masked_mean
 
@@ -115,3 +116,24 @@ def rollout_diagnostics(rollout: Rollout, view: TeacherView, tokenizer: Any) -> 
         "repetition_frac": repetition_frac(rollout.targets, rollout.lengths, tokenizer.eos_token_id),
         **alignment_stats(rollout, view),
     }
+
+
+def reduce_step_log(logs: dict[str, list[Tensor]], rollout: Rollout, view: TeacherView, tokenizer: Any,
+                    device: torch.device, world: int) -> dict[str, Tensor]:
+    """The step's diagnostics with the rollouts' (rollout_diagnostics) added, each reduced to one
+    value: the mean over micro-batches, and on several processes the mean of the values of the ranks
+    that have one, except ``tokens``, the sum. A rank can lack a mean (no counted token in its
+    rollouts), so the ranks first agree on the keys and reduce them all in one collective: per-key
+    reductions of different key sets would pair wrong values or wait forever."""
+    logs = {**logs, **{k: [v] for k, v in rollout_diagnostics(rollout, view, tokenizer).items()}}
+    values = {}
+    for k, vs in logs.items():
+        v = torch.stack([x.float().detach().to(device) for x in vs])
+        values[k] = v.sum() if k == "tokens" else v.mean()
+    if world > 1:
+        keys = dist.all_keys(list(values))
+        zero = torch.zeros((), device=device)
+        pairs = torch.stack([torch.stack([values.get(k, zero), zero + (k in values)]) for k in keys])
+        pairs = dist.all_sum(pairs)
+        values = {k: s if k == "tokens" else s / n for k, (s, n) in zip(keys, pairs) if n > 0}
+    return values

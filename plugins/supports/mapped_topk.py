@@ -32,7 +32,7 @@ class MappedTopK(SupportSelector):
         self.k = k
         self.add_sampled = add_sampled
         self.map_unsafe = map_unsafe
-        self.teacher_topk = k
+        self.teacher_k = k
         self.t2s: torch.Tensor | None = None
 
     @property

@@ -26,7 +26,7 @@ class TeacherTopP(SupportSelector):
         if max_k < min_k:
             raise ConfigError(f"max_k: must be >= min_k ({min_k}), got {max_k}")
         self.p, self.min_k, self.max_k = p, min_k, max_k
-        self.teacher_topk = max_k
+        self.teacher_k = max_k
 
     @property
     def size(self) -> int:

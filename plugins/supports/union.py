@@ -27,8 +27,8 @@ class Union(SupportSelector):
             raise ConfigError("first: a union of unions is not supported; list the supports directly")
         self.first = SUPPORTS.build(first, "first")
         self.second = SUPPORTS.build(second, "second")
-        self.teacher_topk = max(self.first.teacher_topk, self.second.teacher_topk)
-        self.student_topk = max(self.first.student_topk, self.second.student_topk)
+        self.teacher_k = max(self.first.teacher_k, self.second.teacher_k)
+        self.student_k = max(self.first.student_k, self.second.student_k)
 
     @property
     def size(self) -> int:

@@ -70,7 +70,7 @@ def run_case(name: str, overrides: list[str], out: Path) -> None:
     module.sample = lambda batch: rollouts.append(sample(batch)) or rollouts[-1]
     rec = Record()
     st = cfg["stages"]["opd"]
-    data = TaskData(built.task, mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3)
+    data = TaskData(built.sets("train"), mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3)
     trainer = make_trainer(cfg, out / name, "opd", st["steps"])
     trainer.callbacks.append(rec)
     trainer.fit(module, datamodule=data)
@@ -104,7 +104,7 @@ def run_sft_case(out: Path) -> None:
         def on_before_optimizer_step(self, trainer, m, optimizer) -> None:  # noqa: ANN001
             grads.append([p.grad.detach().clone() for p in m.model.parameters()])
 
-    data = TaskData(built.task, mode="sft", batch_size=8, steps=1, seed=3, tokenizer=built.student.tokenizer)
+    data = TaskData(built.sets("train"), mode="sft", batch_size=8, steps=1, seed=3, tokenizer=built.student.tokenizer)
     trainer = make_trainer(cfg, out / "sft", "student_sft", 1)
     trainer.callbacks.append(RecordSFT())
     trainer.fit(module, datamodule=data)
@@ -128,7 +128,7 @@ def run_empty_rank_case(out: Path) -> None:
     cfg = demo_cfg(*TINY, f"run.out_dir={out}", *common, *DDP)
     built = build_run(cfg)
     module = OPDModule(cfg, built=built, student=built.student.build(0), teacher=built.teacher.build(1))
-    data = TaskData(built.task, mode="opd", batch_size=4, steps=2, seed=3)
+    data = TaskData(built.sets("train"), mode="opd", batch_size=4, steps=2, seed=3)
     trainer = make_trainer(cfg, out / "empty_rank", "opd", 2)
     trainer.fit(module, datamodule=data)
     (out / "empty_rank").mkdir(parents=True, exist_ok=True)

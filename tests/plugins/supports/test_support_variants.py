@@ -30,7 +30,7 @@ def test_student_topk_takes_the_students_ids():
     s = SUPPORTS.build({"name": "student_topk", "k": 3})
     student, teacher = model_scores(1), model_scores(2)
     sup = s.select(teacher, student, rollout(0))
-    assert s.student_topk == 3 and s.teacher_topk == 0
+    assert s.student_k == 3 and s.teacher_k == 0
     assert torch.equal(sup.ids, student.topk_ids[..., :3]) and sup.valid.all()
 
 
@@ -73,7 +73,7 @@ def test_nucleus_is_the_smallest_prefix_reaching_p_within_bounds(p, min_k, max_k
 def test_union_removes_duplicates_and_keeps_everything_else():
     s = SUPPORTS.build({"name": "union", "first": {"name": "teacher_topk", "k": 4},
                         "second": {"name": "student_topk", "k": 4}})
-    assert s.teacher_topk == 4 and s.student_topk == 4 and s.size == 8
+    assert s.teacher_k == 4 and s.student_k == 4 and s.size == 8
     teacher, student = model_scores(6), model_scores(7)
     sup = s.select(teacher, student, rollout(0))
     for b in range(B):

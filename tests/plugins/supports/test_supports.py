@@ -28,7 +28,7 @@ def test_teacher_topk_takes_the_first_k(k):
     B, T, kk = 2, 4, 5
     topk_ids = torch.stack([torch.stack([torch.randperm(30, generator=g)[:kk] for _ in range(T)]) for _ in range(B)])
     sel = SUPPORTS.build({"name": "teacher_topk", "k": k}, "support")
-    assert sel.size == k and sel.teacher_topk == k and sel.student_topk == 0
+    assert sel.size == k and sel.teacher_k == k and sel.student_k == 0
     rollout = make_rollout(torch.randint(0, 30, (B, T), generator=g))
     sup = sel.select(_teacher(topk_ids), None, rollout)
     assert sup.ids.shape == (B, T, k) and sup.valid.shape == (B, T, k)
@@ -63,7 +63,7 @@ def test_sampled_token_support_is_the_target():
     g = torch.Generator().manual_seed(0)
     targets = torch.randint(0, 50, (3, 6), generator=g)
     sel = SUPPORTS.build({"name": "sampled_token"}, "support")
-    assert sel.size == 1 and sel.teacher_topk == 0
+    assert sel.size == 1 and sel.teacher_k == 0
     sup = sel.select(_teacher(torch.zeros(3, 6, 2, dtype=torch.long)), None, make_rollout(targets, prompt_len=3))
     assert sup.ids.shape == (3, 6, 1)
     assert torch.equal(sup.ids[..., 0], targets)
