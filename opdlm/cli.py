@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 import sys
 
+from opdlm import dist
+from opdlm.build import build_run
+from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
+from opdlm.discovery import discover
 from opdlm.errors import ConfigError, PluginError
-from opdlm.registry import KINDS
+from opdlm.guard import NonFiniteError
+from opdlm.models import scan_weights
+from opdlm.pipeline import FolderBusy, RunInterrupted, Runner
+from opdlm.registry import KINDS, option_hints, plugin_options
+from opdlm.report import main as report_main
+from opdlm.schema import range_of
+from opdlm.trainer import quiet_libraries
 
 HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
        python run.py report FOLDER    (pictures of a run or sweep folder, in FOLDER/report/)
@@ -21,9 +31,6 @@ Runs an on-policy distillation experiment. With no conf=, runs the embedded demo
 
 
 def _list() -> str:
-    from opdlm.discovery import discover
-    from opdlm.registry import option_hints, plugin_options
-    from opdlm.schema import range_of
     discover()
     lines = []
     width = max((len(n) for reg, _ in KINDS.values() for n in reg.names()), default=10) + 2
@@ -50,10 +57,8 @@ def model_nodes(cfg: dict) -> list[tuple[str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
-        from opdlm.report import main as report_main
         return report_main(argv[1:])
     confs, overrides, flags = split_args(argv)
     unknown = [f for f in flags if f not in ("--check", "--list", "--help")]
@@ -75,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     where = Where()
     try:
         cfg = compose(confs, overrides, where)
-        from opdlm.build import build_run
         try:
             built = build_run(cfg)
             if "--check" in flags:  # every weight of the model folders, one tensor at a time
-                from opdlm.models import scan_weights
                 for key, node in model_nodes(cfg):
                     if node["path"]:
                         scan_weights(node["path"], f"{key}.path")
@@ -96,10 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# ok: {', '.join(confs)} composes and every plugin builds", file=sys.stderr)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from opdlm import dist
-    from opdlm.guard import NonFiniteError
-    from opdlm.pipeline import FolderBusy, RunInterrupted, Runner
-    from opdlm.trainer import quiet_libraries
     quiet_libraries()
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
     quiet_libraries()  # again: now it knows the rank

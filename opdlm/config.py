@@ -53,8 +53,8 @@ BOUNDS: dict[str, Range] = {
     "stages.*.weight_decay": Range(ge=0), "stages.*.betas": Range(ge=0, lt=1), "stages.*.eps": Range(gt=0),
     "stages.*.warmup_steps": Range(ge=0), "stages.*.max_grad_norm": Range(ge=0), "stages.*.val_every": Range(ge=0),
     "stages.*.nonfinite_skips": Range(ge=1),
-    "stages.opd.prompts_per_step": Range(ge=1), "stages.opd.mini_batches": Range(ge=1),
-    "stages.opd.micro_batches": Range(ge=1), "stages.opd.loss_norm_length": Range(ge=0, note="0 = sampler.max_new_tokens"),
+    "stages.opd.prompts_per_step": Range(ge=1), "stages.opd.num_mini_batches": Range(ge=1),
+    "stages.opd.num_micro_batches": Range(ge=1), "stages.opd.loss_norm_length": Range(ge=0, note="0 = sampler.max_new_tokens"),
     "stages.opd.teacher_head_block": Range(ge=0, note="0 = all positions at once"),
     "stages.opd.student_head_block": Range(ge=1), "stages.opd.gap_buckets": Range(ge=0),
     "stages.opd.log_rollouts": Range(ge=0),
@@ -76,6 +76,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RENAMED: dict[str, str] = {
     "chunk_size": "teacher_head_block",
     "head_chunk": "student_head_block",
+    "mini_batches": "num_mini_batches",
+    "micro_batches": "num_micro_batches",
 }
 #: framework keys whose default is null, and the type of any other value they take
 NULLABLE: dict[str, type] = {
@@ -283,6 +285,7 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
     every plugin node completed by its constructor defaults and interpolations resolved.
     ``where`` (optional) receives the origin of every key, for later errors (Where.locate)."""
     where = where if where is not None else Where()
+    discover()  # the built-in plugins first: a layer that renames a plugin node resolves its aliases
     base = load_yaml(BASE_FILE)
     cfg = copy.deepcopy(base)
     for p, layer in expand_layers(confs):
@@ -298,7 +301,7 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
         where.origin[key] = "command line"
         set_path(cfg, key, parse_value(text), where)
     _check_framework(cfg, base, "", where)
-    discover(cfg["plugin_paths"] or [])
+    discover(cfg["plugin_paths"] or [])  # and the config's own plugin folders
     _check_plugins(cfg, where)
     _check_tasks(cfg, base, where)
     try:

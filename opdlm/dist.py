@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as td
+from lightning.fabric import Fabric
 
 #: strategies that start their own worker processes per Trainer: opdlm needs the processes to live
 #: across stages, so it accepts only strategies whose processes are started by a launcher script
@@ -92,7 +93,6 @@ def launch(trainer_cfg: dict[str, Any]) -> int:
     Returns the world size. With one device it does nothing and returns 1."""
     if initialized():
         return world()
-    from lightning.fabric import Fabric
 
     kw = {k: trainer_cfg[k] for k in ("accelerator", "devices", "num_nodes") if k in trainer_cfg}
     started_by_us = "LOCAL_RANK" in os.environ and "OPDLM_LAUNCHED" in os.environ

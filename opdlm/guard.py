@@ -181,10 +181,10 @@ def _how_to_continue(module: Any, stop: NonFiniteStop, batch_start: bool) -> str
             module.saving_mid_step = False
         held = f"{path} holds the weights from before this step"
     elif path.is_file():
-        held = (f"the step is a later mini-batch of its rollout batch ({guard.key}.mini_batches), which no checkpoint "
+        held = (f"the step is a later mini-batch of its rollout batch ({guard.key}.num_mini_batches), which no checkpoint "
                 f"can split; {path} holds the weights of the last checkpoint before it")
     else:
-        return (f"The step is a later mini-batch of its rollout batch ({guard.key}.mini_batches) and no checkpoint was "
+        return (f"The step is a later mini-batch of its rollout batch ({guard.key}.num_mini_batches) and no checkpoint was "
                 f"written before it (run.checkpoint_every), so the same command starts the stage again")
     if dist.is_main():
         (path.parent / STOPPED).write_text(json.dumps({"step": stop.step, "message": str(stop)}))

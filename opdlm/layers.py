@@ -1,7 +1,9 @@
 """Config layers: YAML files (each with its ``base:`` files first) and ``key=value`` words, merged in
 order into one tree that remembers where every key was set (``Where``: "conf/x.yaml:12" or
 "command line"), so that every later error names the file and line. A layer that changes a plugin
-node's ``name`` replaces the whole node, so the old plugin's options cannot leak into the new one."""
+node's ``name`` replaces the whole node, so the old plugin's options cannot leak into the new one;
+a new name of the same plugin (``teacher_topk`` -> ``student_topk``: both the ``topk`` support)
+keeps the node's options except those the new name sets."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from opdlm.errors import ConfigError
+from opdlm.registry import KINDS
 
 #: config path -> plugin kind; a list slot holds several nodes of that kind
 PLUGIN_SLOTS: dict[str, str] = {
@@ -159,8 +162,8 @@ def merge(dst: dict[str, Any], src: Mapping[str, Any], prefix: str, where: Where
                 if sub.startswith(path + "."):
                     where.origin[sub] = f"{origin}:{line}"
         if slot and not slot[1] and isinstance(v, Mapping) and isinstance(cur, Mapping):
-            if "name" in v and v["name"] != cur.get("name"):
-                dst[k] = copy.deepcopy(dict(v))  # a new plugin replaces the whole node
+            if "name" in v and v["name"] != cur.get("name"):  # a new plugin replaces the whole node
+                dst[k] = {**kept_options(slot[0], cur, v["name"]), **copy.deepcopy(dict(v))}
             else:
                 merged = dict(cur)
                 merged.update(copy.deepcopy(dict(v)))
@@ -195,8 +198,20 @@ def set_path(cfg: dict[str, Any], path: str, value: Any, where: Where) -> None:
     slot_path = ".".join(parts[:-1])
     slot = slot_kind(slot_path)
     if last == "name" and slot and not slot[1] and node.get("name") != value:
+        kept = kept_options(slot[0], node, value)
         node.clear()  # changing the plugin drops the old plugin's options
+        node.update(kept)
     node[last] = value
+
+
+def kept_options(kind: str, node: Mapping[str, Any], new_name: Any) -> dict[str, Any]:
+    """The options of a plugin ``node`` that survive a change of its name to ``new_name``: none for
+    another plugin; for another name of the same plugin (an alias), all but those the new name sets."""
+    reg = KINDS[kind][0]
+    old, new = reg.resolve(node.get("name")), reg.resolve(new_name)
+    if old[0] is None or old[0] != new[0]:
+        return {}
+    return {k: copy.deepcopy(v) for k, v in node.items() if k != "name" and k not in new[1]}
 
 
 def mark_new_prefixes(cfg: dict[str, Any], key: str, where: Where) -> None:

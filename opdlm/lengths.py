@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from opdlm.conversation import Conversation
 from opdlm.errors import ConfigError
 from opdlm.models import render_prompt
 from opdlm.plugin_api import Task
@@ -157,7 +158,6 @@ def _exact_too_long(spec: Any, ex: Example, chat: bool, estimate: int, limit: in
 def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: Any) -> tuple[Task, dict[str, int]]:
     """Played tasks: a conversation grows up to sampler.max_context tokens, which both models must
     hold; an expert transcript learned by SFT must fit whole (data.too_long: skip leaves it out)."""
-    from opdlm.conversation import Conversation
 
     context = cfg["sampler"].get("max_context")
     new_tokens = cfg["sampler"]["max_new_tokens"]

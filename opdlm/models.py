@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
@@ -23,6 +24,7 @@ from transformers import (
 )
 
 from opdlm.errors import ConfigError
+from opdlm.guard import first_nonfinite
 
 PAD, EOS, UNK = "<pad>", "<|im_end|>", "<unk>"
 CHAR_SPECIALS = [PAD, EOS, UNK, "<think>", "</think>"]
@@ -129,7 +131,6 @@ def check_weights(folder: Path, key: str) -> None:
         raise ConfigError(f"{key}: '{folder}' has no weights (none of {', '.join(WEIGHT_FILES)})")
     for f in sorted(folder.glob("*.safetensors")):
         try:
-            from safetensors import safe_open
             with safe_open(str(f), framework="pt"):
                 pass
         except Exception as e:
@@ -140,11 +141,9 @@ def check_weights(folder: Path, key: str) -> None:
 def scan_weights(folder: str | Path, key: str) -> None:
     """ConfigError when a weight file of the folder holds a NaN or inf, read one tensor at a time
     (safetensors; pytorch_model*.bin through a memory map), without building the model (--check)."""
-    from opdlm.guard import first_nonfinite
 
     folder = Path(folder)
     for f in sorted(folder.glob("*.safetensors")):
-        from safetensors import safe_open
         with safe_open(str(f), framework="pt") as fh:
             bad = first_nonfinite((name, fh.get_tensor(name)) for name in fh.keys())
         if bad:
@@ -162,7 +161,6 @@ def scan_weights(folder: str | Path, key: str) -> None:
 def load_weights(path: str | Path, key: str, dtype: torch.dtype) -> nn.Module:
     """AutoModelForCausalLM.from_pretrained on a local folder; any failure, and weights that hold a
     NaN or inf, is one ConfigError line."""
-    from opdlm.guard import first_nonfinite
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)

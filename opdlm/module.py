@@ -103,10 +103,10 @@ class OPDModule(GenerationEval):
         return view, scores, support, self.mask(rollout, view, task)
 
     def align(self, rollout: Rollout, task: TaskRun) -> TeacherView:
-        teacher = task.teacher
-        prompts = [render_prompt(teacher.tokenizer, ex.prompt, teacher.node["chat_template"]) for ex in rollout.examples]
+        spec = task.teacher
+        prompts = [render_prompt(spec.tokenizer, ex.prompt, spec.node["chat_template"]) for ex in rollout.examples]
         if rollout.outcomes is not None and task.aligner.uses_teacher_prompt:  # the teacher's own user turns
-            conv = Conversation(teacher.tokenizer, teacher.node["chat_template"])
+            conv = Conversation(spec.tokenizer, spec.node["chat_template"])
             turns = [[conv.user(task.task.user_turn(obs)) for _, obs in o.transcript[: o.replies]] for o in rollout.outcomes]
             return task.aligner.align(rollout, prompts, teacher_turns=turns)
         return task.aligner.align(rollout, prompts)
@@ -118,18 +118,18 @@ class OPDModule(GenerationEval):
             mask &= m.mask(rollout, view)
         return mask
 
-    def update(self, rollout: Rollout, view: TeacherView, teacher: Scores, support: Support, mask: Tensor,
+    def update(self, rollout: Rollout, view: TeacherView, teacher_scores: Scores, support: Support, mask: Tensor,
                optimizer: Any = None, scheduler: Any = None, task: TaskRun | None = None) -> dict[str, list[Tensor]]:
-        """Loss, backward and optimizer step(s) on one rollout batch: ``mini_batches`` (a count)
+        """Loss, backward and optimizer step(s) on one rollout batch: ``num_mini_batches`` (a count)
         optimizer steps on strided row sets (later ones are off-policy against π_old), each
-        accumulating ``micro_batches`` (a count) backward passes, the loss aggregated over the whole
+        accumulating ``num_micro_batches`` (a count) backward passes, the loss aggregated over the whole
         mini-batch on every rank (``loss_aggregation``). Outside a fit, pass the optimizer (and the scheduler)."""
         task = task or self.run.only
         st, world, scorer = self.stage, self._world(), self.scorer(task)
         opt = optimizer if optimizer is not None else self.optimizers()
         sched = scheduler if scheduler is not None or optimizer is not None else self.lr_schedulers()
         old_logprob = None
-        if st["mini_batches"] > 1:  # later mini-batches are off-policy: keep π_old from before the first update
+        if st["num_mini_batches"] > 1:  # later mini-batches are off-policy: keep π_old from before the first update
             with torch.no_grad():
                 old_logprob = scorer.student_scores(self.student, rollout, None).token_logprob
         logs: dict[str, list[Tensor]] = {}
@@ -137,14 +137,14 @@ class OPDModule(GenerationEval):
         norm_length = st["loss_norm_length"] or task.sampler.response_budget
         terms = {f"loss.terms.{i} ({part.plugin_name})": f"{i}_{part.plugin_name}/loss"
                  for i, part in enumerate(task.loss.parts())}  # weighted_sum's terms, named in a stop
-        for m, rows in enumerate(mini_batch_rows(rollout.input_ids.shape[0], st["mini_batches"])):
+        for m, rows in enumerate(mini_batch_rows(rollout.input_ids.shape[0], st["num_mini_batches"])):
             weights, denominator = aggregation(mask[rows.to(mask.device)], st["loss_aggregation"],
                                                norm_length=norm_length, all_sum=all_sum)
             loss, term_losses = torch.zeros((), device=self.device), {name: torch.zeros((), device=self.device) for name in terms}
-            for micro in micro_batch_rows(rows, st["micro_batches"]):
+            for micro in micro_batch_rows(rows, st["num_micro_batches"]):
                 old = take(old_logprob, micro) if old_logprob is not None else None
                 within = torch.searchsorted(rows.to(micro.device), micro)  # the micro-batch's rows in `weights`
-                inputs, out, part = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher, micro),
+                inputs, out, part = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher_scores, micro),
                                                        old, take(mask, micro), take(view, micro),
                                                        denominator * (1.0 / world), take(weights, within), task=task)
                 loss = loss + part
@@ -161,20 +161,20 @@ class OPDModule(GenerationEval):
             logs["skipped_steps"] = [torch.tensor(float(self.guard.skipped))]
         return logs
 
-    def loss_backward(self, ro: Rollout, sup: Support, teacher: Scores, old: Tensor | None, mask: Tensor,
+    def loss_backward(self, ro: Rollout, sup: Support, teacher_scores: Scores, old: Tensor | None, mask: Tensor,
                       view: TeacherView, denominator: Tensor, weights: Tensor | None = None,
                       task: TaskRun | None = None) -> tuple[LossInputs, LossOutput, Tensor]:
         """The student's body forward (``student_features``), then its head, the loss and one
         backward pass (``head_loss_backward``). Returns the loss inputs and output (for the log) and
         the loss (detached)."""
         feats, head = self.student_features(ro)
-        return self.head_loss_backward(feats, head, ro, sup, teacher, old, mask, view, denominator, weights, task)
+        return self.head_loss_backward(feats, head, ro, sup, teacher_scores, old, mask, view, denominator, weights, task)
 
     def student_features(self, ro: Rollout) -> tuple[Tensor, nn.Linear | None]:
         """The student's hidden states at the columns that predict the response tokens, and its head."""
         return response_hidden(self.student, ro.input_ids, ro.attention_mask, ro.position_ids, response_columns(ro))
 
-    def head_loss_backward(self, feats: Tensor, head: nn.Linear | None, ro: Rollout, sup: Support, teacher: Scores,
+    def head_loss_backward(self, feats: Tensor, head: nn.Linear | None, ro: Rollout, sup: Support, teacher_scores: Scores,
                            old: Tensor | None, mask: Tensor, view: TeacherView, denominator: Tensor,
                            weights: Tensor | None = None, task: TaskRun | None = None
                            ) -> tuple[LossInputs, LossOutput, Tensor]:
@@ -187,9 +187,9 @@ class OPDModule(GenerationEval):
             self._warn_no_split()
         full_lean = self.lean and head is not None and loss.reads.vocabulary == "full"
         if full_lean:  # both models' heads block by block, the loss's divergence inside
-            assert teacher.hidden is not None
+            assert teacher_scores.hidden is not None
             token_loss, student = full_vocab_loss(
-                feats, head, teacher.hidden, (split_model(self.teachers[task.label]) or (None, None))[1], ro.targets,
+                feats, head, teacher_scores.hidden, (split_model(self.teachers[task.label]) or (None, None))[1], ro.targets,
                 loss.divergence, student_rows=self.run.student.n_ids, teacher_rows=task.teacher.n_ids,
                 temperature=scorer.temperature, block=self.stage["student_head_block"])
         else:
@@ -198,7 +198,7 @@ class OPDModule(GenerationEval):
                                      support_ids=support_ids, temperature=scorer.temperature,
                                      vocab_rows=self.run.student.n_ids, entropy=True,
                                      **scorer.buckets("student", ro.targets.device))
-        inputs = LossInputs(student=student, teacher=teacher, support=sup, mask=mask, rollout=ro, view=view,
+        inputs = LossInputs(student=student, teacher=teacher_scores, support=sup, mask=mask, rollout=ro, view=view,
                             old_logprob=old if old is not None else student.token_logprob.detach())
         out = LossOutput(token_loss) if full_lean else checked_output(loss, loss.compute(inputs), mask)
         w = (mask if weights is None else weights).to(out.token_loss.dtype)

@@ -166,7 +166,7 @@ class Runner:
             return TaskData(sets, mode="sft", batch_size=st["batch_size"], steps=st["steps"], seed=seed,
                             tokenizer=plan.spec.tokenizer, chat_template=plan.spec.node["chat_template"], start=start)
         schedule = TaskSchedule(labels, [tasks[label].weight for label in labels], st["task_schedule"], seed)
-        return TaskData(sets, mode="opd", batch_size=st["prompts_per_step"], steps=-(-st["steps"] // st["mini_batches"]),
+        return TaskData(sets, mode="opd", batch_size=st["prompts_per_step"], steps=-(-st["steps"] // st["num_mini_batches"]),
                         seed=seed, start=start, schedule=schedule)
 
     def _compute(self, plan: Plan, fp: str, efp: str) -> dict[str, Any]:
@@ -292,7 +292,7 @@ class Runner:
                     f"{st['prompts_per_step']} prompts x {n} rollouts")
 
         return Plan("opd", None, self.run_dir / "student", st, self.built.student, build, lambda m: m.student, describe,
-                    every=self.cfg["run"]["checkpoint_every"] * st["mini_batches"])
+                    every=self.cfg["run"]["checkpoint_every"] * st["num_mini_batches"])
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg

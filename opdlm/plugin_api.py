@@ -1,7 +1,8 @@
-"""Base classes of the six plugin kinds. A plugin subclasses one, takes its options as
-keyword-only constructor arguments (those are its config keys), and registers itself with the
-kind's registry. ``bind`` is called once after construction with the run's Context (tokenizers,
-vocabulary sizes, task): everything checkable without model weights is checked there."""
+"""Base classes of the seven plugin kinds (samplers, aligners, supports, maskers, losses, tasks and
+environments). A plugin subclasses one, takes its options as keyword-only constructor arguments
+(those are its config keys), and registers itself with the kind's registry. ``bind`` is called
+once after construction with the run's Context (tokenizers, vocabulary sizes, task): everything
+checkable without model weights is checked there."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from opdlm.errors import ConfigError
 from opdlm.reads import Reads
 from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
 
@@ -164,7 +165,6 @@ class Aligner(Plugin):
 
 def check_support_size(option: str, value: int, tokenizer: Any = None, side: str = "") -> None:
     """ConfigError for a support size below 1, or (with a tokenizer) above its number of ids."""
-    from opdlm.errors import ConfigError
 
     if value < 1:
         raise ConfigError(f"{option}: must be >= 1, got {value}")
@@ -189,49 +189,6 @@ class SupportSelector(Plugin):
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:
         raise NotImplementedError
-
-
-class TopKSupport(SupportSelector):
-    """Base of the supports built on one side's own top-k (``side``: 'teacher' or 'student'), plus
-    the sampled token when ``plus_sampled``: option k (>= 1, at most that side's vocabulary); the
-    engine computes that side's top-k. Output ids [B, T, K] (K + 1 with the sampled token)."""
-
-    side: str = "teacher"
-    plus_sampled: bool = False
-
-    def __init__(self, *, k: int = 32) -> None:
-        check_support_size("k", k)
-        self.k = k
-        if self.side == "teacher":
-            self.teacher_k = k
-        else:
-            self.student_k = k
-
-    @property
-    def size(self) -> int:
-        return self.k + int(self.plus_sampled)
-
-    def bind(self, ctx: Context) -> None:
-        tokenizer = ctx.teacher_tokenizer if self.side == "teacher" else ctx.student_tokenizer
-        check_support_size("k", self.k, tokenizer, self.side)
-
-    def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
-               view: TeacherView | None = None) -> Support:
-        scores = teacher if self.side == "teacher" else student
-        assert scores is not None and scores.topk_ids is not None and scores.topk_ids.shape[-1] >= self.k
-        top = scores.topk_ids[..., : self.k]
-        if self.plus_sampled:
-            return with_sampled(top, rollout.targets)
-        return Support(ids=top, valid=torch.ones_like(top, dtype=torch.bool))
-
-
-def with_sampled(top: Tensor, sampled: Tensor) -> Support:
-    """The support ``top`` [B, T, K] plus the sampled token ``sampled`` [B, T] as entry K, marked
-    invalid where it is already among the top K (so no token counts twice)."""
-    s = sampled.unsqueeze(-1)
-    inside = (top == s).any(-1, keepdim=True)
-    return Support(ids=torch.cat([top, s], dim=-1),
-                   valid=torch.cat([torch.ones_like(top, dtype=torch.bool), ~inside], dim=-1))
 
 
 class Masker(Plugin):

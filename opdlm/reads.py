@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from opdlm.errors import ConfigError, PluginError
+from opdlm.ops.head import head_scores
 from opdlm.types import LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
+from opdlm.xtok.tables import N_BINS
 
 #: Scores fields a loss may read, per side
 STUDENT_FIELDS = ("token_logprob", "lse", "support_logits", "entropy", "byte_logprobs")
@@ -134,8 +136,6 @@ def _where(loss: Any) -> str:
 def probe_batch(support_size: int, *, full: bool, seed: int = 0) -> dict[str, Any]:
     """Random student and teacher Scores (every field filled), a support, a rollout and an
     identity view for B = 2 rows of T = 3 positions (the probe's input; also used by tests)."""
-    from opdlm.ops.head import head_scores
-    from opdlm.xtok.tables import N_BINS
 
     g = torch.Generator().manual_seed(seed)
     B, T = 2, 3

@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Name -> plugin class for one kind (sampler, aligner, support, masker, loss, task)."""
+    """Name -> plugin class for one kind (sampler, aligner, support, masker, loss, task, environment)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -62,6 +62,14 @@ class Registry(Generic[T]):
     def retire(self, name: str, why: str) -> None:
         """A plugin that was removed: naming it is an error that says ``why`` (and what to do)."""
         self._retired[name] = why
+
+    def resolve(self, name: Any) -> tuple[str | None, dict[str, Any]]:
+        """(the registered plugin a name stands for, the options its alias sets); (None, {}) for a
+        name that is not registered."""
+        if name in self._aliases:
+            target, preset = self._aliases[name]
+            return target, dict(preset)
+        return (name, {}) if isinstance(name, str) and name in self._entries else (None, {})
 
     def aliases(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """alias -> (plugin name, preset options)."""
@@ -149,7 +157,7 @@ class Registry(Generic[T]):
             if k not in out:
                 if p.default is inspect.Parameter.empty:
                     raise ConfigError(f"{key}.{k}: required by {self.kind} '{name}' but not set")
-                out[k] = p.default
+                out[k] = _plain(p.default)  # (a tuple default is a list in the config)
         for k, (kind, extra) in getattr(cls, "nested_nodes", {}).items():  # plugin nodes inside options
             out[k] = _complete_nested(out[k], KINDS[kind][0], extra, f"{key}.{k}")
         return out

@@ -20,6 +20,7 @@ import html
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,6 @@ def report(folder: str | Path) -> tuple[list[Path], str]:
 
 
 def main(argv: list[str]) -> int:
-    import sys
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: opdlm report FOLDER   (a run folder runs/<name>, or a sweep folder runs/sweeps/<name>)",
               file=sys.stderr)

@@ -114,6 +114,8 @@ def type_name(tp: Any) -> str:
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, tuple):
         return f"list of {type_name(args[0])}" if args else "list"
     if origin is dict or origin is Mapping:

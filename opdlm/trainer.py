@@ -43,7 +43,7 @@ MANAGED = {
     "callbacks": "run.checkpoints", "enable_checkpointing": "run.checkpoints",
     "default_root_dir": "run.out_dir and run.name", "enable_progress_bar": "trainer.progress_bar",
     "gradient_clip_val": "stages.<stage>.max_grad_norm", "gradient_clip_algorithm": "stages.<stage>.max_grad_norm",
-    "accumulate_grad_batches": "stages.opd.micro_batches",
+    "accumulate_grad_batches": "stages.opd.num_micro_batches",
     "use_distributed_sampler": "(nothing: opdlm splits every batch over the processes itself)",
 }
 

@@ -38,7 +38,7 @@ def by_hand(token_loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_length
 
 @pytest.mark.parametrize("mode", AGGREGATIONS)
 def test_engine_aggregation_equals_the_formula(mode):
-    cfg = demo_cfg(*TINY, f"stages.opd.loss_aggregation={mode}", "stages.opd.micro_batches=3",
+    cfg = demo_cfg(*TINY, f"stages.opd.loss_aggregation={mode}", "stages.opd.num_micro_batches=3",
                    "stages.opd.max_grad_norm=null", "stages.opd.loss_norm_length=7", "support.k=4",
                    "trainer.precision=64-true")
     built = build_run(cfg)

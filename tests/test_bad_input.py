@@ -58,7 +58,7 @@ def test_different_vocabularies_under_identity(tmp_path):
 
 def test_framework_value_ranges():
     assert plan_err("stages.opd.schedule=cos") == "command line: stages.opd.schedule: must be constant or cosine, got 'cos'"
-    assert plan_err("stages.opd.micro_batches=0") == "command line: stages.opd.micro_batches: must be >= 1, got 0"
+    assert plan_err("stages.opd.num_micro_batches=0") == "command line: stages.opd.num_micro_batches: must be >= 1, got 0"
     assert plan_err("stages.opd.lr=0") == "command line: stages.opd.lr: must be > 0, got 0"
     assert plan_err("eval.greedy=false", "eval.sampled=false").startswith("eval.greedy: must be true")
 

@@ -40,7 +40,7 @@ def test_a_removed_masker_says_why():
 def test_unknown_framework_key():
     assert err("stages.opd.step=3") == (
         "command line: stages.opd.step: unknown key (did you mean 'steps'?); valid keys here: steps, "
-        "prompts_per_step, mini_batches, micro_batches, lr, weight_decay, betas, eps, warmup_steps, schedule, "
+        "prompts_per_step, num_mini_batches, num_micro_batches, lr, weight_decay, betas, eps, warmup_steps, schedule, "
         "max_grad_norm, nonfinite, nonfinite_skips, loss_aggregation, loss_norm_length, head, teacher_head_block, student_head_block, val_every, gap_buckets, task_schedule, log_rollouts"
     )
 
@@ -56,7 +56,7 @@ def test_wrong_types():
     assert err("support.k=abc") == "command line: support.k: expected integer, got 'abc' (str)"
     assert err("stages.opd.steps=1.5") == "command line: stages.opd.steps: expected integer, got 1.5 (float)"
     assert err("run.checkpoints=3") == "command line: run.checkpoints: expected boolean, got 3 (int)"
-    assert err("maskers.0.tokens=5") == "command line: maskers.0.tokens: expected list of string or null, got 5 (int)"
+    assert err("maskers.0.tokens=5") == "command line: maskers.0.tokens: expected list of string, got 5 (int)"
 
 
 def test_int_is_accepted_for_float():
@@ -107,7 +107,7 @@ def test_layer_changing_name_replaces_the_node(tmp_path):
 
 def test_same_name_merges_options():
     cfg = demo_cfg("support.k=4")
-    assert cfg["support"] == {"name": "teacher_topk", "k": 4}
+    assert cfg["support"] == {"name": "topk", "k": 4, "side": "teacher", "plus_sampled": False}  # (teacher_topk)
 
 
 def test_resolved_config_has_plugin_defaults():

@@ -20,7 +20,7 @@ from opdlm.types import LossInputs, Scores
 #: file); "{jsonl}" is replaced by a generated file
 FIXTURE_OPTIONS = {
     "task": {"jsonl": {"path": "{jsonl}"}},
-    "support": {"teacher_topk": {"k": 4}, "mapped_topk": {"k": 3}, "student_topk": {"k": 4}, "teacher_topk_plus_sampled": {"k": 3}, "student_topk_plus_sampled": {"k": 3},
+    "support": {"topk": {"k": 4}, "mapped_topk": {"k": 3},
                 "teacher_top_p": {"max_k": 4},
                 "union": {"first": {"name": "teacher_topk", "k": 2}, "second": {"name": "student_topk", "k": 2}}},
     "sampler": {"top_p": {"max_new_tokens": 12}},

@@ -124,7 +124,7 @@ def test_check_shows_nested_plugin_nodes_with_their_defaults(capsys):
                  "support={name: union, first: {name: teacher_topk, k: 3}, second: {name: student_topk, k: 3}}"]) == 0
     out = capsys.readouterr().out
     assert "- name: sampled_token\n    clip_eps: 0.2\n    dual_clip: 3.0\n    weight: 1.0" in out
-    assert "first:\n    name: teacher_topk\n    k: 3" in out
+    assert "first:\n    name: topk\n    k: 3\n    side: teacher" in out
 
 
 @pytest.mark.slow

@@ -350,13 +350,13 @@ def test_a_stop_in_a_later_mini_batch_continues_from_the_last_batch(tmp_path):
     is in the weights); the last checkpoint (end of rollout batch 1) is named, and continuing from it with skip gives
     the run that skipped from the start."""
     loss = "loss={name: nan_at, steps: [2], call: 2}"
-    mb = ["stages.opd.mini_batches=2", "run.checkpoint_every=1"]
+    mb = ["stages.opd.num_mini_batches=2", "run.checkpoint_every=1"]
     stopped = run_cli(tmp_path / "a", loss, *mb)
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     ckpt = tmp_path / "a" / "demo" / "checkpoints" / "opd" / "last.ckpt"
     assert last_line(stopped.stderr).startswith(
         "opdlm: non-finite: stage opd, optimizer step 4 of 6: the loss (nan_at) is nan; the weights were not updated. "
-        f"the step is a later mini-batch of its rollout batch (stages.opd.mini_batches), which no checkpoint can split; "
+        f"the step is a later mini-batch of its rollout batch (stages.opd.num_mini_batches), which no checkpoint can split; "
         f"{ckpt} holds the weights of the last checkpoint before it: the same command continues from it with")
     assert torch.load(ckpt, weights_only=False)["global_step"] == 2
     resumed = run_cli(tmp_path / "a", loss, *mb, "stages.opd.nonfinite=skip")

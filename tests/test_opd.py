@@ -107,7 +107,7 @@ def test_micro_batches_keep_the_global_token_mean(tmp_path, loss):
     extra = ("loss.name=sampled_token", "support.name=sampled_token") if loss == "sampled_token" else ()
     params = []
     for micro in (1, 3):
-        cfg = tiny(f"stages.opd.micro_batches={micro}", "stages.opd.prompts_per_step=3", *extra,
+        cfg = tiny(f"stages.opd.num_micro_batches={micro}", "stages.opd.prompts_per_step=3", *extra,
                    "stages.opd.max_grad_norm=1000.0", tmp=tmp_path / str(micro))
         built = build_run(cfg)
         student, teacher = built.student.build(0), built.teacher.build(1)

@@ -30,11 +30,11 @@ def test_paper_configs_pass_check(conf, stand_ins, capsys):
     assert main(args) == 0, capsys.readouterr().err
     cfg = yaml.safe_load(capsys.readouterr().out)
     opd = cfg["stages"]["opd"]
-    assert (cfg["support"].get("k"), cfg["sampler"]["n"], opd["prompts_per_step"], opd["mini_batches"]) == (
+    assert (cfg["support"].get("k"), cfg["sampler"]["n"], opd["prompts_per_step"], opd["num_mini_batches"]) == (
         32 if conf == "math_lsm.yaml" else None, 8, 16, 2)
     assert (opd["lr"], opd["betas"], opd["weight_decay"], opd["loss_aggregation"]) == (2e-6, [0.9, 0.999], 0.01,
                                                                                         "token_mean")
-    assert opd["steps"] // opd["mini_batches"] == 400 and cfg["sampler"]["max_new_tokens"] == 16384
+    assert opd["steps"] // opd["num_mini_batches"] == 400 and cfg["sampler"]["max_new_tokens"] == 16384
     if conf == "math_lsm.yaml":
         assert cfg["loss"]["name"] == "lsm" and cfg["sampler"]["top_p"] == 0.9
         assert cfg["maskers"][0]["tokens"] == ["<", "think", "<|im_end|>"]

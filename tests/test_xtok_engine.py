@@ -374,7 +374,7 @@ def test_config_errors_across_tokenizers():
     from opdlm.errors import ConfigError
     with pytest.raises(ConfigError, match="aligner: 'identity' needs one vocabulary"):
         build_run(demo_cfg(*TINY, "student.tiny_tokenizer=bpe", "student.tiny_vocab=320"))
-    with pytest.raises(ConfigError, match=r"support: 'teacher_topk' returns ids of one vocabulary.*mapped_topk"):
+    with pytest.raises(ConfigError, match=r"support: 'topk' returns ids of one vocabulary.*mapped_topk"):
         build_run(demo_cfg(*TINY, *XTOK, "support.name=teacher_topk", "support.k=4"))
     with pytest.raises(ConfigError, match=r"loss: 'reverse_kl' compares the full vocabulary id by id"):
         build_run(demo_cfg(*TINY, *XTOK, "loss.name=reverse_kl"))

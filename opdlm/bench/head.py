@@ -31,6 +31,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from opdlm.build import build_run
+from opdlm.config import compose
+from opdlm.discovery import discover
+from opdlm.models import render_prompt
+from opdlm.module import OPDModule
+from opdlm.paths import CONF_DIR
+
 
 def _rss_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -48,10 +57,8 @@ def _reset_peak() -> bool:
 
 
 def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
-    from opdlm.config import compose
 
     head_mode = "naive" if mode == "compare" else mode
-    from opdlm.paths import CONF_DIR
     if args.demo:
         over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
         return compose([str(CONF_DIR / "demo.yaml")], over)
@@ -67,12 +74,7 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
 
 
 def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
-    import torch
 
-    from opdlm.build import build_run
-    from opdlm.discovery import discover
-    from opdlm.models import render_prompt
-    from opdlm.module import OPDModule
 
     discover()
     torch.manual_seed(0)

@@ -14,6 +14,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from opdlm.discovery import discover
+from opdlm.models import load_tokenizer
+from opdlm.registry import SAMPLERS
+from opdlm.rollouts import top_p_filter
+from opdlm.types import Example
+
 #: Qwen2 configs (random weights): ``qwen2-0.5b`` is Qwen2-0.5B's shape with its 151,936 output rows
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -24,8 +33,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def build_model(preset: str, rows: int, tokenizer: Any, dtype: Any, device: str, seed: int) -> Any:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=rows, max_position_embeddings=32768, tie_word_embeddings=True,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **PRESETS[preset])
@@ -37,8 +44,6 @@ def trainer_logprobs(model: Any, rollout: Any, vocab: int | None = None, tempera
     """[rows, T] (default: every row) log-probs of the rollouts' response tokens under the sampler's
     processed distribution (ids from ``vocab`` on cut, temperature, top-p), from one forward pass of
     ``model`` per row over that row's own tokens: no padding, no cache, no engine."""
-    import torch
-    from opdlm_plugins.samplers.top_p import top_p_filter
     P = rollout.prompt_len
     rows = rollout.input_ids.shape[0] if rows is None else rows
     out = torch.zeros(rows, rollout.behaviour_logprobs.shape[1])
@@ -58,11 +63,7 @@ def trainer_logprobs(model: Any, rollout: Any, vocab: int | None = None, tempera
 
 
 def run(args: Any) -> None:
-    import torch
 
-    from opdlm.discovery import discover
-    from opdlm.models import load_tokenizer
-    from opdlm.registry import SAMPLERS
     discover()
     tok = load_tokenizer(args.qwen, "--qwen")
     rows = 151_936  # Qwen2's output rows (the tokenizer has fewer ids: the rest are padding rows)
@@ -72,7 +73,6 @@ def run(args: Any) -> None:
     g = torch.Generator().manual_seed(args.seed)
     text_ids = tok.eos_token_id  # (Qwen's control tokens come after its text tokens)
     prompts = [torch.randint(0, text_ids, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
-    from opdlm.types import Example
     examples = [Example(prompt="", answer="") for _ in prompts]
     print(f"{args.preset}: {n_params / 1e6:.1f} M parameters, {rows} output rows, {len(tok)} tokenizer ids, "
           f"{args.dtype} on {args.device}; {args.prompts} prompts of {args.prompt_len} tokens x {args.samples} "

@@ -22,24 +22,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from opdlm import dist
+from opdlm.build import build_run
+from opdlm.config import compose
+from opdlm.data import TaskData
+from opdlm.module import OPDModule
+from opdlm.paths import CONF_DIR
+from opdlm.trainer import make_trainer, quiet_libraries
+
 
 def run_case(world: int, args: Any) -> dict[str, Any] | None:
-    import torch
-    from lightning.pytorch.callbacks import Callback
 
-    from opdlm import dist
-    from opdlm.build import build_run
-    from opdlm.config import compose
-    from opdlm.data import TaskData
-    from opdlm.module import OPDModule
-    from opdlm.trainer import make_trainer, quiet_libraries
 
     quiet_libraries()
     dist.launch({"accelerator": "cpu", "devices": world, "num_nodes": 1})
     quiet_libraries()
     threads = args.threads or max(1, (os.cpu_count() or 1) // world)
     torch.set_num_threads(threads)
-    from opdlm.paths import CONF_DIR
     over = ["trainer.accelerator=cpu", f"trainer.devices={world}", f"trainer.strategy={'ddp' if world > 1 else 'auto'}",
             "trainer.progress_bar=false", "run.checkpoints=false", "run.tensorboard=false",
             f"stages.opd.prompts_per_step={args.prompts}", f"stages.opd.steps={args.steps + 1}", "stages.opd.val_every=0",

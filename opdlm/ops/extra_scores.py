@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from opdlm.ops.batch import per_chunk_sum
 from opdlm.ops.head import gather_columns, head_scores
 from opdlm.types import Scores, TeacherView
+from opdlm.xtok.tables import tables_for
 
 
 class FirstByteBins:
@@ -24,7 +25,6 @@ class FirstByteBins:
 
     def __call__(self, side: str, device: torch.device) -> Tensor:
         if side not in self._cache:
-            from opdlm.xtok.tables import tables_for
             pt = tables_for(self.ctx)
             bins = pt.t_bins if side == "teacher" else pt.s_bins
             self._cache[side] = torch.from_numpy(bins[: self.rows[side]].copy())

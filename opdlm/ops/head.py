@@ -119,51 +119,62 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
                                block, buckets, n_buckets)
     B, T = targets.shape
     f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
-    tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
+    acc = _Blocks(B, T, f, sup, topk, entropy, buckets is not None, n_buckets)
     for logits, tgt, sup_c in _block_logits(f, head, targets, sup, temperature, vocab_rows, block):
         z = torch.logsumexp(logits, dim=-1)
-        lse.append(z)
-        tok.append(logits.gather(1, tgt[:, None]).squeeze(1) - z)
-        _support_and_topk(logits, sup_c, topk, sl, ti, tl)
+        acc.lse.append(z)
+        acc.tok.append(logits.gather(1, tgt[:, None]).squeeze(1) - z)
+        acc.support_and_topk(logits, sup_c)
         if buckets is not None:
-            bk.append(bucket_logsumexp(logits, buckets, n_buckets) - z.unsqueeze(-1))
+            acc.bk.append(bucket_logsumexp(logits, buckets, n_buckets) - z.unsqueeze(-1))
         if entropy:  # a diagnostic: no graph is kept for it; H = lse - Σ p z
             with torch.no_grad():
                 p = torch.softmax(logits, -1)
-                ent.append(z.detach() - (p * logits).sum(-1))
+                acc.ent.append(z.detach() - (p * logits).sum(-1))
                 del p
-    return _scores(B, T, f, tok, lse, sl, ti, tl, ent, bk, sup, topk, entropy, buckets is not None, n_buckets)
+    return acc.scores()
 
 
-def _support_and_topk(logits: Tensor, sup: Tensor | None, topk: int, sl: list[Tensor], ti: list[Tensor],
-                      tl: list[Tensor]) -> Tensor | None:
-    """Append one block's logits on the support ids and its top-k (ids, logits) to the lists;
-    returns the top-k logits (largest first) or None."""
-    if sup is not None:
-        sl.append(logits.gather(1, sup))
-    if not topk:
-        return None
-    v, i = logits.topk(topk, dim=-1)
-    ti.append(i)
-    tl.append(v)
-    return v
+class _Blocks:
+    """The per-block pieces of one head pass (sampled-token log-probs, log-sum-exp, support logits,
+    top-k ids and logits, entropy, bucket log-probs), joined into Scores [B, T, ...] at the end."""
 
+    def __init__(self, B: int, T: int, like: Tensor, sup: Tensor | None, topk: int, entropy: bool, buckets: bool,
+                 n_buckets: int) -> None:
+        self.B, self.T, self.like, self.sup, self.topk = B, T, like, sup, topk
+        self.entropy, self.buckets, self.n_buckets = entropy, buckets, n_buckets
+        self.tok: list[Tensor] = []
+        self.lse: list[Tensor] = []
+        self.sl: list[Tensor] = []
+        self.ti: list[Tensor] = []
+        self.tl: list[Tensor] = []
+        self.ent: list[Tensor] = []
+        self.bk: list[Tensor] = []
 
-def _scores(B: int, T: int, like: Tensor, tok: list[Tensor], lse: list[Tensor], sl: list[Tensor], ti: list[Tensor],
-            tl: list[Tensor], ent: list[Tensor], bk: list[Tensor], sup: Tensor | None, topk: int, entropy: bool,
-            with_buckets: bool, n_buckets: int) -> Scores:
-    """Scores [B, T, ...] from the per-block pieces of a head pass."""
-    def cat(xs: list[Tensor], *tail: int) -> Tensor:
-        return torch.cat(xs).reshape(B, T, *tail) if xs else like.new_zeros(B, T, *tail)
-    return Scores(
-        token_logprob=cat(tok),
-        lse=cat(lse),
-        support_logits=cat(sl, sup.shape[-1]) if sup is not None else None,
-        topk_ids=cat(ti, topk) if topk else None,
-        topk_logits=cat(tl, topk) if topk else None,
-        entropy=cat(ent) if entropy else None,
-        byte_logprobs=cat(bk, n_buckets) if with_buckets else None,
-    )
+    def support_and_topk(self, logits: Tensor, sup: Tensor | None) -> Tensor | None:
+        """Keep one block's logits on the support ids and its top-k (ids, logits); returns the top-k
+        logits (largest first) or None."""
+        if sup is not None:
+            self.sl.append(logits.gather(1, sup))
+        if not self.topk:
+            return None
+        v, i = logits.topk(self.topk, dim=-1)
+        self.ti.append(i)
+        self.tl.append(v)
+        return v
+
+    def scores(self) -> Scores:
+        def cat(xs: list[Tensor], *tail: int) -> Tensor:
+            return torch.cat(xs).reshape(self.B, self.T, *tail) if xs else self.like.new_zeros(self.B, self.T, *tail)
+        return Scores(
+            token_logprob=cat(self.tok),
+            lse=cat(self.lse),
+            support_logits=cat(self.sl, self.sup.shape[-1]) if self.sup is not None else None,
+            topk_ids=cat(self.ti, self.topk) if self.topk else None,
+            topk_logits=cat(self.tl, self.topk) if self.topk else None,
+            entropy=cat(self.ent) if self.entropy else None,
+            byte_logprobs=cat(self.bk, self.n_buckets) if self.buckets else None,
+        )
 
 
 def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperature: float,
@@ -174,25 +185,24 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
     bucket sums from e."""
     B, T = targets.shape
     f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
-    tok, lse, sl, ti, tl, ent, bk = [], [], [], [], [], [], []
+    acc = _Blocks(B, T, f, sup, topk, entropy, buckets is not None, n_buckets)
     for z, tgt, sup_c in _block_logits(f, head, targets, sup, temperature, vocab_rows, block):
         if head is None or z.data_ptr() == f.data_ptr():
             z = z.clone()  # the caller's logits are not ours to change in place
         tok_logit = z.gather(1, tgt[:, None]).squeeze(1)
-        top = _support_and_topk(z, sup_c, topk, sl, ti, tl)
+        top = acc.support_and_topk(z, sup_c)
         m = top[:, :1] if top is not None else z.amax(-1, keepdim=True)
         z = z.sub_(m)  # z - max, in place
         tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
         z_lse = tot.log() + m.squeeze(1)
-        lse.append(z_lse)
-        tok.append(tok_logit - z_lse)
+        acc.lse.append(z_lse)
+        acc.tok.append(tok_logit - z_lse)
         if entropy:
-            ent.append(tot.log() - dot / tot)
+            acc.ent.append(tot.log() - dot / tot)
         if sums is not None:
-            bk.append(sums.div_(tot.unsqueeze(1)).log_())
+            acc.bk.append(sums.div_(tot.unsqueeze(1)).log_())
         del z
-
-    return _scores(B, T, f, tok, lse, sl, ti, tl, ent, bk, sup, topk, entropy, buckets is not None, n_buckets)
+    return acc.scores()
 
 
 def exp_stats(s: Tensor, dot: bool, buckets: Tensor | None, n_buckets: int,

@@ -26,6 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from opdlm.xtok.tables import PairTables
 
@@ -60,7 +61,6 @@ class RowAlignment:
 
 @lru_cache(maxsize=8)
 def _splitting_backend(tokenizer_json: str) -> Any:
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True  # special tokens typed as text stay text

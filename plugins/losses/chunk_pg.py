@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from opdlm.ops.batch import per_chunk_sum
-from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
-from opdlm.plugin_api import Loss
+from opdlm.ops.pg import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
@@ -29,13 +28,11 @@ def chunk_sums(values: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
 
 
 @LOSSES.register("chunk_pg")
-class ChunkPG(Loss):
+class ChunkPG(ClippedPG):
     """PPO-clipped policy gradient with the chunk log-ratio lp_T(c) - lp_S(c) as advantage."""
 
     reads = Reads(student=frozenset({"token_logprob"}), teacher=frozenset({"chunk_logprob"}), positions="chunk")
 
-    def __init__(self, *, clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
-        self.clip_eps, self.dual_clip = clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         assert inputs.teacher.chunk_logprob is not None, "the engine fills chunk_logprob for chunk_pg"
@@ -43,7 +40,7 @@ class ChunkPG(Loss):
         chunk = inputs.view.chunk_ids() if inputs.view is not None else torch.arange(
             old.shape[1], device=old.device).expand_as(old)
         adv = (inputs.teacher.chunk_logprob - chunk_sums(old, chunk)).detach()
-        loss, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        loss, clipped = self.clipped(inputs.student.token_logprob, old, adv)
         m = inputs.mask
         return LossOutput(token_loss=loss, stats={
             "clip_frac": masked_mean(clipped.float(), m).detach(),

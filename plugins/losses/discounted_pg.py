@@ -11,8 +11,7 @@ from typing import Annotated
 
 import torch
 
-from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
-from opdlm.plugin_api import Loss
+from opdlm.ops.pg import ClipEps, ClippedPG, DualClip
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.schema import Range
@@ -30,20 +29,21 @@ def discounted_returns(cost: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 @LOSSES.register("discounted_pg")
-class DiscountedPG(Loss):
+class DiscountedPG(ClippedPG):
     """γ-discounted OPD policy gradient (γ = 0 token-level, γ = 1 reward-to-go)."""
 
     reads = Reads.of("token_logprob")
 
     def __init__(self, *, gamma: Annotated[float, Range(ge=0, le=1)] = 0.0, clip_eps: ClipEps = 0.2,
                  dual_clip: DualClip = 3.0) -> None:
-        self.gamma, self.clip_eps, self.dual_clip = gamma, clip_eps, dual_clip
+        super().__init__(clip_eps=clip_eps, dual_clip=dual_clip)
+        self.gamma = gamma
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         m = inputs.mask
         old = inputs.old_logprob.detach()
         cost = (old - inputs.teacher.token_logprob).detach() * m
         adv = -discounted_returns(cost, self.gamma)
-        loss, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        loss, clipped = self.clipped(inputs.student.token_logprob, old, adv)
         return LossOutput(token_loss=loss, stats={"clip_frac": masked_mean(clipped.float(), m).detach(),
                                                   "advantage": masked_mean(adv, m)})

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from opdlm.ops.kl import support_forward_kl
-from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
-from opdlm.plugin_api import Loss
+from opdlm.ops.pg import ClipEps, ClippedPG, DualClip
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.schema import Range
@@ -18,19 +17,20 @@ from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
 @LOSSES.register("entropy_aware")
-class EntropyAware(Loss):
+class EntropyAware(ClippedPG):
     """Sampled-token OPD + alpha * 1[H(teacher) > tau] * forward KL on the support."""
 
     reads = Reads.of("token_logprob", "support_logits", "lse", teacher=("entropy",))
 
     def __init__(self, *, alpha: Annotated[float, Range(ge=0)] = 1.0, tau: Annotated[float, Range(ge=0)] = 0.8,
                  clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
-        self.alpha, self.tau, self.clip_eps, self.dual_clip = alpha, tau, clip_eps, dual_clip
+        super().__init__(clip_eps=clip_eps, dual_clip=dual_clip)
+        self.alpha, self.tau = alpha, tau
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         old = inputs.old_logprob.detach()
         adv = (inputs.teacher.token_logprob - old).detach()
-        pg, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        pg, clipped = self.clipped(inputs.student.token_logprob, old, adv)
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()
         fkl = support_forward_kl(ls, lt, inputs.support.valid)

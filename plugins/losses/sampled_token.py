@@ -10,26 +10,22 @@ Output: token_loss [B, T].
 
 from __future__ import annotations
 
-from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
-from opdlm.plugin_api import Loss
+from opdlm.ops.pg import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
 @LOSSES.register("sampled_token")
-class SampledTokenOPD(Loss):
+class SampledTokenOPD(ClippedPG):
     """PPO-clipped policy gradient with reward log q - log π_old on the sampled tokens."""
 
     reads = Reads.of("token_logprob")
 
-    def __init__(self, *, clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
-        self.clip_eps, self.dual_clip = clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         adv = (inputs.teacher.token_logprob - inputs.old_logprob).detach()
-        loss, clipped = ppo_token_loss(inputs.student.token_logprob, inputs.old_logprob.detach(), adv,
-                                       self.clip_eps, self.dual_clip)
+        loss, clipped = self.clipped(inputs.student.token_logprob, inputs.old_logprob.detach(), adv)
         m = inputs.mask
         return LossOutput(token_loss=loss, stats={
             "clip_frac": masked_mean(clipped.float(), m).detach(),

@@ -15,26 +15,23 @@ from __future__ import annotations
 import torch
 
 from opdlm.ops.kl import support_forward_kl
-from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
-from opdlm.plugin_api import Loss
+from opdlm.ops.pg import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean
 
 
 @LOSSES.register("trust_region")
-class TrustRegion(Loss):
+class TrustRegion(ClippedPG):
     """TrOPD: policy gradient on trusted tokens (weight min(q/π, 1)), forward KL on the rest."""
 
     reads = Reads.of("token_logprob", "support_logits", "lse")
 
-    def __init__(self, *, clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
-        self.clip_eps, self.dual_clip = clip_eps, dual_clip
 
     def compute(self, inputs: LossInputs) -> LossOutput:
         old = inputs.old_logprob.detach()
         adv = (inputs.teacher.token_logprob - old).detach()
-        pg, clipped = ppo_token_loss(inputs.student.token_logprob, old, adv, self.clip_eps, self.dual_clip)
+        pg, clipped = self.clipped(inputs.student.token_logprob, old, adv)
         trust = torch.exp(adv.clamp_max(0.0))  # min(q/π_old, 1)
         ls = inputs.student.support_logprobs()
         lt = inputs.teacher.support_logprobs().detach()

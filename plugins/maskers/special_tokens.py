@@ -5,7 +5,7 @@ of those ids, as the official code does (``strict: true`` makes such a string a 
 instead); a string holding characters the tokenizer does not know is always an error.
 Options: tokens (list of strings; the paper's Qwen default is ["<", "think", "<|im_end|>"]);
 strict (every string must be one token, default false);
-teacher_tokens (list of strings resolved through the teacher tokenizer, default []): across
+teacher_tokens (list of strings resolved through the teacher tokenizer, default none): across
 tokenizers, the chunk holding the first occurrence of each in the teacher's re-tokenised completion
 is dropped too (e.g. a Qwen teacher's one-token "<think>" that a Llama student spells in three).
 Output [B, T] bool (False at the dropped positions)."""
@@ -47,11 +47,11 @@ def first_occurrences(targets: Tensor, ids: Tensor, allowed: Tensor) -> Tensor:
 class SpecialTokens(Masker):
     """Drops the first occurrence per response of each configured token string."""
 
-    def __init__(self, *, tokens: list[str] | None = None, teacher_tokens: list[str] | None = None,
+    def __init__(self, *, tokens: list[str] = ("<", "think", "<|im_end|>"), teacher_tokens: list[str] = (),
                  strict: bool = False) -> None:
-        self.tokens = list(tokens) if tokens is not None else ["<", "think", "<|im_end|>"]
+        self.tokens = list(tokens)
         self.strict = strict
-        self.teacher_tokens = list(teacher_tokens or [])
+        self.teacher_tokens = list(teacher_tokens)
         for key, vals in (("tokens", self.tokens), ("teacher_tokens", self.teacher_tokens)):
             if not all(isinstance(t, str) and t for t in vals):
                 raise ConfigError(f"{key}: must be non-empty strings, got {vals!r}")

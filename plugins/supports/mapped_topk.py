@@ -5,7 +5,7 @@ included, are dropped and their mass falls into the tail class of a tail-aware l
 sampled token is added. Other
 positions get an empty support. Duplicates (two teacher ids with one student twin) count once.
 Never renormalise over the mapped ids alone and never match sorted probabilities (ULD): use
-``tail_aware`` on this support. Options: k (>= 1), add_sampled (bool), map_unsafe (bool, default
+``tail_aware`` on this support. Options: k (>= 1), plus_sampled (bool), map_unsafe (bool, default
 false: also map onto digits and added tokens, an ablation of the safe rule).
 Output ids [B, T, K(+1)] (student ids) with teacher_ids [B, T, K(+1)]; works with one tokenizer too.
 """
@@ -27,17 +27,17 @@ class MappedTopK(SupportSelector):
 
     cross_vocabulary = True
 
-    def __init__(self, *, k: int = 32, add_sampled: bool = True, map_unsafe: bool = False) -> None:
+    def __init__(self, *, k: int = 32, plus_sampled: bool = True, map_unsafe: bool = False) -> None:
         check_support_size("k", k)
         self.k = k
-        self.add_sampled = add_sampled
+        self.plus_sampled = plus_sampled
         self.map_unsafe = map_unsafe
         self.teacher_k = k
         self.t2s: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
-        return self.k + int(self.add_sampled)
+        return self.k + int(self.plus_sampled)
 
     def bind(self, ctx: Context) -> None:
         check_support_size("k", self.k, ctx.teacher_tokenizer, "teacher")
@@ -59,7 +59,7 @@ class MappedTopK(SupportSelector):
         valid = (s_ids >= 0) & at.unsqueeze(-1)
         earlier = (s_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)) & valid.unsqueeze(-2)  # [.., i, j]: j has i's id
         valid &= ~torch.tril(earlier, diagonal=-1).any(-1)
-        if self.add_sampled:
+        if self.plus_sampled:
             tgt = rollout.targets
             t_tgt = tgt if view is None or view.chunk is None else view.targets
             present = ((s_ids == tgt.unsqueeze(-1)) & valid).any(-1)

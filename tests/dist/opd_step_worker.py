@@ -31,14 +31,14 @@ def cases() -> dict[str, list[str]]:
     return {
         "lsm": [*common, "support.k=4"],
         "lsm_seq_mean_micro2": [*common, "support.k=4", "stages.opd.loss_aggregation=seq_mean_token_mean",
-                                "stages.opd.micro_batches=2"],
+                                "stages.opd.num_micro_batches=2"],
         "lsm_lean": [*common, "support.k=4", "stages.opd.head=lean", "stages.opd.student_head_block=5"],
         "sampled_token_mini2_micro2": [*common, "loss.name=sampled_token", "support.name=sampled_token",
-                                       "stages.opd.mini_batches=2", "stages.opd.micro_batches=2", "stages.opd.steps=2"],
+                                       "stages.opd.num_mini_batches=2", "stages.opd.num_micro_batches=2", "stages.opd.steps=2"],
         # the untrained BPE student rarely ends a response early: the chunks masker (one-to-one
         # chunks only) makes the ranks' token counts differ instead
         "chunk_pg_xtok": [*common, *XTOK, "maskers=[{name: chunks, one_to_one: true}]",
-                          "loss.name=chunk_pg", "stages.opd.micro_batches=2"],
+                          "loss.name=chunk_pg", "stages.opd.num_micro_batches=2"],
     }
 
 

@@ -3,17 +3,11 @@ TopPLogitsWarper (the same rule written from the other end of the sorted vocabul
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from transformers.generation.logits_process import TopPLogitsWarper
 
-from opdlm.registry import SAMPLERS
-
-
-def top_p_filter():
-    return sys.modules[SAMPLERS.get("top_p").__module__].top_p_filter
+from opdlm.rollouts import top_p_filter
 
 
 def brute_force_keep(row: torch.Tensor, p: float) -> tuple[set[int], float]:
@@ -35,7 +29,7 @@ def brute_force_keep(row: torch.Tensor, p: float) -> tuple[set[int], float]:
 def test_filter_keeps_the_brute_force_nucleus(p):
     g = torch.Generator().manual_seed(int(p * 100))
     x = torch.randn(300, 12, generator=g) * 2
-    out = top_p_filter()(x, p)
+    out = top_p_filter(x, p)
     checked = 0
     for r in range(x.shape[0]):
         keep, margin = brute_force_keep(x[r], p)
@@ -51,7 +45,7 @@ def test_filter_matches_transformers_top_p_warper_away_from_the_boundary():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 40, generator=g) * 3
     for p in (0.3, 0.9):
-        ours = torch.isinf(top_p_filter()(x, p))
+        ours = torch.isinf(top_p_filter(x, p))
         theirs = torch.isinf(TopPLogitsWarper(p)(None, x))
         assert (ours != theirs).any(-1).float().mean() < 1e-3  # rows that differ sit on the boundary
         assert (ours == theirs).all(-1).float().mean() > 0.999
@@ -59,7 +53,7 @@ def test_filter_matches_transformers_top_p_warper_away_from_the_boundary():
 
 def test_top_p_one_and_the_most_likely_token():
     x = torch.tensor([[0.0, 5.0, -1.0], [1.0, 1.0, 1.0]])
-    assert torch.equal(top_p_filter()(x, 1.0), x)
-    out = top_p_filter()(x, 1e-6)
+    assert torch.equal(top_p_filter(x, 1.0), x)
+    out = top_p_filter(x, 1e-6)
     assert torch.isfinite(out[0]).tolist() == [False, True, False]  # the most likely token always stays
     assert int(torch.isfinite(out[1]).sum()) == 1

@@ -236,7 +236,7 @@ def test_stops_at_the_tokenizer_eos_only_and_repeats_greedy_rows(world):
 @needs_vllm
 def test_an_opd_run_end_to_end(tmp_path):
     cfg = demo_cfg(*TINY, *HEAD32, *ENGINE, f"run.out_dir={tmp_path}", "stages.opd.steps=3", "trainer.log_every_n_steps=1",
-                   "sampler.top_p=1.0", "stages.opd.mini_batches=1")  # (top_p < 1 would count in the gap below)
+                   "sampler.top_p=1.0", "stages.opd.num_mini_batches=1")  # (top_p < 1 would count in the gap below)
     from opdlm.pipeline import Runner
     Runner(cfg).run()
     folder = tmp_path / "demo"
