@@ -102,7 +102,8 @@ class OPDModule(GenerationEval):
         scores = scorer.teacher_support_logits(teacher, view, scores, support, student_top, self.student)
         return view, scores, support, self.mask(rollout, view, task)
 
-    def align(self, rollout: Rollout, task: TaskRun) -> TeacherView:
+    def align(self, rollout: Rollout, task: TaskRun | None = None) -> TeacherView:
+        task = task or self.run.only
         spec = task.teacher
         prompts = [render_prompt(spec.tokenizer, ex.prompt, spec.node["chat_template"]) for ex in rollout.examples]
         if rollout.outcomes is not None and task.aligner.uses_teacher_prompt:  # the teacher's own user turns
@@ -111,8 +112,9 @@ class OPDModule(GenerationEval):
             return task.aligner.align(rollout, prompts, teacher_turns=turns)
         return task.aligner.align(rollout, prompts)
 
-    def mask(self, rollout: Rollout, view: TeacherView, task: TaskRun) -> Tensor:
+    def mask(self, rollout: Rollout, view: TeacherView, task: TaskRun | None = None) -> Tensor:
         """Response tokens at the positions the loss reads, and what every masker keeps."""
+        task = task or self.run.only
         mask = rollout.response_mask & view.positions(task.loss.reads.positions)
         for m in task.maskers:
             mask &= m.mask(rollout, view)
@@ -134,7 +136,7 @@ class OPDModule(GenerationEval):
                 old_logprob = scorer.student_scores(self.student, rollout, None).token_logprob
         logs: dict[str, list[Tensor]] = {}
         all_sum = dist.all_sum if world > 1 else (lambda x: x)
-        norm_length = st["loss_norm_length"] or task.sampler.response_budget
+        norm_length = self.norm_length(task)
         terms = {f"loss.terms.{i} ({part.plugin_name})": f"{i}_{part.plugin_name}/loss"
                  for i, part in enumerate(task.loss.parts())}  # weighted_sum's terms, named in a stop
         for m, rows in enumerate(mini_batch_rows(rollout.input_ids.shape[0], st["num_mini_batches"])):
@@ -216,6 +218,11 @@ class OPDModule(GenerationEval):
                 self.log(f"train/{task.label}/{k}", v, batch_size=rollout.input_ids.shape[0])
 
     # -- for tests and scripts of one task ---------------------------------------------------------
+    def norm_length(self, task: TaskRun | None = None) -> int:
+        """seq_mean_token_sum_norm's fixed length: stages.opd.loss_norm_length, or (0) the most tokens
+        a rollout of the task can have the loss count (a multi-turn episode: all its actions)."""
+        return self.stage["loss_norm_length"] or (task or self.run.only).sampler.response_budget
+
     def score_student(self, ro: Rollout, support_ids: Tensor | None, topk: int = 0, first_byte: bool | None = None,
                       task: TaskRun | None = None) -> Scores:
         """The student's Scores on a rollout (opdlm.scoring.Scorer.student_scores)."""

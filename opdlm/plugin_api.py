@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from opdlm.errors import ConfigError
+from opdlm.ops.pg import ClipEps, DualClip, ppo_token_loss
 from opdlm.reads import Reads
 from opdlm.types import Example, LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
 
@@ -220,3 +221,17 @@ class Loss(Plugin):
         over the whole vocabulary [n, V], differentiable in ``student_logprobs``. The lean head calls
         it on one block of positions at a time, so no [B, T, V] tensor is ever held."""
         raise NotImplementedError
+
+
+class ClippedPG(Loss):
+    """Base of the losses that update through the PPO clipped surrogate (sampled-token OPD and its
+    relatives): options clip_eps (the ratio is clipped to [1 - ε, 1 + ε]) and dual_clip (c > 1 caps
+    the loss of a negative advantage at -c·A; null: no cap)."""
+
+    def __init__(self, *, clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
+        self.clip_eps, self.dual_clip = clip_eps, dual_clip
+
+    def clipped(self, logprob: Tensor, old_logprob: Tensor,
+                advantage: Tensor) -> tuple[Tensor, Tensor]:
+        """ppo_token_loss with this loss's options."""
+        return ppo_token_loss(logprob, old_logprob, advantage, self.clip_eps, self.dual_clip)

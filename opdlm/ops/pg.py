@@ -1,5 +1,5 @@
-"""The PPO clipped surrogate shared by the policy-gradient losses, and their base class with its
-two options (``ClippedPG``: clip_eps, dual_clip)."""
+"""The PPO clipped surrogate shared by the policy-gradient losses, and their two options (the losses'
+base class is opdlm.plugin_api.ClippedPG)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Annotated
 
 import torch
 
-from opdlm.plugin_api import Loss
 from opdlm.schema import Range
 
 #: the options of the PPO-clipped losses, with their bounds (checked when the config is composed)
@@ -29,17 +28,3 @@ def ppo_token_loss(logprob: torch.Tensor, old_logprob: torch.Tensor, advantage: 
         loss = torch.where(advantage < 0, torch.minimum(loss, l3), loss)
         clipped = clipped | dual
     return loss, clipped
-
-
-class ClippedPG(Loss):
-    """Base of the losses that update through the PPO clipped surrogate (sampled-token OPD and its
-    relatives): options clip_eps (the ratio is clipped to [1 - ε, 1 + ε]) and dual_clip (c > 1 caps
-    the loss of a negative advantage at -c·A; null: no cap)."""
-
-    def __init__(self, *, clip_eps: ClipEps = 0.2, dual_clip: DualClip = 3.0) -> None:
-        self.clip_eps, self.dual_clip = clip_eps, dual_clip
-
-    def clipped(self, logprob: torch.Tensor, old_logprob: torch.Tensor,
-                advantage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ppo_token_loss with this loss's options."""
-        return ppo_token_loss(logprob, old_logprob, advantage, self.clip_eps, self.dual_clip)

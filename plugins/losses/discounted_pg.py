@@ -11,7 +11,8 @@ from typing import Annotated
 
 import torch
 
-from opdlm.ops.pg import ClipEps, ClippedPG, DualClip
+from opdlm.ops.pg import ClipEps, DualClip
+from opdlm.plugin_api import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.schema import Range

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from opdlm.ops.kl import support_forward_kl
-from opdlm.ops.pg import ClipEps, ClippedPG, DualClip
+from opdlm.ops.pg import ClipEps, DualClip
+from opdlm.plugin_api import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.schema import Range

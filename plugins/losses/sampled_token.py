@@ -10,7 +10,7 @@ Output: token_loss [B, T].
 
 from __future__ import annotations
 
-from opdlm.ops.pg import ClippedPG
+from opdlm.plugin_api import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from opdlm.ops.kl import support_forward_kl
-from opdlm.ops.pg import ClippedPG
+from opdlm.plugin_api import ClippedPG
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
 from opdlm.types import LossInputs, LossOutput, masked_mean

@@ -67,7 +67,7 @@ def run_case(name: str, overrides: list[str], out: Path) -> None:
     module = OPDModule(cfg, built=built, student=built.student.build(0), teacher=built.teacher.build(1))
     rollouts = []
     sample = module.sample
-    module.sample = lambda batch: rollouts.append(sample(batch)) or rollouts[-1]
+    module.sample = lambda *a, **kw: rollouts.append(sample(*a, **kw)) or rollouts[-1]
     rec = Record()
     st = cfg["stages"]["opd"]
     data = TaskData(built.sets("train"), mode="opd", batch_size=st["prompts_per_step"], steps=1, seed=3)

@@ -94,7 +94,7 @@ def conversation_of(row: int, ro: Rollout) -> list[int]:
 def test_episodes_end_within_their_budgets(world):
     ro = play(world)
     sampler = world["built"].sampler
-    assert world["module"].norm_length == sampler.max_turns * sampler.max_new_tokens  # a whole episode's actions
+    assert world["module"].norm_length() == sampler.max_turns * sampler.max_new_tokens  # a whole episode's actions
     assert ro.outcomes is not None and len(ro.outcomes) == ro.input_ids.shape[0] == 6
     for o, trunc in zip(ro.outcomes, ro.truncated.tolist()):
         assert o.end in ("won", "lost", "turns", "context", "action")
