@@ -178,8 +178,11 @@ class Registry(Generic[T]):
 
 
 def _plain(v: Any) -> Any:
-    if isinstance(v, tuple):
+    """A value as the config holds it: tuples as lists, read-only mappings (a default node) as dicts."""
+    if isinstance(v, (tuple, list)):
         return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
     return v
 
 

@@ -1,7 +1,8 @@
 """Multi-turn rollouts: the student plays episodes of an interactive task (text_game).
 
-Each turn the student writes an action with top-p sampling (the ``top_p`` sampler's rule and
-behaviour log-probs; generation stops at the end of turn, the tokenizer's EOS), the environment
+Each turn the student writes an action with a single-turn sampler (``turn``: ``top_p`` by default, or
+``vllm``; its top-p rule and behaviour log-probs; generation stops at the end of turn, the
+tokenizer's EOS), the environment
 answers, and the answer is appended as the next user turn (opdlm.conversation). An episode ends
 when the game ends it (won or lost), after ``max_turns`` actions, when the next turn could not fit
 in ``max_context`` tokens (the conversation so far plus a whole action of ``max_new_tokens``), or
@@ -11,12 +12,16 @@ when an action runs past ``max_new_tokens`` without ending its turn; the last th
 The whole conversation is one rollout row: the prompt is the first user turn, and the response
 region holds the actions and the later user turns in order; ``response_mask`` covers the action
 tokens (with their end of turn) only, so no loss ever trains on an observation or a template token,
-while the teacher reads the same multi-turn context. Options: those of top_p (max_new_tokens is per
-action) plus max_turns (>= 1) and max_context (tokens, >= one turn).
+while the teacher reads the same multi-turn context. Options: temperature, top_p, max_new_tokens (per
+action) and n, as top_p's; max_turns (>= 1); max_context (tokens, >= one turn); turn (the sampler node
+that writes each action, ``{name: top_p}`` or ``{name: vllm, ...}`` with that engine's own options;
+the sampling options above are this plugin's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -37,10 +42,17 @@ class MultiTurn(Sampler):
     multi_turn = True
 
     def __init__(self, *, temperature: Temperature = 1.0, top_p: Nucleus = 0.9, max_new_tokens: Count = 16, n: Count = 4,
-                 max_turns: int = 8, max_context: int = 1024) -> None:
-        # each action is one top_p sample (its option checks, its rule, its behaviour log-probs)
-        self.turn = SAMPLERS.build({"name": "top_p", "temperature": temperature, "top_p": top_p,
-                                    "max_new_tokens": max_new_tokens, "n": n})
+                 max_turns: int = 8, max_context: int = 1024, turn: Mapping[str, Any] = MappingProxyType({"name": "top_p"})
+                 ) -> None:
+        # each action is one sample of the turn sampler (its option checks, its rule, its behaviour log-probs)
+        if not isinstance(turn, Mapping) or turn.get("name") in (None, "multi_turn"):
+            raise ConfigError(f"turn: a single-turn sampler node ({{name: top_p}} or {{name: vllm, ...}}), got {turn!r}")
+        shared = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "n": n}
+        clash = sorted(k for k in shared if k in turn)
+        if clash:
+            raise ConfigError(f"turn.{clash[0]}: set {clash[0]} on multi_turn itself (it applies to every action)")
+        self.turn = SAMPLERS.build({**turn, **shared}, "turn")
+        self.single_process = self.turn.single_process
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
         if max_turns < 1:
             raise ConfigError(f"max_turns: must be >= 1 (one turn), got {max_turns}")

@@ -311,3 +311,13 @@ def test_multi_turn_on_a_single_turn_task_is_one_line():
     with pytest.raises(ConfigError, match=r"^sampler: 'multi_turn' plays episodes of an interactive task \(text_game\), "
                                           r"but task 'arithmetic' has single-turn prompts; use top_p$"):
         build_run(cfg)
+
+
+def test_the_turn_sampler_is_a_node_without_its_own_sampling_options():
+    from opdlm.registry import SAMPLERS
+    sampler = SAMPLERS.build({"name": "multi_turn", "temperature": 0.7, "max_new_tokens": 9, "turn": {"name": "top_p"}})
+    assert (sampler.turn.plugin_name, sampler.turn.temperature, sampler.turn.max_new_tokens) == ("top_p", 0.7, 9)
+    with pytest.raises(ConfigError, match=r"^sampler.turn.temperature: set temperature on multi_turn itself"):
+        SAMPLERS.build({"name": "multi_turn", "turn": {"name": "top_p", "temperature": 0.5}})
+    with pytest.raises(ConfigError, match=r"^sampler.turn: a single-turn sampler node"):
+        SAMPLERS.build({"name": "multi_turn", "turn": {"name": "multi_turn"}})
