@@ -24,6 +24,7 @@ from opdlm.models import ModelSpec
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
 from opdlm.reads import check_reads, probe
 from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS, plugin_options
+from opdlm.served import check_served
 from opdlm.trainer import check_trainer
 from opdlm.types import Example
 
@@ -160,6 +161,8 @@ def _build_task(cfg: dict[str, Any], key: str, entry: Mapping[str, Any], task: T
                          *((m, f"maskers.{i}") for i, m in enumerate(maskers)), (loss, "loss")):
         _bind(plugin, ctx, name)
     check_plugins(cfg, loss, support, aligner)
+    if teacher.served:
+        check_served(cfg, loss, support, sampler)
     task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
     check_batches(cfg, len(task.examples("train")))
     ctx.task = task

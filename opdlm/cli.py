@@ -16,6 +16,7 @@ from opdlm.pipeline import FolderBusy, RunInterrupted, Runner
 from opdlm.registry import KINDS, option_hints, plugin_options
 from opdlm.report import main as report_main
 from opdlm.schema import range_of
+from opdlm.served import ServedTeacherError
 from opdlm.trainer import quiet_libraries
 
 HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except PluginError as e:
         print(f"opdlm: plugin error: {e}", file=sys.stderr)
+        return 1
+    except ServedTeacherError as e:  # (every rank stops alike: rank 0 says it)
+        if dist.is_main():
+            print(f"opdlm: teacher server: {e}", file=sys.stderr)
         return 1
     except NonFiniteError as e:  # every rank stops at the same step with the same line: rank 0 says it
         if dist.is_main():

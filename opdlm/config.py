@@ -62,6 +62,9 @@ BOUNDS: dict[str, Range] = {
     "eval.samples.*": Range(ge=1), "eval.pass_k.*": Range(ge=1), "trainer.threads": Range(ge=0),
     **{f"*.{k}": Range(ge=1) for k in ("hidden_size", "intermediate_size", "layers", "heads", "max_positions",
                                        "tiny_digits")},
+    "teacher.server.top_k": Range(ge=1), "teacher.server.timeout_s": Range(gt=0),
+    "teacher.server.max_in_flight": Range(ge=1), "teacher.server.batch_rows": Range(ge=1),
+    "teacher.server.retries": Range(ge=0),
     "*.kv_heads": Range(ge=0, note="0 = heads"), "*.tiny_rows": Range(ge=0, note="0 = the tokenizer's ids"),
     "*.tiny_vocab": Range(ge=64),
 }
@@ -72,6 +75,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "stages.opd.task_schedule": ("alternate", "mixed"), "data.too_long": ("error", "skip"),
     "*.arch": ("qwen2", "llama"), "*.tiny_tokenizer": ("char", "bpe"),
 }
+#: framework strings that must start with one of these prefixes, by their path in conf/base.yaml
+PREFIXES: dict[str, tuple[str, ...]] = {"teacher.server.url": ("http://", "https://")}
 #: framework keys that were renamed: old name -> new name (the error names the new one)
 RENAMED: dict[str, str] = {
     "chunk_size": "teacher_head_block",
@@ -82,7 +87,7 @@ RENAMED: dict[str, str] = {
 #: framework keys whose default is null, and the type of any other value they take
 NULLABLE: dict[str, type] = {
     "run.stage_cache": str,
-    "teacher.path": str, "teacher.tokenizer_path": str,
+    "teacher.path": str, "teacher.tokenizer_path": str, "teacher.server.url": str, "teacher.server.model": str,
     "student.path": str, "student.tokenizer_path": str,
 }
 _TYPE_WORDS = {str: "a string (a folder)"}
@@ -108,7 +113,11 @@ def _check_value(path: str, schema: str, ref: Any, v: Any, where: Where) -> None
     if ref is None:  # a key whose default is null: its type is declared in NULLABLE
         kind = NULLABLE.get(schema)
         if kind is not None and not isinstance(v, kind):
-            raise where.err(path, f"expected {_TYPE_WORDS[kind]} or null, got {v!r} ({type(v).__name__})")
+            word = "a string" if schema.startswith("teacher.server.") else _TYPE_WORDS[kind]
+            raise where.err(path, f"expected {word} or null, got {v!r} ({type(v).__name__})")
+        prefixes = PREFIXES.get(schema)
+        if prefixes and not v.startswith(prefixes):
+            raise where.err(path, f"must start with {' or '.join(prefixes)}, got {v!r}")
         return
     for tp, word in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (list, "a list")):
         if isinstance(ref, tp):
@@ -237,6 +246,8 @@ def _check_entry(cfg: dict[str, Any], base: Mapping[str, Any], entry: Any, key: 
     except ConfigError as e:
         raise where.locate(e) from None
     teacher = {**cfg["teacher"], **teacher}
+    if isinstance(entry.get("teacher"), Mapping) and isinstance(entry["teacher"].get("server"), Mapping):
+        teacher["server"] = {**cfg["teacher"]["server"], **entry["teacher"]["server"]}  # (its own keys on the run's)
     _check_framework(teacher, base["teacher"], f"{key}.teacher.", where, "teacher.")
     teacher_sft = {**cfg["stages"]["teacher_sft"], **teacher_sft}
     _check_framework(teacher_sft, base["stages"]["teacher_sft"], f"{key}.teacher_sft.", where, "stages.teacher_sft.")

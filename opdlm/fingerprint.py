@@ -111,6 +111,14 @@ def _hashed(node: Any) -> Any:
     return out
 
 
+def _model_node(node: dict[str, Any]) -> dict[str, Any]:
+    """A model node without its server's transport keys (how requests travel, not what they return;
+    what a served teacher's weights are opdlm cannot see: its url and model name stand for them)."""
+    if "server" not in node:
+        return node
+    return {**node, "server": {k: node["server"][k] for k in ("url", "model", "top_k")}}
+
+
 def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, frame: bool = False,
                 task: str | None = None) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``task``: the task
@@ -124,7 +132,7 @@ def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, 
     entries = {e["label"]: e for _, e in task_entries(cfg)}  # the config's values; the built run's vocabularies
     tasks = [{"label": t.label, "weight": entries[t.label]["weight"],
               "task": {k: v for k, v in entries[t.label].items() if k not in TASK_EXTRAS},
-              "teacher": entries[t.label]["teacher"], "teacher_vocab": vocab_digest(t.teacher.tokenizer),
+              "teacher": _model_node(entries[t.label]["teacher"]), "teacher_vocab": vocab_digest(t.teacher.tokenizer),
               "teacher_sft": stage_node(entries[t.label]["teacher_sft"], "teacher_sft"),
               **({"sampler": entries[t.label]["sampler"]} if stage == "opd" else {})} for t in _scope(stage, built, task)]
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "tasks": tasks, "data": cfg["data"],

@@ -165,6 +165,22 @@ def guarded_step(module: Any, optimizer: Any, scheduler: Any, parameters: Iterab
     return norm
 
 
+def checkpoint_now(module: Any) -> Path | None:
+    """Write the stage's ``last.ckpt`` now, inside a step and before any update of its batch (so a
+    resume takes that batch again); None when the run keeps no checkpoints. Every rank calls it."""
+    trainer = module._trainer
+    cb = trainer.checkpoint_callback if trainer is not None else None
+    if cb is None or not cb.dirpath:
+        return None
+    path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+    module.saving_mid_step = True
+    try:
+        trainer.save_checkpoint(str(path), weights_only=False)
+    finally:
+        module.saving_mid_step = False
+    return path
+
+
 def _how_to_continue(module: Any, stop: NonFiniteStop, batch_start: bool) -> str:
     """Write the stop's checkpoint (the weights before the step that failed) and the marker that
     lets a changed config continue from it; say how to go on."""
@@ -174,11 +190,7 @@ def _how_to_continue(module: Any, stop: NonFiniteStop, batch_start: bool) -> str
         return "No checkpoint is kept (run.checkpoints is off), so the same command starts the stage again"
     path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
     if batch_start:
-        module.saving_mid_step = True
-        try:
-            trainer.save_checkpoint(str(path), weights_only=False)
-        finally:
-            module.saving_mid_step = False
+        checkpoint_now(module)
         held = f"{path} holds the weights from before this step"
     elif path.is_file():
         held = (f"the step is a later mini-batch of its rollout batch ({guard.key}.num_mini_batches), which no checkpoint "

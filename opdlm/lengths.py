@@ -64,10 +64,13 @@ class FilteredTask(Task):
 
 
 def _positions(spec: Any) -> int | None:
-    if not spec.path:
-        return int(spec.node["max_positions"])
-    n = getattr(spec.hf_config, "max_position_embeddings", None)
-    return int(n) if n else None
+    return spec.positions
+
+
+def _limit_key(role: str, spec: Any) -> str:
+    if spec.served:
+        return f"{role}.server (the served model's max_model_len)"
+    return f"{role}.max_positions" if not spec.path else f"{role}.path (max_position_embeddings)"
 
 
 def _overhead(spec: Any, chat: bool) -> int:
@@ -130,7 +133,7 @@ def check_lengths(cfg: dict[str, Any], task: Task, teacher: Any, student: Any) -
                 if need <= limit - SLACK or not _exact_too_long(spec, ex, chat, need, limit, sols is not None, new_tokens):
                     continue
                 if mode == "error":
-                    key = f"{role}.max_positions" if not spec.path else f"{role}.path (max_position_embeddings)"
+                    key = _limit_key(role, spec)
                     raise ConfigError(f"task: {_where(ex, split, i)} needs {need} positions ({what}) for the {role}, "
                                       f"more than its {limit} ({key}); set data.too_long=skip to leave such examples out")
                 keep[split][i] = False
@@ -182,7 +185,7 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
         limit = _positions(spec)
         if limit is None:
             continue
-        key = f"{role}.max_positions" if not spec.path else f"{role}.path (max_position_embeddings)"
+        key = _limit_key(role, spec)
         if context is not None and context > limit:
             raise ConfigError(f"sampler.max_context: {context} tokens of conversation do not fit in the {role}'s "
                               f"{limit} positions ({key}); lower it or give the model more positions")

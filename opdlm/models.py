@@ -25,6 +25,7 @@ from transformers import (
 
 from opdlm.errors import ConfigError
 from opdlm.guard import first_nonfinite
+from opdlm.served import ServedTeacher, TeacherServer
 
 PAD, EOS, UNK = "<pad>", "<|im_end|>", "<unk>"
 CHAR_SPECIALS = [PAD, EOS, UNK, "<think>", "</think>"]
@@ -198,7 +199,9 @@ def tiny_config(node: Mapping[str, Any], vocab_size: int, tokenizer: PreTrainedT
 
 class ModelSpec:
     """A model node of the config resolved without loading weights: its tokenizer, its number of
-    output rows, and how to materialise it."""
+    output rows, and how to materialise it. A teacher node with ``server.url`` is a served teacher
+    (opdlm.served): its tokenizer comes from ``tokenizer_path``, the server is probed here, and
+    ``build`` gives a client instead of weights."""
 
     def __init__(self, node: Mapping[str, Any], key: str, task_texts: Iterable[str] | None,
                  shared_tokenizer: PreTrainedTokenizerBase | None = None,
@@ -206,7 +209,11 @@ class ModelSpec:
         self.node = dict(node)
         self.key = key
         self.path = node["path"]
-        if self.path:
+        self.served = node["server"]["url"] if "server" in node else None
+        self.max_len: int | None = None  # a served teacher's max_model_len (when its server says)
+        if self.served:
+            self._served(node, key)
+        elif self.path:
             self.hf_config = check_model_folder(self.path, f"{key}.path")
             tok_path = node["tokenizer_path"] or self.path
             self.tokenizer = load_tokenizer(tok_path, f"{key}.tokenizer_path" if node["tokenizer_path"] else f"{key}.path")
@@ -240,13 +247,43 @@ class ModelSpec:
                     f"(id {text_ids[0]} {self.tokenizer.convert_ids_to_tokens(text_ids[0])!r} is a text token)"
                 )
 
+    def _served(self, node: Mapping[str, Any], key: str) -> None:
+        url = str(self.served)
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.server.url: must start with http:// or https://, got {url!r}")
+        if self.path:
+            raise ConfigError(f"{key}.server.url: a served teacher is not loaded, but {key}.path is set ({self.path!r}); "
+                              f"set one of them")
+        if not node["tokenizer_path"]:
+            raise ConfigError(f"{key}.tokenizer_path: a served teacher needs its tokenizer's folder (the teacher "
+                              f"reads the rollouts in its own tokens)")
+        self.tokenizer = load_tokenizer(node["tokenizer_path"], f"{key}.tokenizer_path")
+        self.vocab_rows = len(self.tokenizer)
+        self.hf_config = None
+        self.server = TeacherServer(node["server"], f"{key}.server")
+        self.max_len = self.server.probe(self.tokenizer)
+
+    @property
+    def positions(self) -> int | None:
+        """The most tokens a sequence may have: a tiny model's max_positions, a folder's
+        max_position_embeddings, a served teacher's max_model_len (None: not known)."""
+        if self.served:
+            return self.max_len
+        if not self.path:
+            return int(self.node["max_positions"])
+        n = getattr(self.hf_config, "max_position_embeddings", None)
+        return int(n) if n else None
+
     @property
     def n_ids(self) -> int:
         """Logit rows that are tokenizer ids (rows past the tokenizer are padding and never used)."""
         return min(self.vocab_rows, len(self.tokenizer))
 
     def build(self, seed: int) -> nn.Module:
-        """Load the weights (from the folder) or initialise a tiny model with ``seed``."""
+        """Load the weights (from the folder), initialise a tiny model with ``seed``, or (a served
+        teacher) its client."""
+        if self.served:
+            return ServedTeacher(self.server)
         if self.path:
             model = load_weights(self.path, f"{self.key}.path", getattr(torch, self.node["dtype"]))
         else:

@@ -25,7 +25,7 @@ from opdlm.build import BuiltRun, TaskRun, build_run
 from opdlm.conversation import Conversation
 from opdlm.data import PromptBatch
 from opdlm.evaluation import GenerationEval, eval_modes, sampler_kwargs
-from opdlm.guard import StepGuard, guarded_step
+from opdlm.guard import StepGuard, checkpoint_now, guarded_step
 from opdlm.models import load_or_build, render_prompt
 from opdlm.ops.aggregate import aggregation
 from opdlm.ops.batch import micro_batch_rows, mini_batch_rows, take
@@ -37,6 +37,7 @@ from opdlm.optim import make_optimizer
 from opdlm.reads import checked_output
 from opdlm.rollout_log import save_rollouts
 from opdlm.scoring import Scorer, response_columns
+from opdlm.served import ServedTeacherError
 from opdlm.types import LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
 
 __all__ = ["OPDModule"]
@@ -75,7 +76,7 @@ class OPDModule(GenerationEval):
         torch.manual_seed(dist.step_seed(self.seed, 3, self.batches_done, self.global_rank))  # this rank's stream
         task = self.run.tasks[batch.label]                                          # the batch's task
         rollout = self.sample(batch.examples, task)                                 # 1. sample
-        view, teacher_scores, support, mask = self.prepare(rollout, task)           # 2.-5. align, teacher, support, mask
+        view, teacher_scores, support, mask = self.prepare_or_stop(rollout, task)   # 2.-5. align, teacher, support, mask
         logs = self.update(rollout, view, teacher_scores, support, mask, task=task)  # 6.-7. loss, backward, step(s)
         self.batches_done += 1
         self.log_step(logs, rollout, view, task)                                    # 8. log
@@ -101,6 +102,26 @@ class OPDModule(GenerationEval):
         support = scorer.select_support(rollout, view, scores, student_top)
         scores = scorer.teacher_support_logits(teacher, view, scores, support, student_top, self.student)
         return view, scores, support, self.mask(rollout, view, task)
+
+    def prepare_or_stop(self, rollout: Rollout, task: TaskRun) -> tuple[TeacherView, Scores, Support, Tensor]:
+        """prepare; a served teacher that does not answer (after its retries) on any rank stops the
+        run on every rank alike, with a checkpoint of the weights before this step."""
+        failed: ServedTeacherError | None = None
+        try:
+            prepared = self.prepare(rollout, task)
+        except ServedTeacherError as e:
+            failed = e
+        if task.teacher.served and self._world() > 1:
+            if int(dist.all_sum(torch.tensor([float(failed is not None)], device=self.device)).item()) and failed is None:
+                failed = ServedTeacherError("the teacher's server did not answer another process")
+        if failed is None:
+            return prepared
+        path = checkpoint_now(self)
+        how = (f"{path} holds the weights from before this step; once the server answers, the same command continues "
+               f"from it" if path else "no checkpoint is kept (run.checkpoints is off), so the same command starts the "
+                                       "stage again")
+        step = f"optimizer step {self.trainer.global_step + 1} of {self.guard.steps}"
+        raise ServedTeacherError(f"stage opd, {step}: {failed}. {how}") from None
 
     def align(self, rollout: Rollout, task: TaskRun | None = None) -> TeacherView:
         task = task or self.run.only

@@ -114,6 +114,10 @@ class Runner:
 
     # -- one stage ------------------------------------------------------------------------------
     def _stage(self, plan: Plan) -> dict[str, Any]:
+        if plan.spec.served:  # a served teacher: nothing to train or save here, and it is not evaluated
+            self.log(f"[opdlm] stage {plan.stage}{f' ({plan.task})' if self.built.several else ''}: the teacher is "
+                     f"served at {plan.spec.served}")
+            return {"test": {}, "folder": None, "served": plan.spec.served, "seconds": 0.0}
         fp, efp = self._fingerprints(plan)
         folder, lock = plan.folder, None
         if self.main and self.cfg["run"]["stage_cache"] and folder.parent != self.run_dir:  # a shared cache entry

@@ -70,7 +70,9 @@ def results_table(results: dict[str, Any], cfg: dict[str, Any]) -> str:
     cols = [c for c in cols if any(c[1] in t for t in tests.values())]  # maj@k, unparsed: tasks that extract
 
     def cell(t: dict[str, float], key: str, pct: bool) -> str:
-        v = t.get(key, float("nan"))
+        if key not in t:  # (a served teacher is not evaluated)
+            return "—"
+        v = t[key]
         return f"{100 * v:.1f} %" if pct else f"{v:.1f}"
 
     rows = ["| model | " + " | ".join(c[0] for c in cols) + " |", "|---" * (1 + len(cols)) + "|"]

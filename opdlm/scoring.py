@@ -21,6 +21,7 @@ from opdlm.build import TaskRun
 from opdlm.ops.batch import full_support
 from opdlm.ops.extra_scores import FirstByteBins, chunk_logprob
 from opdlm.ops.head import gather_columns, head_scores, lookup_logits, model_hidden, response_hidden, split_model
+from opdlm.served import ServedTeacher
 from opdlm.types import Rollout, Scores, Support, TeacherView
 from opdlm.xtok.tables import N_BINS
 
@@ -51,7 +52,10 @@ class Scorer:
         positions: the sampled token's log-prob, log-sum-exp, entropy, its top-k (as many as the
         support needs), its logits on the student's own top-k when the support reads that
         (Scores.support_logits), and what the loss declares besides (first-byte marginals, chunk
-        log-probs). Its hidden states are kept (Scores.hidden)."""
+        log-probs). Its hidden states are kept (Scores.hidden). A served teacher (opdlm.served) gives
+        the sampled token's log-prob and its top-k (what build's check_served let the loss read)."""
+        if isinstance(teacher, ServedTeacher):
+            return teacher.scores(view, self.task.support.teacher_k, self.temperature)
         hidden, head = model_hidden(teacher, view.input_ids, view.attention_mask, view.position_ids)
         feats = gather_columns(hidden, view.pred_columns)
         kw = dict(temperature=self.temperature, vocab_rows=self.task.teacher.n_ids, block=self.stage["teacher_head_block"])
@@ -85,6 +89,9 @@ class Scorer:
         logits = None
         if self.reads.vocabulary == "support":  # (a whole vocabulary is never among what the pass read)
             logits = _logits_from_pass(teacher, view, t_ids, support.valid, self.extra_ids(student_top))
+        if logits is None and isinstance(teacher_model, ServedTeacher):
+            raise RuntimeError("a served teacher's support logits must come from its top-k and the sampled token "
+                               "(build's check_served)")
         if logits is None:  # ids the first pass did not read: a second pass
             with torch.no_grad():
                 _, t_head = split_model(teacher_model) or (None, None)
