@@ -145,6 +145,7 @@ def evaluate_task(model: nn.Module, tokenizer: Any, run: TaskRun, config: dict[s
     sums = torch.zeros(len(groups), len(names) + 1, dtype=torch.float64)  # per group: metric sums, prompts
     was_training = model.training
     model.eval()
+    run.sampler.start(model, tokenizer)  # (every process, before the batches each one evaluates on its own)
     bar = None
     if progress and dist.is_main():
         bar = tqdm(total=len(batches), desc=f"{split} evaluation", leave=False, dynamic_ncols=True)

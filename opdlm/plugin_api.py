@@ -134,11 +134,18 @@ class Sampler(Plugin):
     multi_turn: bool = False
     #: the sampler cannot run in a run of several processes (refused at build)
     single_process: bool = False
+    #: the sampler can sample from a model whose parameters are sharded (FSDP, DeepSpeed)
+    sharded_models: bool = True
 
     @property
     def response_budget(self) -> int:
         """The most tokens one rollout can have the loss count (a multi-turn sampler: all its actions)."""
         return self.max_new_tokens
+
+    def start(self, model: nn.Module, tokenizer: Any) -> None:
+        """Called on every process of a run at the same point, before a series of ``sample`` calls that
+        each process makes on its own (an evaluation's batches): a sampler whose set-up is collective
+        (an engine per process) sets up here. Nothing by default."""
 
     def sample(self, model: nn.Module, tokenizer: Any, prompt_ids: list[list[int]],
                examples: list[Example], *, greedy: bool = False, n: int | None = None) -> Rollout:

@@ -195,17 +195,15 @@ class ServedTeacher(nn.Module):
         tok = torch.zeros(B, T)
         top_ids = torch.zeros(B, T, topk, dtype=torch.long)
         top_lp = torch.full((B, T, topk), -9999.0)
-        for b in range(B):
-            for t in range(T):
-                c = int(cols[b, t])
-                if c < 0 or int(tgt[b, t]) < 0:
-                    continue
-                entry = served[b][c + 1 - starts[b]]
-                assert entry is not None
-                tok[b, t] = entry[int(tgt[b, t])]
-                best = sorted(entry.items(), key=lambda kv: -kv[1])[:topk]
-                top_ids[b, t] = torch.tensor([i for i, _ in best])
-                top_lp[b, t] = torch.tensor([v for _, v in best])
+        where = ((cols >= 0) & (tgt >= 0)).nonzero().tolist()
+        if where:  # every scored position's entry, gathered in Python lists and written in one go
+            bs, ts = zip(*where)
+            cl, tl = cols.tolist(), tgt.tolist()
+            entries = [served[b][cl[b][t] + 1 - starts[b]] for b, t in where]
+            tok[bs, ts] = torch.tensor([e[tl[b][t]] for e, (b, t) in zip(entries, where)])
+            best = [sorted(e.items(), key=lambda kv: -kv[1])[:topk] for e in entries]
+            top_ids[bs, ts] = torch.tensor([[i for i, _ in x] for x in best])
+            top_lp[bs, ts] = torch.tensor([[v for _, v in x] for x in best])
         device = view.targets.device
         return Scores(token_logprob=tok.to(device), lse=torch.zeros(B, T, device=device), topk_ids=top_ids.to(device),
                       topk_logits=top_lp.to(device))

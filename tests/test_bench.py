@@ -52,3 +52,15 @@ def test_rollout_benchmark_names_a_missing_engine(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     assert main(["rollout", "--samplers", "vllm", "--prompts", "1", "--samples", "1", "--new-tokens", "2"]) == 2
     assert 'bench.py rollout: sampler: the vllm package is not installed: pip install "opdlm[vllm]"' in capsys.readouterr().err
+
+
+def test_served_benchmark_times_the_served_teacher_against_the_in_process_one(capsys):
+    """(The benchmark itself checks, every step, that the served token log-probs are the in-process ones.)"""
+    assert main(["served", "--steps", "1", "--prompts", "2", "--samples", "2", "--new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| in process |", "| served |"))]
+    assert len(rows) == 2
+    served = rows[1].split("|")
+    assert float(served[3]) > 0 and float(served[4]) > 0 and int(served[7].replace(",", "")) > 0
+    assert int(served[8]) == 1  # 4 rollouts, 16 rows per request
+    assert "of the in-process step" in out

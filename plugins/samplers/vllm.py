@@ -5,13 +5,24 @@ The same promise as ``top_p``: the logits restricted to the tokenizer's ids, div
 of at most ``max_new_tokens``; the log-prob of each drawn token under that processed distribution
 is the behaviour log-prob (vLLM's ``logprobs_mode="processed_logprobs"``); the same Rollout layout.
 
-The engine is vLLM's offline ``LLM`` running in this process (no engine subprocess), built once per
-model architecture from the model's config alone (``load_format="dummy"``: no weights are read from
+The engine is vLLM's offline ``LLM`` running in this process (no engine subprocess), one per process
+of the run, built once per model architecture from the model's config alone (``load_format="dummy"``: no weights are read from
 disk), with a head of the tokenizer's ids only. Before each rollout the engine takes the model's
 current weights in place through vLLM's ``reload_weights`` (a tensor iterator, no save/load round
 trip) and drops its prefix cache, whose keys and values came from the old weights. It stops at the
 tokenizer's EOS only, as top_p does. With ``sleep`` (CUDA only) the engine frees its GPU memory
 between rollouts (vLLM sleep level 2: weights and KV cache), so training gets it back.
+
+In a run of several processes (DDP) every process runs its own engine on its own rank's weights
+and prompts, started with vLLM's ``external_launcher`` executor inside the run's existing process
+group (tensor parallel size 1), as TRL's colocate mode does. Starting an engine is collective (vLLM
+makes its groups over the whole world), so every process starts it at the same point: at the
+first OPD step, or in ``start`` before an evaluation; generation after that is each process's own.
+Each process's requests are seeded from its own stream (the run seeds each rank's step apart), so a
+rank's rollouts are those a one-process engine gives for its prompts and seeds. On the CPU build an
+engine sized by ``memory_fraction`` takes that share of the machine's memory, so with several
+processes each takes ``memory_fraction`` / processes. A sharded student (FSDP, DeepSpeed) is not
+synced yet: it is refused in one line.
 
 Options: temperature, top_p, max_new_tokens, n (as top_p); memory_fraction (vLLM's
 gpu_memory_utilization: the share of device memory the engine may take, weights + KV cache; on the
@@ -37,6 +48,7 @@ import numpy
 import torch
 from torch import nn
 
+from opdlm import dist
 from opdlm.errors import ConfigError
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS
@@ -102,6 +114,14 @@ class Engine:
         if opts["sleep"] and not current_platform.is_sleep_mode_available():
             raise ConfigError(f"sampler.sleep: vLLM's sleep mode needs a CUDA GPU, not {want}; set sampler.sleep=false")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights by reference
+        world, fraction = dist.world(), opts["memory_fraction"]
+        kw: dict[str, Any] = {}
+        if world > 1:  # one engine per process, inside the run's process group (which must exist already)
+            os.environ["RANK"] = str(dist.rank())
+            os.environ.setdefault("LOCAL_RANK", "0")  # (unset only in the process the launcher started)
+            kw |= {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+            if want == "cpu":  # the share is of the whole machine's memory, which the processes split
+                fraction /= world
         self.folder = tempfile.TemporaryDirectory(prefix="opdlm_vllm_")
         config = model.config.__class__.from_dict(model.config.to_dict())
         config.architectures = [type(model).__name__]
@@ -110,14 +130,15 @@ class Engine:
         config.vocab_size = self.vocab
         config.save_pretrained(self.folder.name)  # the architecture only: the weights come from the model
         dtype = opts["dtype"] if opts["dtype"] != "auto" else str(next(model.parameters()).dtype).removeprefix("torch.")
-        kw: dict[str, Any] = {"kv_cache_memory_bytes": int(opts["kv_cache_gib"] * 2**30)} if opts["kv_cache_gib"] else {}
+        if opts["kv_cache_gib"]:
+            kw["kv_cache_memory_bytes"] = int(opts["kv_cache_gib"] * 2**30)
         length = opts["max_model_len"] or int(getattr(config, "max_position_embeddings", 0)) or None
         try:
             self.llm = vllm.LLM(model=self.folder.name, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
-                                gpu_memory_utilization=opts["memory_fraction"], enable_sleep_mode=opts["sleep"],
+                                gpu_memory_utilization=fraction, enable_sleep_mode=opts["sleep"],
                                 enforce_eager=opts["enforce_eager"], max_num_seqs=opts["max_num_seqs"],
                                 max_model_len=length, logprobs_mode="processed_logprobs", generation_config="vllm",
-                                seed=0, **kw)
+                                seed=dist.rank(), **kw)
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
             # one token through the engine: some limits (attention kernels' head sizes) only show then
@@ -175,7 +196,7 @@ ENGINES: dict[str, Engine] = {}
 class VLLM(Sampler):
     """Nucleus sampling with temperature on an in-process vLLM engine synced with the model's weights."""
 
-    single_process = True  # one engine per process is not supported yet: its distributed start hangs under DDP
+    sharded_models = False  # the sync copies whole tensors (a layer-by-layer gather is not built yet)
 
     def __init__(self, *, temperature: Temperature = 1.0, top_p: Nucleus = 0.9, max_new_tokens: Count = 64, n: Count = 4,
                  memory_fraction: Annotated[float, Range(gt=0, le=1)] = 0.3,
@@ -196,6 +217,9 @@ class VLLM(Sampler):
     def bind(self, ctx: Context) -> None:
         load_vllm()
         require_eos(ctx.student_tokenizer)
+
+    def start(self, model: nn.Module, tokenizer: Any) -> None:
+        self.engine(model, len(tokenizer))  # (collective in a run of several processes)
 
     def engine(self, model: nn.Module, vocab: int) -> Engine:
         """The engine for this model's architecture (started on first use)."""

@@ -7,10 +7,15 @@ tiny end-to-end run plays and trains."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from conftest import DEFAULT_CONF, TINY, compose
 
+if os.environ.get("OPDLM_TURN_SAMPLER") == "vllm" and importlib.util.find_spec("textworld") is None:
+    raise RuntimeError("OPDLM_TURN_SAMPLER=vllm but textworld is not installed")  # CI's engine run: never a silent skip
 pytest.importorskip("textworld", reason='pip install "opdlm[textworld]"')
 
 from opdlm.build import build_run  # noqa: E402
@@ -20,9 +25,16 @@ from opdlm.errors import ConfigError  # noqa: E402
 from opdlm.evaluation import evaluate  # noqa: E402
 from opdlm.models import render_prompt  # noqa: E402
 from opdlm.module import OPDModule  # noqa: E402
+from opdlm.plugin_api import Sampler  # noqa: E402
 from opdlm.types import Rollout  # noqa: E402
 
 pytestmark = pytest.mark.slow  # generates games (about a second each)
+
+#: OPDLM_TURN_SAMPLER=vllm (CI's vLLM environment runs this file so): every action is written by the
+#: vllm sampler's engine (sampler.turn), on models of head size 32, the smallest vLLM's CPU attention has
+TURN = os.environ.get("OPDLM_TURN_SAMPLER", "top_p")
+ON_ENGINE = ["sampler.turn={name: vllm, sleep: false, kv_cache_gib: 0.25, enforce_eager: true}",
+             "student.hidden_size=64", "student.heads=2", "teacher.hidden_size=64", "teacher.heads=2"]
 
 AGENT = [  # TINY's models and trainer settings, a few games, and batches that fit 3 train games
     *(o for o in TINY if not o.startswith(("task.", "sampler.", "eval.", "stages."))),
@@ -35,6 +47,7 @@ AGENT = [  # TINY's models and trainer settings, a few games, and batches that f
     "stages.student_sft.steps=1", "stages.student_sft.batch_size=3",
     "stages.opd.steps=2", "stages.opd.prompts_per_step=2", "stages.opd.val_every=0",
     "eval.val_prompts=1", "eval.test_prompts=3", "eval.batch_size=3",
+    *(ON_ENGINE if TURN == "vllm" else []),
 ]
 
 
@@ -51,6 +64,7 @@ def agent_cfg(cache: str, *extra: str) -> dict:
 def world(cache):
     cfg = agent_cfg(cache)
     built = build_run(cfg)
+    assert built.sampler.turn.plugin_name == TURN  # (OPDLM_TURN_SAMPLER=vllm: the engine writes every action)
     torch.manual_seed(0)
     module = OPDModule(cfg, built=built)
     return {"cfg": cfg, "built": built, "module": module}
@@ -66,7 +80,7 @@ def play(world, model=None, n=2, greedy=False, seed=0) -> Rollout:
                                 chat_template=False)
 
 
-class Walkthrough:
+class Walkthrough(Sampler):
     """A scripted policy in place of the per-turn sampler: each turn it writes the expert's next
     action (the number of ends of turn in the conversation so far says which)."""
 

