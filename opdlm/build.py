@@ -183,10 +183,6 @@ def _bind(plugin: Any, ctx: Context, key: str) -> None:
         raise ConfigError(str(e), key=key) from None
 
 
-#: trainer.strategy names whose parameters live in shards across processes
-SHARDING = ("fsdp", "deepspeed", "model_parallel", "modelparallel")
-
-
 def check_task(cfg: Mapping[str, Any], task: Task, sampler: Sampler, world: int) -> None:
     """A task's splits and sampler fit the stages that read them."""
     if not task.examples("test"):
@@ -201,9 +197,11 @@ def check_task(cfg: Mapping[str, Any], task: Task, sampler: Sampler, world: int)
         raise ConfigError(f"sampler: task '{task.plugin_name}' is played turn by turn, but sampler "
                           f"'{sampler.plugin_name}' writes single responses; set sampler.name=multi_turn")
     strategy = str(cfg["trainer"].get("strategy", "auto")).lower()
-    if not sampler.sharded_models and any(w in strategy for w in SHARDING):
-        raise ConfigError(f"sampler: '{sampler.plugin_name}' copies the student's whole weights into its engine, "
-                          f"which trainer.strategy={strategy} shards; use strategy ddp (or sampler.name=top_p)")
+    for word, why in sampler.refused_strategies.items():
+        if word in strategy:
+            others = [s for s in ("ddp", "fsdp", "model_parallel") if not any(w in s for w in sampler.refused_strategies)]
+            raise ConfigError(f"sampler: '{sampler.plugin_name}' cannot run under trainer.strategy={strategy}: {why}; "
+                              f"use strategy {' or '.join(others)} (or sampler.name=top_p)")
     if world > 1 and sampler.single_process:
         raise ConfigError(f"sampler: '{sampler.plugin_name}' runs in single-process runs only, but this run has "
                           f"{world} processes (trainer.devices x trainer.num_nodes); use sampler.name=top_p")

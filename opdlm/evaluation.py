@@ -4,9 +4,11 @@ processes of a run; and the LightningModule base that validates during training.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -20,6 +22,7 @@ from opdlm.metrics import majority_correct, pass_at_k
 from opdlm.models import render_prompt
 from opdlm.optim import OPTIMIZER_KEYS, retune
 from opdlm.plugin_api import Task
+from opdlm.shard import gathered_copy, shard_fsdp2
 from opdlm.types import Example
 
 #: numbers that keep the seeds of the evaluation splits apart from the training stages' seeds
@@ -192,6 +195,12 @@ class GenerationEval(L.LightningModule):
     def eval_model(self) -> nn.Module:
         raise NotImplementedError
 
+    def configure_model(self) -> None:
+        """Under trainer.strategy=model_parallel: the trained model (``eval_model``) sharded with FSDP2
+        over the data-parallel processes (opdlm.shard). Nothing under other strategies."""
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            shard_fsdp2(self.eval_model, self.device_mesh["data_parallel"])
+
     @property
     def eval_tokenizer(self) -> Any:
         raise NotImplementedError
@@ -226,16 +235,17 @@ class GenerationEval(L.LightningModule):
             return
         config = self.hparams["config"]
         wrapped = self.trainer.strategy.model
-        gather = getattr(type(wrapped), "summon_full_params", None)  # FSDP: the whole model on every rank
-        # validation draws from its own seeds and leaves the training's random state as it was
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if gather is not None:
-                with gather(wrapped, writeback=False, recurse=True):
-                    metrics = evaluate(self.eval_model, self.eval_tokenizer, self.run, config, self.chat_template, "val",
-                                       task=self.eval_task)
-            else:
-                metrics = evaluate(self.eval_model, self.eval_tokenizer, self.run, config, self.chat_template, "val",
-                                       task=self.eval_task)
+        summon = getattr(type(wrapped), "summon_full_params", None)  # FSDP1 (strategy fsdp): the whole model on every rank
+        # FSDP2 (strategy model_parallel): a gathered copy on every rank (collective); each then evaluates its own batches
+        with contextlib.ExitStack() as stack:
+            if summon is not None:
+                stack.enter_context(summon(wrapped, writeback=False, recurse=True))
+            model = self.eval_model if summon is not None else gathered_copy(self.eval_model)
+            # validation draws from its own seeds and leaves the training's random state as it was
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                metrics = evaluate(model, self.eval_tokenizer, self.run, config, self.chat_template, "val",
+                                   task=self.eval_task)
+            del model
         # to the log files once, at this step (self.log would repeat the value at every later logging
         # step); to the progress bar through self.log
         for lg in self.loggers:

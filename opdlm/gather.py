@@ -16,8 +16,8 @@ the same order, outside the model's forward. A yielded tensor may be a view into
 next step frees (FSDP1): use or copy it before asking for the next. DeepSpeed ZeRO-3 parameters are
 refused in one line (not supported yet).
 
-This is the weight stream a sampler that copies weights into an engine (vllm) needs for a sharded
-student; that sampler does not use it yet (sharded students are refused at build).
+This is the weight stream the vllm sampler syncs its engine from (a sharded student's bucket by
+bucket), and what opdlm.shard.gathered_copy builds a whole copy from.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from opdlm import dist
 from opdlm.optim import OPTIMIZER_KEYS
@@ -133,7 +134,8 @@ def clip_gradients(module: Any, parameters: Iterable[Tensor], max_norm: float | 
     wrapped = module.trainer.strategy.model if module._trainer is not None else None
     if wrapped is not None and hasattr(wrapped, "clip_grad_norm_"):  # FSDP: the norm over all shards
         return wrapped.clip_grad_norm_(limit).detach()
-    return torch.nn.utils.clip_grad_norm_(list(parameters), limit).detach()
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), limit).detach()
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # FSDP2: the norm over every shard
 
 
 def guarded_step(module: Any, optimizer: Any, scheduler: Any, parameters: Iterable[Tensor],

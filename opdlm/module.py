@@ -38,6 +38,7 @@ from opdlm.reads import checked_output
 from opdlm.rollout_log import save_rollouts
 from opdlm.scoring import Scorer, response_columns
 from opdlm.served import ServedTeacherError
+from opdlm.shard import is_sharded, plain_class
 from opdlm.types import LossInputs, LossOutput, Rollout, Scores, Support, TeacherView
 
 __all__ = ["OPDModule"]
@@ -70,6 +71,7 @@ class OPDModule(GenerationEval):
         self.setup_eval(run, eval_modes(config), run.student.node["chat_template"], self.stage["val_every"])
         self.scorers = {label: Scorer(t, run.student.n_ids, self.stage) for label, t in run.tasks.items()}
         self.rollout_dir = None  # where rank 0 saves a few rollouts at validation steps (set by the runner)
+        self.rollout_dir_set = False  # whether the runner set it (on rank 0; the other ranks: None)
 
     # -- the algorithm ----------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -80,7 +82,9 @@ class OPDModule(GenerationEval):
         logs = self.update(rollout, view, teacher_scores, support, mask, task=task)  # 6.-7. loss, backward, step(s)
         self.batches_done += 1
         self.log_step(logs, rollout, view, task)                                    # 8. log
-        if self.rollout_dir is not None and self.val_every and self.batches_done % self.val_every == 0:
+        # (a sharded student's forward is collective: every rank scores, rank 0 writes)
+        logging = self.rollout_dir is not None or (self.rollout_dir_set and is_sharded(self.student))
+        if logging and self.val_every and self.batches_done % self.val_every == 0:
             save_rollouts(self.rollout_dir, self.batches_done, self.stage["log_rollouts"], rollout, view, teacher_scores,
                           mask, lambda ro: self.score_student(ro, None, task=task).token_logprob,
                           self.run.student.tokenizer, task.teacher.tokenizer)  #    (a few, token by token)
@@ -293,7 +297,8 @@ class OPDModule(GenerationEval):
 
     def _warn_no_split(self) -> None:
         if not getattr(self, "_warned_split", False):
+            why = ("its weights are sharded (FSDP), gathered only inside its forward" if is_sharded(self.student) else
+                   "logit scaling or soft-capping, or an unknown layout")
             rank_zero_warn("stages.opd.head=lean: the student's output head cannot be separated from its body "
-                           f"({type(self.student).__name__}: logit scaling or soft-capping, or an unknown layout); "
-                           "using the naive head path")
+                           f"({plain_class(self.student).__name__}: {why}); using the naive head path")
             self._warned_split = True

@@ -189,6 +189,7 @@ class Runner:
         module = plan.build()
         module.fingerprint, module.frame = fp, frame
         module.rollout_dir = self.run_dir / "rollouts" / name if self.main else None
+        module.rollout_dir_set = True  # (every rank: the other ranks score with rank 0 where the student is sharded)
         data = self._data(plan, start=lambda: module.batches_done)
         trainer = make_trainer(self.cfg, self.run_dir, stage, steps, plan.every, name=name)
         self.log(f"[opdlm] stage {stage}{f' ({plan.task})' if name != stage else ''}: {plan.describe(module)}"

@@ -6,8 +6,9 @@ checkable without model weights is checked there."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from torch import Tensor, nn
@@ -134,8 +135,9 @@ class Sampler(Plugin):
     multi_turn: bool = False
     #: the sampler cannot run in a run of several processes (refused at build)
     single_process: bool = False
-    #: the sampler can sample from a model whose parameters are sharded (FSDP, DeepSpeed)
-    sharded_models: bool = True
+    #: trainer.strategy words the sampler cannot run under (refused at build), each with the reason,
+    #: e.g. a sharding it cannot take weights from: {"deepspeed": "..."}
+    refused_strategies: Mapping[str, str] = MappingProxyType({})
 
     @property
     def response_budget(self) -> int:

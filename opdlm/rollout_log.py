@@ -59,13 +59,15 @@ def write_records(folder: Path, step: int, records: list[dict[str, Any]]) -> Pat
 
 def save_rollouts(folder: Path | None, step: int, n: int, rollout: Rollout, view: TeacherView, teacher: Scores,
                   mask: Tensor, student_logprob: Callable[[Rollout], Tensor], student_tok: Any, teacher_tok: Any) -> None:
-    """The first ``n`` rollouts of a step, token by token, into ``folder`` (nothing when ``n`` is 0
-    or ``folder`` None); ``student_logprob`` scores the student on them."""
-    if not n or folder is None:
+    """The first ``n`` rollouts of a step, token by token, into ``folder`` (nothing when ``n`` is 0);
+    ``student_logprob`` scores the student on them. ``folder`` None: the scoring alone (a rank that
+    takes part in a sharded model's forward but does not write)."""
+    if not n:
         return
     rows = torch.arange(min(n, rollout.input_ids.shape[0]))
     ro = take(rollout, rows)
     with torch.no_grad():
         lp = student_logprob(ro)
-    write_records(folder, step, rollout_records(step, ro, take(view, rows), take(teacher, rows), lp, take(mask, rows),
-                                                student_tok, teacher_tok, len(rows)))
+    if folder is not None:
+        write_records(folder, step, rollout_records(step, ro, take(view, rows), take(teacher, rows), lp, take(mask, rows),
+                                                    student_tok, teacher_tok, len(rows)))

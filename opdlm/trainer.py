@@ -25,7 +25,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from opdlm import dist
+from opdlm import dist, shard
 from opdlm.errors import ConfigError
 from opdlm.schema import did_you_mean
 
@@ -89,6 +89,7 @@ def check_trainer(tr: dict[str, Any]) -> int:
             raise ConfigError(f"trainer.strategy: '{strategy}' starts new processes for every Trainer, but opdlm runs "
                               f"all stages in the same processes; use ddp (or fsdp, deepspeed), which opdlm launches once")
     kw = trainer_kwargs(tr)
+    kw["strategy"] = shard.strategy(kw.get("strategy", "auto"), 1)  # (the sizes are set at the run)
     quiet = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:  # no "GPU available: ..." banner for a check
@@ -163,6 +164,7 @@ def make_trainer(cfg: dict[str, Any], run_dir: Path, stage: str, steps: int, eve
                                          enable_version_counter=False))
     kw: dict[str, Any] = dict(enable_model_summary=False)
     kw.update(trainer_kwargs(tr))
+    kw["strategy"] = shard.strategy(kw.get("strategy", "auto"), dist.world())
     # validation is the module's own (GenerationEval), not Lightning's loop; every stage optimises by hand
     # (clipping included: opdlm.guard.guarded_step)
     return L.Trainer(

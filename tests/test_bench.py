@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from opdlm.bench.cli import main
 
@@ -64,3 +65,10 @@ def test_served_benchmark_times_the_served_teacher_against_the_in_process_one(ca
     assert float(served[3]) > 0 and float(served[4]) > 0 and int(served[7].replace(",", "")) > 0
     assert int(served[8]) == 1  # 4 rollouts, 16 rows per request
     assert "of the in-process step" in out
+    assert "in-process models on cpu" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the option runs")
+def test_served_benchmark_on_a_missing_gpu_is_one_line(capsys):
+    assert main(["served", "--device", "cuda", "--steps", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "bench.py served: --device cuda: no CUDA GPU is visible to torch here"

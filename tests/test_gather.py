@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
-from gather_worker import ARCHS, WRAPS, model  # noqa: E402
+from gather_worker import ARCHS, BUCKET, WRAPS, model  # noqa: E402
 
 from opdlm.gather import full_weights  # noqa: E402
 
@@ -49,6 +49,23 @@ def test_every_rank_gets_the_unsharded_weights_by_name(gathered, arch, how):
             assert torch.equal(t, want[n].detach()), (r, n)
     if arch == "qwen2":
         assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fsdp2_gathers_one_bucket_at_a_time(gathered, arch):
+    """The full tensors alive at once (gathered, not yet handed out) never exceed one bucket (or one
+    parameter larger than a bucket), and the stream interleaves gathers with hand-outs."""
+    largest = max(p.numel() * p.element_size() for p in model(arch).parameters())
+    for r in (0, 1):
+        trace = torch.load(gathered / f"{arch}_fsdp2" / f"trace{r}.pt")
+        alive = peak = 0
+        for event, size in trace:
+            alive += size if event == "gather" else -size
+            peak = max(peak, alive)
+        assert alive == 0 and 0 < peak <= max(BUCKET, largest), (peak, BUCKET, largest)
+        runs = sum(1 for a, b in zip(trace, trace[1:]) if a[0] == "yield" and b[0] == "gather")
+        assert runs >= 5, runs  # many buckets, not one gather of everything
+        assert sum(s for e, s in trace if e == "gather") > 3 * peak
 
 
 def test_a_plain_model_streams_its_own_tensors_without_copies():

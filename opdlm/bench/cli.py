@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--top-k", type=int, default=20, help="log-probs per position the server returns")
     s.add_argument("--in-flight", type=int, default=4, help="requests at once")
     s.add_argument("--batch-rows", type=int, default=16, help="sequences per request")
+    s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the in-process student and teacher run (the real server finds its own GPU)")
     s.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
     args = p.parse_args(argv)
     if args.name == "served":

@@ -1,4 +1,5 @@
-"""A few OPD steps on 1 and on several processes (CPU, gloo; Lightning's DDP strategy) with the same
+"""A few OPD steps on 1 and on several processes (CPU, gloo; Lightning's DDP strategy, or the one an
+override names, e.g. trainer.strategy=model_parallel for FSDP2-sharded students) with the same
 global batch: rollout, teacher, student and communication time per step, response tokens per
 second, and the speed-up over one process.
 
@@ -8,7 +9,8 @@ machine's cores are divided between the processes (``--threads`` per process ove
 are the engine's own methods timed on rank 0: rollout (sample), teacher (align, the teacher's pass,
 support, mask), student (loss, backward, optimizer step; includes waiting for the gradient
 all-reduce). Communication: the time of each gradient all-reduce (a DDP communication hook that
-times the default all-reduce; on several processes it overlaps the backward pass). The first step
+times the default all-reduce; on several processes it overlaps the backward pass; "-" under other
+strategies, whose communication is inside the student phase). The first step
 is a warm-up and is not counted.
 """
 
@@ -73,6 +75,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
     module.update = timed("student", module.update)
     comm: list[float] = []
     step_comm: list[float] = []
+    hooked: list[bool] = []
 
     class Timer(Callback):
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -90,6 +93,7 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
                 hook.__annotations__ = {"bucket": torch.distributed.GradBucket,
                                         "return": torch.futures.Future[torch.Tensor]}
                 model.register_comm_hook(None, hook)
+                hooked.append(True)
 
         def on_train_batch_start(self, *_: Any) -> None:
             comm.clear()
@@ -114,13 +118,14 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
     total = sum(step.values())
     return {"world": world, "threads": threads, "rollout_s": step.get("rollout", 0.0),
             "teacher_s": step.get("teacher", 0.0), "student_s": step.get("student", 0.0),
-            "comm_s": mean(step_comm) if world > 1 else 0.0, "step_s": total,
+            "comm_s": (mean(step_comm) if world > 1 else 0.0) if hooked or world == 1 else None, "step_s": total,
+            "strategy": type(trainer.strategy).__name__.removesuffix("Strategy"),
             "tokens_per_s": mean([float(t) for t in tokens]) / total if total else 0.0, "wall_s": wall}
 
 
 def run(args: Any) -> None:
     worlds = [int(w) for w in str(args.worlds).split(",") if w]
-    print(f"OPD steps on CPU processes (gloo, Lightning DDP), conf/demo.yaml models, {args.prompts} prompts x "
+    print(f"OPD steps on CPU processes (gloo), conf/demo.yaml models, {args.prompts} prompts x "
           f"sampler.n rollouts per global step, {args.steps} timed steps after 1 warm-up"
           + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
     rows = []
@@ -136,10 +141,11 @@ def run(args: Any) -> None:
             continue
         rows.append(json.loads(line[-1]))
     print()
-    print("| processes | threads each | rollout s/step | teacher s/step | student s/step | gradient all-reduce s/step | "
+    print("| processes | strategy | threads each | rollout s/step | teacher s/step | student s/step | gradient all-reduce s/step | "
           "step s | response tokens/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     base = rows[0]["step_s"] if rows else 1.0
     for r in rows:
-        print(f"| {r['world']} | {r['threads']} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | {r['student_s']:.3f} | "
-              f"{r['comm_s']:.3f} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {base / r['step_s']:.2f}x |")
+        comm = "-" if r["comm_s"] is None else f"{r['comm_s']:.3f}"  # (timed for DDP's all-reduce only)
+        print(f"| {r['world']} | {r['strategy']} | {r['threads']} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | "
+              f"{r['student_s']:.3f} | {comm} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {base / r['step_s']:.2f}x |")

