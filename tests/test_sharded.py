@@ -27,6 +27,7 @@ from opdlm.ops.head import split_model
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
 from fsdp2_worker import CASES, run_worker  # noqa: E402
+from test_resume import env, student  # noqa: E402
 
 REL_TOL = 1e-5
 
@@ -54,6 +55,22 @@ def opd_reference(name: str, ranks: list[dict]) -> tuple[list[torch.Tensor], lis
     module.update(rollout, view, teacher, support, mask, optimizer=opt_cfg["optimizer"],
                   scheduler=opt_cfg["lr_scheduler"]["scheduler"])
     return grads[0], start, [p.detach().clone() for p in module.student.parameters()]
+
+
+def same_rollouts_as_one_process(ranks: list[dict], name: str, atol: float) -> None:
+    """Each rank's rollout of case ``name`` equals, token for token, what the case's sampler gives on
+    one process with the unsharded starting weights, that rank's prompts and its random state."""
+    from opdlm.models import render_prompt
+    built = build_run(demo_cfg(*TINY, *CASES[name], "trainer.accelerator=cpu"))
+    student, tok = built.student.build(0), built.student.tokenizer
+    for r in ranks:
+        ro = r[name]["seen"]
+        torch.random.set_rng_state(r[name]["rng"])
+        examples = ro.examples[:: built.sampler.n]
+        one = built.sampler.sample(student, tok, [render_prompt(tok, e.prompt, built.student.node["chat_template"])
+                                                  for e in examples], examples)
+        assert torch.equal(one.input_ids, ro.input_ids)
+        assert torch.allclose(one.behaviour_logprobs, ro.behaviour_logprobs, atol=atol)
 
 
 def check_step(ranks: list[dict], name: str, grad: list[torch.Tensor], start: list[torch.Tensor],
@@ -86,18 +103,7 @@ def test_opd_step_with_a_sharded_student_equals_one_process_on_the_concatenated_
 def test_sharded_rollouts_are_the_plain_models_on_the_same_seeds(two_ranks):
     """Generation from the shards (every forward gathers them; the ranks keep stepping together
     until both are done) gives the tokens the whole model gives from the same random state."""
-    cfg = demo_cfg(*TINY, *CASES["opd_top_p"], "trainer.accelerator=cpu")
-    built = build_run(cfg)
-    student, tok = built.student.build(0), built.student.tokenizer
-    from opdlm.models import render_prompt
-    for r in two_ranks:
-        ro = r["opd_top_p"]["seen"]
-        torch.random.set_rng_state(r["opd_top_p"]["rng"])
-        examples = ro.examples[::2]
-        one = built.sampler.sample(student, tok, [render_prompt(tok, e.prompt, built.student.node["chat_template"])
-                                                  for e in examples], examples)
-        assert torch.equal(one.input_ids, ro.input_ids)
-        assert torch.allclose(one.behaviour_logprobs, ro.behaviour_logprobs, atol=1e-5)
+    same_rollouts_as_one_process(two_ranks, "opd_top_p", atol=1e-5)
     # one rank's responses ended before the other's: it kept running forwards for the other's gathers
     longest = [int(r["opd_top_p"]["seen"].lengths.max()) for r in two_ranks]
     assert longest[0] != longest[1], longest
@@ -158,17 +164,6 @@ def cli(out: Path, strategy: str = "model_parallel", steps: int = 30) -> list[st
     return [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={out}", f"stages.opd.steps={steps}",
             "run.checkpoint_every=3", "trainer.devices=2", f"trainer.strategy={strategy}", "trainer.threads=1",
             "stages.opd.prompts_per_step=4", "eval.test_prompts=8"]
-
-
-def env() -> dict[str, str]:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    e.pop("LOCAL_RANK", None)
-    return e
-
-
-def student(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(out / "demo" / "student" / "model.safetensors"))
 
 
 @pytest.mark.slow

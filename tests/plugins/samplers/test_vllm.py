@@ -369,18 +369,8 @@ def sharded(tmp_path_factory):
 @needs_vllm
 @pytest.mark.slow
 def test_an_engine_synced_from_shards_samples_what_a_one_process_engine_samples(sharded):
-    from fsdp2_worker import CASES
-    cfg = demo_cfg(*TINY, *CASES["opd_vllm"], "trainer.accelerator=cpu")
-    built = build_run(cfg)
-    student, tok = built.student.build(0), built.student.tokenizer
-    for r in sharded:
-        ro = r["opd_vllm"]["seen"]
-        torch.random.set_rng_state(r["opd_vllm"]["rng"])
-        examples = ro.examples[::2]
-        one = built.sampler.sample(student, tok, [render_prompt(tok, e.prompt, built.student.node["chat_template"])
-                                                  for e in examples], examples)
-        assert torch.equal(one.input_ids, ro.input_ids)
-        assert torch.allclose(one.behaviour_logprobs, ro.behaviour_logprobs, atol=1e-6)
+    from test_sharded import same_rollouts_as_one_process
+    same_rollouts_as_one_process(sharded, "opd_vllm", atol=1e-6)
 
 
 @needs_vllm
