@@ -8,8 +8,8 @@ import contextlib
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import ModelParallelStrategy
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 

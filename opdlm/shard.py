@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 
 from opdlm.gather import full_weights
 
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are FSDP shards (FSDP1 or FSDP2) or DeepSpeed ZeRO-3 partitions."""
     if isinstance(model, (FSDPModule, FullyShardedDataParallel)) or getattr(model, "_is_fsdp_managed_module", False):
@@ -59,7 +60,7 @@ def shard_fsdp2(model: nn.Module, mesh: Any) -> nn.Module:
 def strategy(name: Any, world: int) -> Any:
     """The strategy object opdlm hands Lightning for the string ``name`` (``model_parallel``: FSDP2
     data parallel over ``world`` processes, full checkpoints), else ``name`` itself."""
-    if isinstance(name, str) and name.lower() in ("model_parallel", "modelparallel", "fsdp2"):
+    if isinstance(name, str) and name.lower() in ("model_parallel", "modelparallel"):
         from lightning.pytorch.strategies import ModelParallelStrategy
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, save_distributed_checkpoint=False)
     return name
