@@ -22,6 +22,7 @@ from opdlm.errors import ConfigError
 from opdlm.lengths import check_lengths
 from opdlm.models import ModelSpec
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
+from opdlm.prepare import ensure_all
 from opdlm.reads import check_reads, probe
 from opdlm.registry import ALIGNERS, LOSSES, MASKERS, SAMPLERS, SUPPORTS, TASKS, plugin_options
 from opdlm.served import check_served
@@ -102,6 +103,7 @@ def build_run(cfg: Mapping[str, Any]) -> BuiltRun:
     """Construct and cross-check every plugin of a composed config (opdlm.config.compose)."""
     cfg = dict(cfg)
     check_values(cfg)
+    ensure_all(cfg.get("prepare") or [])  # the model folders the config makes (once; verified on use)
     world = check_trainer(cfg["trainer"])
     check_world(cfg, world)
     entries = task_entries(cfg)

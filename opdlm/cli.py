@@ -13,6 +13,7 @@ from opdlm.errors import ConfigError, PluginError
 from opdlm.guard import NonFiniteError
 from opdlm.models import scan_weights
 from opdlm.pipeline import FolderBusy, RunInterrupted, Runner
+from opdlm.prepare import ensure_all
 from opdlm.registry import KINDS, option_hints, plugin_options
 from opdlm.report import main as report_main
 from opdlm.schema import range_of
@@ -21,6 +22,8 @@ from opdlm.trainer import quiet_libraries
 
 HELP = """usage: python run.py [conf=FILE ...] [key=value ...] [--check | --list | --help]
        python run.py report FOLDER    (pictures of a run or sweep folder, in FOLDER/report/)
+       python run.py prepare-model out=FOLDER gguf=FILE            (a llama GGUF file as a Hugging Face folder)
+       python run.py prepare-model out=FOLDER from=FOLDER layers=N (the first N decoder layers of a folder)
 
 Runs an on-policy distillation experiment. With no conf=, runs the embedded demo (conf/demo.yaml).
   conf=FILE     a YAML layer over conf/base.yaml (repeatable; later layers win)
@@ -57,10 +60,31 @@ def model_nodes(cfg: dict) -> list[tuple[str, dict]]:
             *((f"tasks.{i}.teacher", e["teacher"]) for i, e in enumerate(cfg.get("tasks") or []))]
 
 
+def prepare_model(args: list[str]) -> int:
+    """``prepare-model key=value ...``: one entry of the config's ``prepare`` list, made now."""
+    entry: dict = {}
+    for a in args:
+        k, sep, v = a.partition("=")
+        if not sep or not k:
+            print(f"opdlm: error: prepare-model: '{a}': expected key=value (keys: out, gguf, from, layers)", file=sys.stderr)
+            return 2
+        entry[k] = int(v) if k == "layers" and v.strip().lstrip("-").isdigit() else v
+    quiet_libraries()
+    try:
+        folder = ensure_all([entry])[0]
+    except ConfigError as e:
+        print(f"opdlm: error: {str(e).replace('prepare.0', 'prepare-model', 1)}", file=sys.stderr)
+        return 2
+    print(f"[opdlm] prepare: {folder} is ready (name it in teacher.path or student.path)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["prepare-model"]:
+        return prepare_model(argv[1:])
     confs, overrides, flags = split_args(argv)
     unknown = [f for f in flags if f not in ("--check", "--list", "--help")]
     if "--help" in flags or "-h" in argv:

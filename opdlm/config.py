@@ -38,6 +38,7 @@ from opdlm.layers import (
 )
 from opdlm.ops.aggregate import AGGREGATIONS
 from opdlm.paths import CONF_DIR
+from opdlm.prepare import check_entries
 from opdlm.registry import KINDS, SAMPLERS, TASKS
 from opdlm.schema import Range, check_bounds, did_you_mean, nonfinite
 from opdlm.trainer import OWN_KEYS, check_key
@@ -320,6 +321,10 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
     except OmegaConfBaseException as e:
         raise ConfigError(f"config interpolation failed: {str(e).splitlines()[0]}") from None
     assert isinstance(resolved, dict)
+    try:
+        resolved["prepare"] = check_entries(resolved["prepare"])
+    except ConfigError as e:
+        raise where.locate(e) from None
     check_finite(resolved, where)
     return resolved
 

@@ -138,6 +138,8 @@ def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, 
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "tasks": tasks, "data": cfg["data"],
                              "precision": cfg["trainer"]["precision"],
                              "code": code_digest(stage, built, task) if code else ""}
+    if cfg.get("prepare"):  # (the folders the models are loaded from, as their entries name them)
+        parts["prepare"] = cfg["prepare"]
     if stage in ("student_sft", "opd"):
         parts.update(student=cfg["student"], student_sft=stage_node(cfg["stages"]["student_sft"], "student_sft"),
                      student_vocab=vocab_digest(built.student.tokenizer))

