@@ -24,6 +24,21 @@ def test_head_benchmark_runs_naive_and_lean(capsys):
     assert "lean / naive peak memory" in out
 
 
+def test_head_benchmark_times_a_configs_own_models(capsys):
+    assert main(["head", "--conf", "conf/demo.yaml", "stages.opd.prompts_per_step=2", "sampler.max_new_tokens=8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| demo |")]
+    assert len(rows) == 2 and "| naive |" in rows[0] and "| lean |" in rows[1]
+    cells = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert "nan" not in (cells[4], cells[-1])  # the yardsticks were measured: plain forward, plain forward+backward
+    assert "config conf/demo.yaml" in out
+
+
+def test_head_benchmark_overrides_need_a_conf(capsys):
+    assert main(["head", "stages.opd.lr=1"]) == 2
+    assert "key=value overrides go with --conf FILE" in capsys.readouterr().err
+
+
 def test_bench_reports_a_missing_tokenizer_folder(tmp_path, capsys):
     assert main(["align", "--qwen", str(tmp_path)]) == 2
     assert "--qwen: no tokenizer.json" in capsys.readouterr().err

@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuda: peak memory from torch.cuda.max_memory_allocated")
     h.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has it)")
     h.add_argument("--compare", action="store_true", help="first compare the two paths' gradients on one rollout")
+    h.add_argument("--conf", default=None, help="time the OPD step of this config's models instead (its prompts, "
+                   "chat template, sampler and loss; --tokens and the tiny-model flags are then not read)")
+    h.add_argument("overrides", nargs="*", help="key=value config overrides (with --conf)")
     h.add_argument("--case", default=None, help=argparse.SUPPRESS)
     c = sub.add_parser("scale", help="OPD steps on 1 and several CPU processes: time per phase, tokens/s, speed-up")
     c.add_argument("--worlds", default="1,2", help="process counts to compare (comma-separated)")
@@ -154,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
         align.run(args)
     if args.name == "head":
         args.tokens = [int(x) for x in str(args.tokens).split(",") if x]
+        if args.overrides and not args.conf:
+            print(f"bench.py head: {args.overrides[0]!r}: key=value overrides go with --conf FILE", file=sys.stderr)
+            return 2
+        if args.conf and not os.path.isfile(args.conf):
+            print(f"bench.py head: --conf: no such file {args.conf!r}", file=sys.stderr)
+            return 2
         if args.case:
             mode, tokens = args.case.split(":")
             args.demo = int(tokens) == 0
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"--loss={args.loss}", f"--naive-max={args.naive_max}",
                             f"--chunk={args.chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
                             f"--device={args.device}", *(["--bf16"] if args.bf16 else []),
-                            f"--qwen={args.qwen}"]
+                            f"--qwen={args.qwen}", *([f"--conf={args.conf}", *args.overrides] if args.conf else [])]
         head.run(args)
     return 0
 

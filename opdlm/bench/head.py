@@ -59,6 +59,8 @@ def _reset_peak() -> bool:
 def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
 
     head_mode = "naive" if mode == "compare" else mode
+    if args.conf:
+        return compose([args.conf], [f"stages.opd.head={head_mode}", "trainer.progress_bar=false", *args.overrides])
     if args.demo:
         over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
         return compose([str(CONF_DIR / "demo.yaml")], over)
@@ -88,7 +90,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     tok = built.student.tokenizer
     n = cfg["stages"]["opd"]["prompts_per_step"]
     ex = built.task.examples("train")[:n]
-    prompts = [render_prompt(tok, e.prompt, False) for e in ex]
+    prompts = [render_prompt(tok, e.prompt, bool(cfg["student"]["chat_template"])) for e in ex]
     out: dict[str, Any] = {"mode": mode, "rows": built.student.vocab_rows, "hidden": cfg["student"]["hidden_size"]}
     loss_time = [0.0]
     compute = built.loss.compute
@@ -135,7 +137,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             mem["peak"] = (torch.cuda.max_memory_allocated() / 1024 if cuda
                            else (_rss_kb("VmHWM") if mem["ok"] else 0))
 
-    plain = not args.demo and tokens <= args.naive_max  # plain forwards hold [B, L, V] logits
+    plain = bool(args.conf) or (not args.demo and tokens <= args.naive_max)  # plain forwards hold [B, L, V] logits
     for rep in range(args.repeats + args.warmup):  # warm-up steps first
         loss_time[0] = 0.0
         mem.clear()
@@ -161,10 +163,10 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
                       if p.grad is not None) / 2**20
         del view, teacher, support
         with torch.no_grad(), autocast:
-            module.score_student(ro, None, topk=args.k)
+            module.score_student(ro, None, topk=min(args.k, built.student.n_ids))
         sync()
         t4 = time.perf_counter()
-        tp = sp = float("nan")
+        tp = sp = spb = float("nan")
         if plain:
             with torch.no_grad(), autocast:
                 v = module.align(ro, built.only)
@@ -178,6 +180,13 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
                                use_cache=False).logits.sum().item()
                 sync()
                 sp = time.perf_counter() - s0
+            s0 = time.perf_counter()  # the floor of the student's phase: a plain forward + backward of the same tokens
+            with autocast:
+                module.student(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=ro.position_ids,
+                               use_cache=False).logits.float().logsumexp(-1).mean().backward()
+            sync()
+            spb = time.perf_counter() - s0
+            module.student.zero_grad(set_to_none=True)
         base, peak, ok = mem["base"], mem["peak"], bool(mem["ok"])
         if rep < args.warmup:
             continue
@@ -185,7 +194,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             "tokens": int(ro.response_mask.sum()), "positions": int(ro.targets.numel()),
             "rollout_s": t1 - t0, "teacher_s": t2 - t1, "teacher_plain_s": tp,
             "student_s": t3 - t2 - loss_time[0], "loss_s": loss_time[0],
-            "student_nograd_s": t4 - t3, "student_plain_s": sp,
+            "student_nograd_s": t4 - t3, "student_plain_s": sp, "student_plain_fb_s": spb,
             "peak_extra_mb": (peak - base) / 1024 if ok else float("nan"), "path_s": mem["path_s"],
             "grad_mb": grad_mb,
         }
@@ -209,10 +218,13 @@ def _case(args: Any, spec: str) -> dict[str, Any] | None:
 def run(args: Any) -> None:
     """Spawn one process per case and print the table."""
     cases = [(m, t) for t in args.tokens for m in ("naive", "lean") if not (m == "naive" and t > args.naive_max)]
-    print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; loss {args.loss}; "
-          f"V = {args.rows:,} rows, H = {args.hidden}, K = {args.k}, sequence length {args.seq}, head/teacher "
-          f"chunk {args.chunk} positions, {args.repeats} timed step(s) after {args.warmup} warm-up step(s) (best kept), "
-          f"torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    if args.conf:  # one step of the config's own models, each head
+        cases, args.with_demo = [("naive", -1), ("lean", -1)], False
+    shape = (f"config {args.conf} {' '.join(args.overrides)}".rstrip() if args.conf else
+             f"loss {args.loss}; V = {args.rows:,} rows, H = {args.hidden}, K = {args.k}, sequence length {args.seq}, "
+             f"head/teacher chunk {args.chunk} positions")
+    print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; {shape}, {args.repeats} timed step(s) "
+          f"after {args.warmup} warm-up step(s) (best kept), torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     if args.compare:
         r = _case(args, f"compare:{args.tokens[0]}")
         if r:
@@ -222,17 +234,18 @@ def run(args: Any) -> None:
     for mode, tokens in cases + ([("naive", 0), ("lean", 0)] if args.with_demo else []):
         r = _case(args, f"{mode}:{tokens}")
         if r:
-            r["label"] = "demo models" if tokens == 0 else f"B·T = {r['positions']:,}"
+            r["label"] = ("demo models" if tokens == 0 else Path(args.conf).stem if tokens < 0
+                          else f"B·T = {r['positions']:,}")
             rows.append(r)
     print()
     print("| case | head | rollout s | teacher s | teacher plain forward s | student fwd+bwd s | loss s | "
           "peak extra memory of the loss path | of which the parameters' gradients | student no-grad scoring s | "
-          "student plain forward s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "student plain forward s | student plain fwd+bwd s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} | {r['mode']} | {r['rollout_s']:.2f} | {r['teacher_s']:.2f} | {r['teacher_plain_s']:.2f} | "
               f"{r['student_s']:.2f} | {r['loss_s']:.3f} | {r['peak_extra_mb']:,.0f} MB | {r['grad_mb']:,.0f} MB | "
-              f"{r['student_nograd_s']:.2f} | {r['student_plain_s']:.2f} |")
+              f"{r['student_nograd_s']:.2f} | {r['student_plain_s']:.2f} | {r['student_plain_fb_s']:.2f} |")
     print()
     by = {(r["mode"], r["label"]): r for r in rows}
     for r in rows:
