@@ -119,6 +119,16 @@ def _model_node(node: dict[str, Any]) -> dict[str, Any]:
     return {**node, "server": {k: node["server"][k] for k in ("url", "model", "top_k")}}
 
 
+def _prepared(entries: list[dict[str, Any]], paths: list[Any]) -> list[dict[str, Any]]:
+    """The entries of the config's ``prepare`` list whose folders the paths name, with the entries
+    those were cut from (in list order)."""
+    want = {str(Path(p)) for p in paths if p}
+    for e in reversed(entries):  # a later entry may cut an earlier one's folder
+        if str(Path(e["out"])) in want and e.get("from"):
+            want.add(str(Path(e["from"])))
+    return [e for e in entries if str(Path(e["out"])) in want]
+
+
 def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, frame: bool = False,
                 task: str | None = None) -> str:
     """Hash of everything a stage's result depends on (see the module docstring); ``task``: the task
@@ -138,8 +148,10 @@ def fingerprint(cfg: dict[str, Any], stage: str, built: Any, code: bool = True, 
     parts: dict[str, Any] = {"seed": cfg["run"]["seed"], "tasks": tasks, "data": cfg["data"],
                              "precision": cfg["trainer"]["precision"],
                              "code": code_digest(stage, built, task) if code else ""}
-    if cfg.get("prepare"):  # (the folders the models are loaded from, as their entries name them)
-        parts["prepare"] = cfg["prepare"]
+    paths = [t["teacher"]["path"] for t in tasks] + ([cfg["student"]["path"]] if stage != "teacher_sft" else [])
+    made = _prepared(cfg.get("prepare") or [], paths)
+    if made:  # (the prepare entries that made the stage's model folders, and the ones they were cut from)
+        parts["prepare"] = made
     if stage in ("student_sft", "opd"):
         parts.update(student=cfg["student"], student_sft=stage_node(cfg["stages"]["student_sft"], "student_sft"),
                      student_vocab=vocab_digest(built.student.tokenizer))
