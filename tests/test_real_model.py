@@ -389,3 +389,37 @@ def test_demo_real_runs_end_to_end_at_a_small_size(tmp_path):
     results = json.loads((tmp_path / "demo_real" / "results.json").read_text())
     assert results["student_after"]["params"] < results["teacher"]["params"]
     assert (tmp_path / "models" / "SmolLM2-135M-Instruct" / "stage.json").is_file()
+
+
+def test_byte_span_with_a_real_49k_student_against_the_qwen_tokenizer(folder, tmp_path):
+    """A real SmolLM2 student (49,152 ids, digits one by one) under a teacher with the real Qwen
+    tokenizer (151,643 text ids): the teacher reads each rollout's completion re-tokenised in its own
+    ids; those ids spell exactly the student's text, no chunk holds different bytes on the two sides,
+    and one OPD step of the cross-tokenizer demo's loss is finite."""
+    from conftest import ROOT, demo_cfg, qwen_tokenizer_dir
+
+    from opdlm.build import build_run
+    from opdlm.models import render_prompt
+    from opdlm.module import OPDModule
+    student = ensure({"out": str(tmp_path / "first1"), "from": str(folder), "layers": 1}, "prepare.1", log=lambda s: None)
+    cfg = demo_cfg(f"student.path={student}", "student.chat_template=true", f"teacher.tokenizer_path={qwen_tokenizer_dir()}",
+                   "teacher.hidden_size=64", "teacher.intermediate_size=128", "teacher.layers=1", "teacher.heads=4",
+                   "aligner.roles={}", "support.k=4", "sampler.max_new_tokens=16", "task.prompt_template=Compute {expr}.",
+                   confs=[str(ROOT / "conf" / "demo_xtok.yaml")])
+    built = build_run(cfg)
+    module = OPDModule(cfg, built=built)
+    stok, ttok = built.student.tokenizer, built.only.teacher.tokenizer
+    assert len(stok) == 49152 and len(ttok) > 150000
+    ex = built.task.examples("train")[:3]
+    torch.manual_seed(0)
+    ro = built.sampler.sample(module.student, stok, [render_prompt(stok, e.prompt, True) for e in ex], ex, n=2)
+    view, teacher, support, mask = module.prepare(ro)
+    for i in range(ro.input_ids.shape[0]):
+        resp = ro.input_ids[i, ro.prompt_len:][ro.response_mask[i]].tolist()
+        text = stok.decode([t for t in resp if t != stok.eos_token_id])
+        tids = [t for t in view.teacher_targets[i].tolist() if t >= 0]
+        assert ttok.decode([t for t in tids if t != ttok.convert_tokens_to_ids("<|im_end|>")]) == text
+    assert not bool(view.mismatched.any())
+    module.student.zero_grad()
+    _, out, _ = module.loss_backward(ro, support, teacher, None, mask, view, mask.sum().float())
+    assert bool(torch.isfinite(out.token_loss).all()) and int(mask.sum()) > 0
