@@ -5,6 +5,7 @@ the task's text). Nothing here reaches a model hub."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ from transformers import (
     Qwen2Config,
 )
 
+from opdlm import dist
 from opdlm.errors import ConfigError
 from opdlm.guard import first_nonfinite
+from opdlm.rollouts import FORMER_EOS, end_ids
 from opdlm.served import ServedTeacher, TeacherServer
 
 PAD, EOS, UNK = "<pad>", "<|im_end|>", "<unk>"
@@ -236,7 +239,9 @@ class ModelSpec:
             except ConfigError as e:
                 raise ConfigError(f"{key}.{e}") from None
         if node.get("chat_template"):
-            check_turn_end(self.tokenizer, f"{key}.chat_template")
+            note = adopt_turn_end(self.tokenizer, f"{key}.chat_template")
+            if note and dist.is_main():
+                print(f"[opdlm] {note}", file=sys.stderr)
         ids = len(self.tokenizer)
         if self.vocab_rows < ids:  # allowed only for control tokens the model never predicts
             specials = set(self.tokenizer.all_special_ids)
@@ -290,7 +295,7 @@ class ModelSpec:
                 torch.manual_seed(seed)
                 model = AutoModelForCausalLM.from_config(self.hf_config)
         model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        model.generation_config.eos_token_id = self.tokenizer.eos_token_id
+        model.generation_config.eos_token_id = stop_setting(self.tokenizer)
         return model
 
 
@@ -310,13 +315,25 @@ def save_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | 
     return folder
 
 
-def check_turn_end(tokenizer: PreTrainedTokenizerBase, key: str) -> None:
-    """ConfigError unless the tokenizer's chat template ends an assistant turn with its eos_token:
-    responses are trained to end with eos_token and generation stops there, so a template whose turns
-    end otherwise would teach one ending and stop at another (a base tokenizer's eos with an instruct
-    template is the usual case)."""
+def stop_setting(tokenizer: PreTrainedTokenizerBase) -> int | list[int]:
+    """end_ids as a generation config's eos_token_id: one id, or the list when there are several."""
+    ids = end_ids(tokenizer)
+    return ids[0] if len(ids) == 1 else ids
+
+
+def adopt_turn_end(tokenizer: PreTrainedTokenizerBase, key: str) -> str | None:
+    """Make the tokenizer's eos_token the token that ends an assistant turn in its chat template.
+
+    A base model's tokenizer often ends texts with one token (Qwen's ``<|endoftext|>``, 151643) while
+    the chat template, shared with the instruct model, ends turns with another (``<|im_end|>``,
+    151645). Responses rendered with the template must be trained to end, and stop, at the turn's
+    end; a model that still writes its old eos must stop there too. So when the template's turn ends
+    with a single special token other than eos, that token becomes eos_token and the old eos id is
+    kept as a second stop id (end_ids). Returns a one-line note of the change, or None when the
+    template already ends turns with eos or there is no template. ConfigError when the turn's end is
+    not one special token of the vocabulary (responses could not stop there)."""
     if not getattr(tokenizer, "chat_template", None):
-        return  # (said where a prompt is rendered: render_prompt)
+        return None  # (said where a prompt is rendered: render_prompt)
     eos_text = tokenizer.eos_token
     a, b = "\u2401A\u2401", "\u2401B\u2401"
     try:
@@ -327,12 +344,31 @@ def check_turn_end(tokenizer: PreTrainedTokenizerBase, key: str) -> None:
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     end = full.find(b)
     after = full[end + len(b):] if end >= 0 else ""
-    if eos_text is None or not after.startswith(eos_text):
+    if eos_text is not None and after.startswith(eos_text):
+        return None
+    turn_end = _special_prefix(tokenizer, after)
+    if turn_end is None:
         shown = after[:24] if end >= 0 else "(the reply is not rendered)"
-        raise ConfigError(f"{key}: the tokenizer's chat template ends an assistant turn with {shown!r}, not with its "
-                          f"eos_token {eos_text!r}: responses would be trained to end one way and stop another; "
-                          f"use the tokenizer that belongs to the template (an instruct model's), or set its "
-                          f"eos_token to the turn's end token")
+        raise ConfigError(f"{key}: the tokenizer's chat template ends an assistant turn with {shown!r}, which does not "
+                          f"start with its eos_token {eos_text!r} nor with another special token: responses could not "
+                          f"stop at the end of a turn; use a template whose assistant turns end with a special token")
+    text, tid = turn_end
+    former = tokenizer.eos_token_id
+    tokenizer.eos_token = text
+    setattr(tokenizer, FORMER_EOS, former)
+    was = f"{eos_text!r} (id {former})" if former is not None else "no eos_token"
+    return (f"{key}: the chat template ends assistant turns with {text!r} (id {tid}), and the tokenizer's eos_token "
+            f"is {was}: responses end with {text!r}; generation stops at either")
+
+
+def _special_prefix(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[str, int] | None:
+    """(token text, id) of the longest special token of the vocabulary that ``text`` starts with."""
+    best = None
+    for tid, tok in tokenizer.added_tokens_decoder.items():
+        t = tok.content
+        if tok.special and t and text.startswith(t) and (best is None or len(t) > len(best[0])):
+            best = (t, int(tid))
+    return best
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: bool) -> list[int]:
@@ -355,7 +391,7 @@ def load_or_build(spec: Any, init: str | None, seed: int) -> nn.Module:
         key = f"{spec.key}.path" if spec.path and str(init) == str(spec.path) else f"stage folder {init}"
         model = load_weights(init, key, getattr(torch, spec.node["dtype"]))
         model.generation_config.pad_token_id = spec.tokenizer.pad_token_id
-        model.generation_config.eos_token_id = spec.tokenizer.eos_token_id
+        model.generation_config.eos_token_id = stop_setting(spec.tokenizer)
     else:
         model = spec.build(seed)
     if spec.node["gradient_checkpointing"]:  # recompute each layer's activations in backward

@@ -19,6 +19,20 @@ Nucleus = Annotated[float, Range(gt=0, le=1)]  # top_p
 Count = Annotated[int, Range(ge=1)]  # max_new_tokens, n
 
 
+#: attribute of a tokenizer whose eos_token was set to its chat template's end of turn (models.adopt_turn_end):
+#: the eos id it had before, which still ends a response when a model writes it
+FORMER_EOS = "opdlm_former_eos_id"
+
+
+def end_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a response, the one responses are trained to end with first: the tokenizer's
+    eos_token_id (its chat template's end of turn, after models.adopt_turn_end) and the eos id it had before
+    that, if any. Generation stops at any of them; a rollout ends at the first."""
+    eos = tokenizer.eos_token_id
+    former = getattr(tokenizer, FORMER_EOS, None)
+    return [eos] + ([former] if former is not None and former != eos else [])
+
+
 def require_eos(tokenizer: Any) -> None:
     """ConfigError when the tokenizer has no EOS: a response could not end."""
     if tokenizer.eos_token_id is None:
@@ -26,13 +40,16 @@ def require_eos(tokenizer: Any) -> None:
 
 
 def build_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, sequences: Tensor,
-                  prompt_cols: int, behaviour: Tensor, eos_id: int, pad_id: int,
+                  prompt_cols: int, behaviour: Tensor, eos_ids: int | list[int], pad_id: int,
                   tokenizer: Any) -> Rollout:
-    """Assemble a Rollout from generate()'s sequences [B*n, P+T] and behaviour log-probs [B*n, T]."""
+    """Assemble a Rollout from generate()'s sequences [B*n, P+T] and behaviour log-probs [B*n, T]. A
+    response ends at its first id of ``eos_ids`` (models.end_ids: several when a base tokenizer's eos
+    differs from its chat template's end of turn)."""
     B = sequences.shape[0]
     resp = sequences[:, prompt_cols:]
     T = resp.shape[1]
-    is_eos = resp == eos_id
+    ends = torch.tensor([eos_ids] if isinstance(eos_ids, int) else list(eos_ids), dtype=resp.dtype, device=resp.device)
+    is_eos = torch.isin(resp, ends)
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     response_mask = ~after_eos
     truncated = ~is_eos.any(-1)

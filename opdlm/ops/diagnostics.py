@@ -10,6 +10,7 @@ from torch import Tensor
 
 from opdlm import dist
 from opdlm.ops.batch import alignment_stats
+from opdlm.rollouts import end_ids
 from opdlm.types import LossInputs, Rollout, TeacherView, masked_mean
 
 
@@ -26,12 +27,13 @@ def tail_repeats(tokens: list[int], max_n: int = 4, repeats: int = 3) -> bool:
     return False
 
 
-def repetition_frac(targets: Tensor, lengths: Tensor, eos_id: int | None, max_n: int = 4, repeats: int = 3) -> Tensor:
+def repetition_frac(targets: Tensor, lengths: Tensor, eos_id: int | list[int] | None, max_n: int = 4,
+                    repeats: int = 3) -> Tensor:
     """Share of responses (EOS excluded) whose tail repeats an n-gram ``repeats`` times."""
     hits = 0
     for row, n in zip(targets.tolist(), lengths.tolist()):
         toks = row[:n]
-        if toks and eos_id is not None and toks[-1] == eos_id:
+        if toks and eos_id is not None and toks[-1] in ([eos_id] if isinstance(eos_id, int) else eos_id):
             toks = toks[:-1]
         hits += tail_repeats(toks, max_n, repeats)
     return torch.tensor(hits / max(1, len(lengths)))
@@ -113,7 +115,7 @@ def rollout_diagnostics(rollout: Rollout, view: TeacherView, tokenizer: Any) -> 
     return {
         "response_len": rollout.lengths.float().mean(),
         "truncated_frac": rollout.truncated.float().mean(),
-        "repetition_frac": repetition_frac(rollout.targets, rollout.lengths, tokenizer.eos_token_id),
+        "repetition_frac": repetition_frac(rollout.targets, rollout.lengths, end_ids(tokenizer)),
         **alignment_stats(rollout, view),
     }
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from opdlm.errors import ConfigError
+from opdlm.rollouts import end_ids
 
 CONTROL_BIN = 256  # first-byte bin of tokens without bytes (and of bytes one side cannot start with)
 N_BINS = 257
@@ -209,7 +210,8 @@ def pair_tables(student_tok: Any, teacher_tok: Any, student_rows: int, teacher_r
         if j is not None and i < len(s.control) and j < len(t.control) and s.control[i] and t.control[j]:
             role_ids[int(i)] = int(j)
     if student_tok.eos_token_id is not None and teacher_tok.eos_token_id is not None:
-        role_ids[int(student_tok.eos_token_id)] = int(teacher_tok.eos_token_id)
+        for i in end_ids(student_tok):  # (a base tokenizer's former eos ends a response too: models.end_ids)
+            role_ids[int(i)] = int(teacher_tok.eos_token_id)
     for sv, tv in roles.items():
         role_ids[control_id(student_tok, sv, s, "student")] = control_id(teacher_tok, tv, t, "teacher")
     # a raw byte (invalid UTF-8 in the student's text) is read by the teacher's one-byte token

@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS
-from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, left_pad, require_eos, top_p_filter
+from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, end_ids, left_pad, require_eos, top_p_filter
 from opdlm.types import Example, Rollout
 
 
@@ -75,7 +75,7 @@ class TopP(Sampler):
             # penalty, ...) must not change the distribution this sampler promises
             # (generate() fills unset fields from the model's config, so every processor is neutralised)
             gen = GenerationConfig(do_sample=not greedy, num_return_sequences=n, max_new_tokens=self.max_new_tokens,
-                                   pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                                   pad_token_id=pad_id, eos_token_id=end_ids(tokenizer), use_cache=True,
                                    repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
                                    bad_words_ids=None, suppress_tokens=None,
                                    begin_suppress_tokens=None, forced_bos_token_id=None,
@@ -96,4 +96,4 @@ class TopP(Sampler):
         behaviour = torch.stack(rec.logprobs, dim=1) if rec.logprobs else seqs.new_zeros(seqs.shape[0], 0, dtype=torch.float)
         behaviour = behaviour[:, :T]
         return build_rollout(prompt_ids, examples, n, seqs, ids.shape[1], behaviour,
-                             tokenizer.eos_token_id, pad_id, tokenizer)
+                             end_ids(tokenizer), pad_id, tokenizer)

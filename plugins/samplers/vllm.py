@@ -62,7 +62,7 @@ from opdlm.errors import ConfigError
 from opdlm.gather import full_weights, plain_name
 from opdlm.plugin_api import Context, Sampler
 from opdlm.registry import SAMPLERS
-from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, left_pad, require_eos
+from opdlm.rollouts import Count, Nucleus, Temperature, build_rollout, end_ids, left_pad, require_eos
 from opdlm.schema import Range
 from opdlm.shard import plain_class
 from opdlm.types import Example, Rollout
@@ -261,18 +261,18 @@ class VLLM(Sampler):
         n = self.n if n is None else n
         # each prompt's stream from the caller's torch generator, drawn before anything else runs
         seed = int(torch.randint(0, 2**31 - 1 - len(prompt_ids) * n, ()).item())
-        eos = tokenizer.eos_token_id
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        ends = end_ids(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else ends[0]
         engine = self.engine(model, len(tokenizer))
         engine.sync(model, self.bucket_bytes)
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         draws = 1 if greedy else n  # (greedy: one decode, repeated n times as top_p's rows would be)
-        # stop at the tokenizer's EOS only: ignore_eos keeps vLLM from also stopping at the model
-        # config's eos ids (a checkpoint may list several), which top_p would write through
+        # stop at the response's end ids only (models.end_ids): ignore_eos keeps vLLM from also stopping
+        # at the model config's eos ids (a checkpoint may list others), which top_p would write through
         params = [SamplingParams(n=draws, temperature=0.0 if greedy else self.temperature,
                                  top_p=1.0 if greedy else self.top_p, top_k=0, min_p=0.0,
-                                 max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=[eos], ignore_eos=True,
+                                 max_tokens=self.max_new_tokens, logprobs=0, stop_token_ids=ends, ignore_eos=True,
                                  detokenize=False, seed=seed + i * n)
                   for i in range(len(prompt_ids))]
         try:
@@ -282,16 +282,16 @@ class VLLM(Sampler):
                 engine.sleep()
         completions = [c for o in outs for c in sorted(o.outputs, key=lambda c: c.index) for _ in range(n // draws)]
         for c in completions:
-            if not (c.token_ids and c.token_ids[-1] == eos) and len(c.token_ids) != self.max_new_tokens:
+            if not (c.token_ids and c.token_ids[-1] in ends) and len(c.token_ids) != self.max_new_tokens:
                 hint = (f"; the engine's context is {engine.max_model_len} tokens: raise sampler.max_model_len"
                         if c.finish_reason == "length" else f", stop reason {c.stop_reason!r}")
                 raise RuntimeError(f"sampler vllm: a response stopped after {len(c.token_ids)} of {self.max_new_tokens} "
                                    f"tokens without the tokenizer's EOS (finish reason {c.finish_reason!r}{hint})")
-        return to_rollout(prompt_ids, examples, n, completions, eos, pad_id, tokenizer,
+        return to_rollout(prompt_ids, examples, n, completions, ends, pad_id, tokenizer,
                           next(model.parameters()).device)
 
 
-def to_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, completions: list[Any], eos: int,
+def to_rollout(prompt_ids: list[list[int]], examples: list[Example], n: int, completions: list[Any], eos: int | list[int],
                pad_id: int, tokenizer: Any, device: torch.device) -> Rollout:
     """vLLM's completions (n per prompt, in order) in top_p's layout on the model's device: left-padded
     prompts, each response up to its EOS or its full length, behaviour log-probs of the drawn tokens."""
