@@ -6,7 +6,7 @@ import os
 import sys
 
 from opdlm import dist
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
 from opdlm.discovery import discover
 from opdlm.errors import ConfigError, PluginError

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from opdlm import dist
-from opdlm.build import BuiltRun, TaskRun
+from opdlm.builder import BuiltRun, TaskRun
 from opdlm.data import EvalBatches, eval_items
 from opdlm.dist import step_seed
 from opdlm.guard import check_checkpoint

@@ -1,7 +1,8 @@
 """What a stage's cached result depends on, as one hash (the evaluation keys apart, in
 ``eval_fingerprint``): the config parts the stage reads (earlier
 stages included), the tokenizers' vocabularies, and the code: the source of the opdlm package and
-of every plugin file the stage uses (the classes of its plugins and of the plugins nested in them).
+of every plugin file the stage uses (the classes of its plugins and of the plugins nested in them;
+a plugin class defined without a file, in a notebook cell, by its code).
 Editing a loss recomputes the OPD stage; it does not recompute the SFT stages, which use only the
 task and the sampler. The OPD stage also depends on the number of processes (each rank samples
 with its own random stream); the SFT stages do not (the same global batches and the same token
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import types
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,9 +38,64 @@ def package_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def plugin_files(objects: list[Any]) -> list[str]:
+def source_file(cls: type) -> str | None:
+    """The resolved path of the file that defines ``cls``, or None when there is none to read (a class
+    defined in a notebook cell, in ``python -c`` or on standard input)."""
+    try:
+        name = inspect.getsourcefile(cls)
+    except TypeError:  # (a module without __file__: a notebook's __main__, python -c)
+        return None
+    path = Path(name).resolve() if name else None
+    if path is None or not path.is_file():
+        return None
+    compiled = {Path(f.__code__.co_filename).resolve() for f in _functions(cls)}
+    if compiled and path not in compiled:  # its module's file is not where its code came from (exec'd code)
+        return None
+    return str(path)
+
+
+def _functions(cls: type) -> list[Any]:
+    """The functions a class defines itself (methods, static and class methods, property accessors)."""
+    out = []
+    for value in vars(cls).values():
+        parts = [value.fget, value.fset, value.fdel] if isinstance(value, property) else [
+            value.__func__ if isinstance(value, (staticmethod, classmethod)) else value]
+        out += [f for f in parts if hasattr(f, "__code__")]
+    return out
+
+
+def class_digest(cls: type) -> str:
+    """Hash of the code of a plugin class that has no source file (``source_file`` is None): the
+    byte code, constants and names of each of its functions and the repr of its other attributes, in
+    the order the class defines them. Redefining the class with other code (a notebook cell run
+    again, edited) changes it, so a stage of a run that uses it is computed anew."""
+    h = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}".encode())
+    for name, value in vars(cls).items():
+        if name in ("__dict__", "__weakref__"):
+            continue
+        if isinstance(value, property):
+            parts = [value.fget, value.fset, value.fdel]
+        else:
+            parts = [value.__func__ if isinstance(value, (staticmethod, classmethod)) else value]
+        h.update(name.encode() + b"\0")
+        for part in parts:
+            code = getattr(part, "__code__", None)
+            h.update(_code_bytes(code) if code is not None else repr(part).encode())
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _code_bytes(code: types.CodeType) -> bytes:
+    """A code object's byte code, names and constants (nested functions included), without its file
+    name and line numbers."""
+    consts = [_code_bytes(c) if isinstance(c, types.CodeType) else repr(c).encode() for c in code.co_consts]
+    return b"\1".join([code.co_code, repr(code.co_names).encode(), repr(code.co_varnames).encode(), *consts])
+
+
+def plugin_files(objects: list[Any], fileless: dict[str, type] | None = None) -> list[str]:
     """Source files of the plugin classes in ``objects`` and of the plugins they hold (attributes,
-    lists, tuples and dicts are searched), sorted."""
+    lists, tuples and dicts are searched), sorted. Classes without a source file (``source_file``)
+    go into ``fileless`` (by module and name), when given."""
 
     seen: set[int] = set()
     files: set[str] = set()
@@ -51,10 +108,11 @@ def plugin_files(objects: list[Any]) -> list[str]:
             for cls in type(x).__mro__:
                 if cls is Plugin or not issubclass(cls, Plugin) or cls.__module__.startswith("opdlm."):
                     continue
-                try:
-                    files.add(str(Path(inspect.getsourcefile(cls) or "").resolve()))
-                except TypeError:
-                    pass
+                path = source_file(cls)
+                if path is not None:
+                    files.add(path)
+                elif fileless is not None:
+                    fileless[f"{cls.__module__}.{cls.__qualname__}"] = cls
             for v in vars(x).values():
                 walk(v, depth + 1)
         elif isinstance(x, (list, tuple)):
@@ -85,8 +143,11 @@ def code_digest(stage: str, built: Any, task: str | None = None) -> str:
         if stage == "opd":
             used += [t.aligner, t.support, *t.maskers, t.loss]
     h = hashlib.sha256(package_digest().encode())
-    for f in plugin_files(used):
+    fileless: dict[str, type] = {}
+    for f in plugin_files(used, fileless):
         h.update(f.encode() + b"\0" + Path(f).read_bytes() + b"\0")
+    for name, cls in sorted(fileless.items()):  # (a plugin defined in a notebook cell: its code itself)
+        h.update(name.encode() + b"\0" + class_digest(cls).encode() + b"\0")
     return h.hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from opdlm import dist
-from opdlm.build import BuiltRun, TaskRun, build_run
+from opdlm.builder import BuiltRun, TaskRun, build_run
 from opdlm.conversation import Conversation
 from opdlm.data import PromptBatch
 from opdlm.evaluation import GenerationEval, eval_modes, sampler_kwargs

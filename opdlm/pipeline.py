@@ -32,18 +32,19 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from opdlm import dist
-from opdlm.build import BuiltRun, build_run
+from opdlm.builder import BuiltRun, build_run
 from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, resume_point, write_json
 from opdlm.config import to_yaml
-from opdlm.data import TaskData, TaskSchedule
+from opdlm.data import TaskData
 from opdlm.evaluation import evaluate, merged_metrics
-from opdlm.fingerprint import STAGES, eval_fingerprint, fingerprint
+from opdlm.fingerprint import eval_fingerprint, fingerprint
 from opdlm.guard import STOPPED, NonFiniteError, first_nonfinite
-from opdlm.models import load_or_build, load_weights, n_params, save_hf
+from opdlm.models import load_weights, n_params, save_hf
 from opdlm.module import OPDModule
 from opdlm.optim import OPTIMIZER_KEYS
 from opdlm.results import config_diff, results_table
 from opdlm.sft import SFTModule
+from opdlm.stages import seed_stage, sft_module, stage_data
 from opdlm.trainer import checkpoint_dir, make_trainer, quiet_libraries
 
 __all__ = ["FolderBusy", "RunInterrupted", "Runner"]
@@ -95,7 +96,7 @@ class Runner:
     def _seed(self, stage: str) -> None:
         """Each stage starts from its own seed, so a stage gives the same result whether the
         stages before it ran now or came from the cache."""
-        L.seed_everything(self.cfg["run"]["seed"] + 1000 * STAGES.index(stage), workers=True, verbose=False)
+        seed_stage(self.cfg, stage)
 
     def _fingerprints(self, plan: Plan, code: bool = True) -> tuple[str, str]:
         return (fingerprint(self.cfg, plan.stage, self.built, code, task=plan.task),
@@ -160,18 +161,8 @@ class Runner:
         return torch.device("cpu")
 
     def _data(self, plan: Plan, start: Callable[[], int]) -> TaskData:
-        """The stage's batches: a teacher's on its own task; the student's SFT on every task's; OPD's
-        one task per rollout batch, in stages.opd.task_schedule's order."""
-        st, seed, tasks = plan.node, self.cfg["run"]["seed"], self.built.tasks
-        sets = self.built.sets("train")
-        labels = [plan.task] if plan.task is not None else list(tasks)
-        sets = {label: sets[label] for label in labels}
-        if plan.stage != "opd":
-            return TaskData(sets, mode="sft", batch_size=st["batch_size"], steps=st["steps"], seed=seed,
-                            tokenizer=plan.spec.tokenizer, chat_template=plan.spec.node["chat_template"], start=start)
-        schedule = TaskSchedule(labels, [tasks[label].weight for label in labels], st["task_schedule"], seed)
-        return TaskData(sets, mode="opd", batch_size=st["prompts_per_step"], steps=-(-st["steps"] // st["num_mini_batches"]),
-                        seed=seed, start=start, schedule=schedule)
+        """The stage's batches (opdlm.stages.stage_data)."""
+        return stage_data(self.cfg, self.built, plan.stage, plan.task, start)
 
     def _compute(self, plan: Plan, fp: str, efp: str) -> dict[str, Any]:
         t0 = time.time()
@@ -277,10 +268,9 @@ class Runner:
         folder = self.run_dir / (self._name("teacher", task) if own is not None else "student_sft")
         if self.cfg["run"]["stage_cache"]:  # shared between runs (sweeps): keyed by fingerprint
             folder = Path(self.cfg["run"]["stage_cache"]) / f"{stage}-{fingerprint(self.cfg, stage, self.built, task=task)}"
-        seed = self.cfg["run"]["seed"] + (1 if role == "teacher" else 0)
 
         def build() -> SFTModule:
-            return SFTModule(self.cfg, role, init, built=self.built, model=load_or_build(spec, init, seed), task=task)
+            return sft_module(self.cfg, self.built, role, task, init)
 
         return Plan(stage, task, folder, node, spec, build, lambda m: m.model,
                     lambda m: f"{n_params(m.model):,} parameters, {node['steps']} steps of {node['batch_size']} sequences")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from opdlm.build import TaskRun
+from opdlm.builder import TaskRun
 from opdlm.ops.batch import full_support
 from opdlm.ops.extra_scores import FirstByteBins, chunk_logprob
 from opdlm.ops.head import gather_columns, head_scores, lookup_logits, model_hidden, response_hidden, split_model

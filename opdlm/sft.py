@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from opdlm.build import BuiltRun, build_run
+from opdlm.builder import BuiltRun, build_run
 from opdlm.dist import all_sum
 from opdlm.evaluation import GenerationEval, eval_modes
 from opdlm.guard import StepGuard, guarded_step

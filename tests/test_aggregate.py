@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.module import OPDModule
 from opdlm.ops.aggregate import AGGREGATIONS
 from opdlm.types import LossInputs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.errors import ConfigError
 from opdlm.models import char_tokenizer
 

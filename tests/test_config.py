@@ -178,7 +178,7 @@ def test_every_null_default_has_a_declared_type():
 
 
 def test_config_errors_carry_their_key_and_origin(tmp_path):
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.config import Where
     where = Where()
     with pytest.raises(ConfigError) as e:

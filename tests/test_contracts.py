@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.module import OPDModule
 from opdlm.ops.batch import full_support
 from opdlm.plugin_api import Context

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.data import global_batch
 from opdlm.module import OPDModule
 from opdlm.ops.batch import concat_rollouts

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.dist import step_seed
 from opdlm.errors import ConfigError
 from opdlm.evaluation import SPLIT_SEED, evaluate, generate_batch

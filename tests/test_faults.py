@@ -14,7 +14,7 @@ import pytest
 from conftest import TINY, demo_cfg, start_until_opd_checkpoint
 from test_bad_input import plan_err
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.cli import main
 from opdlm.models import save_hf
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, demo_cfg
 from test_contracts import FIXTURE_OPTIONS
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.module import OPDModule
 from opdlm.registry import LOSSES
 from opdlm.types import Example

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DEFAULT_CONF, TINY, compose
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.data import ScheduledBatches, TaskData, TaskSchedule
 from opdlm.errors import ConfigError
 from opdlm.evaluation import evaluate, evaluate_task, merged_metrics

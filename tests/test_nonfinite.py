@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.cli import main
 from opdlm.config import compose
 from opdlm.errors import ConfigError

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY, demo_cfg
 from transformers import AutoModelForCausalLM
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.data import TaskData
 from opdlm.module import OPDModule
 from opdlm.pipeline import Runner

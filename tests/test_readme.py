@@ -26,7 +26,7 @@ def readme_plugin(tmp_path: Path) -> Path:
 
 
 def test_readme_plugin_example_is_three_times_lsm(tmp_path):
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.module import OPDModule
     from opdlm.registry import LOSSES
     folder = readme_plugin(tmp_path)

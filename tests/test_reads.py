@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY, demo_cfg
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.cli import _list
 from opdlm.errors import ConfigError, PluginError
 from opdlm.module import OPDModule

@@ -300,7 +300,7 @@ def test_a_base_eos_with_an_instruct_template_ends_responses_at_the_turn_end(fol
     rollouts end at either; the change is said in one line."""
     from conftest import demo_cfg
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.data import sft_collate
     from opdlm.rollouts import end_ids
     from opdlm.types import Example
@@ -406,7 +406,7 @@ def test_a_template_whose_turns_end_without_a_special_token_is_one_line(base_eos
 def test_a_student_of_another_vocabulary_under_identity_is_one_line(folder):
     from conftest import demo_cfg
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     with pytest.raises(ConfigError) as e:  # the demo's character-level student against the 49,152-id teacher
         build_run(demo_cfg(f"teacher.path={folder}", "maskers.0.tokens=[<|im_end|>]"))
     assert str(e.value).startswith("aligner: 'identity' needs one vocabulary, but the teacher's tokenizer has 49152")
@@ -436,7 +436,7 @@ def real_cfg(folder: Path, student: Path, *over: str) -> dict:
 
 
 def one_step(cfg: dict, head: str):
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.models import render_prompt
     from opdlm.module import OPDModule
     cfg = {**cfg, "stages": {**cfg["stages"], "opd": {**cfg["stages"]["opd"], "head": head, "student_head_block": 7}}}
@@ -499,7 +499,7 @@ def test_byte_span_with_a_real_49k_student_against_the_qwen_tokenizer(folder, tm
     and one OPD step of the cross-tokenizer demo's loss is finite."""
     from conftest import ROOT, demo_cfg, qwen_tokenizer_dir
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.models import render_prompt
     from opdlm.module import OPDModule
     student = ensure({"out": str(tmp_path / "first1"), "from": str(folder), "layers": 1}, "prepare.1", log=lambda s: None)

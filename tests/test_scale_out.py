@@ -16,7 +16,7 @@ from test_bad_input import plan_err as err
 from transformers import AutoModelForCausalLM
 
 from opdlm import fingerprint as fpmod
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.data import EvalBatches, StepBatches, global_batch
 from opdlm.errors import ConfigError
 from opdlm.evaluation import evaluate

@@ -26,7 +26,7 @@ import torch
 from conftest import TINY, demo_cfg, qwen_tokenizer_dir
 from safetensors.torch import load_file
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.errors import ConfigError
 from opdlm.models import render_prompt, save_hf
 from opdlm.module import OPDModule

@@ -18,7 +18,7 @@ import torch
 from conftest import TINY, demo_cfg
 from torch.nn.functional import pad
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.errors import ConfigError
 from opdlm.module import OPDModule
 from opdlm.ops.batch import concat_rollouts
@@ -244,7 +244,7 @@ def test_model_parallel_checks_precision_in_one_line():
 def test_a_sampler_that_cannot_run_on_a_sharded_student_is_refused_at_build():
     """multi_turn: each process plays its own number of turns, so the collective forwards of a
     sharded student would wait forever; refused in one line. top_p runs under every strategy."""
-    from opdlm.build import check_task
+    from opdlm.builder import check_task
     from opdlm.registry import SAMPLERS
     cfg = demo_cfg(*TINY)
     built = build_run(cfg)

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, demo_cfg
 from test_lean_head import compare
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.module import OPDModule
 from opdlm.plugin_api import SupportSelector
 from opdlm.types import Support

@@ -13,7 +13,7 @@ from conftest import TINY, demo_cfg
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.models import render_prompt
 from opdlm.module import OPDModule
 from opdlm.registry import LOSSES

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.config import compose
 from opdlm.discovery import discover
 from opdlm.models import render_prompt

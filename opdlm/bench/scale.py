@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from opdlm import dist
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.config import compose
 from opdlm.data import TaskData
 from opdlm.module import OPDModule

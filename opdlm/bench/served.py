@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.config import compose
 from opdlm.errors import ConfigError
 from opdlm.models import render_prompt, save_hf

@@ -58,7 +58,7 @@ class Record(Callback):
 def run_case(name: str, out: Path) -> None:
     from conftest import TINY, demo_cfg
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
     from opdlm.sft import SFTModule

@@ -57,7 +57,7 @@ class Record(Callback):
 def run_case(name: str, overrides: list[str], out: Path) -> None:
     from conftest import TINY, demo_cfg
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
     from opdlm.trainer import make_trainer
@@ -87,7 +87,7 @@ def run_sft_case(out: Path) -> None:
     """One SFT step of the student: the global token mean of the cross-entropy over both ranks."""
     from conftest import TINY, demo_cfg
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.data import TaskData
     from opdlm.trainer import make_trainer
     from opdlm.sft import SFTModule
@@ -117,7 +117,7 @@ def run_empty_rank_case(out: Path) -> None:
     Each rank saves what it logged (the ranks must agree, and the run must not wait forever)."""
     from conftest import TINY, demo_cfg
 
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.data import TaskData
     from opdlm.module import OPDModule
     from opdlm.trainer import make_trainer

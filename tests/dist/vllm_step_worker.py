@@ -22,7 +22,7 @@ from conftest import TINY, demo_cfg  # noqa: E402
 from opd_step_worker import Record  # noqa: E402
 
 from opdlm import dist  # noqa: E402
-from opdlm.build import build_run  # noqa: E402
+from opdlm.builder import build_run  # noqa: E402
 from opdlm.data import TaskData  # noqa: E402
 from opdlm.module import OPDModule  # noqa: E402
 from opdlm.trainer import make_trainer, quiet_libraries  # noqa: E402

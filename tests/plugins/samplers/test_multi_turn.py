@@ -18,7 +18,7 @@ if os.environ.get("OPDLM_TURN_SAMPLER") == "vllm" and importlib.util.find_spec("
     raise RuntimeError("OPDLM_TURN_SAMPLER=vllm but textworld is not installed")  # CI's engine run: never a silent skip
 pytest.importorskip("textworld", reason='pip install "opdlm[textworld]"')
 
-from opdlm.build import build_run  # noqa: E402
+from opdlm.builder import build_run  # noqa: E402
 from opdlm.conversation import Conversation  # noqa: E402
 from opdlm.data import sft_collate  # noqa: E402
 from opdlm.errors import ConfigError  # noqa: E402

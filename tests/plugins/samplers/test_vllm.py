@@ -19,7 +19,7 @@ import torch
 from conftest import TINY, demo_cfg
 
 from opdlm.bench.rollout import trainer_logprobs
-from opdlm.build import build_run
+from opdlm.builder import build_run
 from opdlm.errors import ConfigError
 from opdlm.models import load_or_build, render_prompt
 from opdlm.registry import SAMPLERS
@@ -64,7 +64,7 @@ def test_deepspeed_and_fsdp1_are_refused_at_build_and_fsdp2_is_not(tiny_cfg):
     """Documented limits: the engine's sync gathers FSDP2 shards (tests below), not DeepSpeed ZeRO-3
     partitions, and has not run under Lightning's FSDP1 strategy. (DeepSpeed needs a GPU: on this CPU the trainer check refuses it first, so the task
     check is called with the strategy directly.)"""
-    from opdlm.build import check_task
+    from opdlm.builder import check_task
     cfg = tiny_cfg(*ENGINE)
     built = build_run(cfg)
     with pytest.raises(ConfigError) as e:

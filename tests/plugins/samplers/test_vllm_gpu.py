@@ -28,7 +28,7 @@ BF16_MEAN, BF16_MAX = 2e-2, 0.5
 
 @pytest.fixture(scope="module")
 def world():
-    from opdlm.build import build_run
+    from opdlm.builder import build_run
     from opdlm.models import load_or_build
     cfg = demo_cfg(*TINY, *HEAD64, "sampler.name=vllm", "trainer.accelerator=gpu")
     built = build_run(cfg)
