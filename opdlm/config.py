@@ -292,9 +292,12 @@ def check_finite(node: Any, where: Where, prefix: str = "") -> None:
         raise where.err(prefix[:-1], f"must be a finite number, got {node!r}")
 
 
-def compose(confs: list[str | Path], overrides: list[str], where: Where | None = None) -> dict[str, Any]:
+def compose(confs: list[str | Path], overrides: list[str | tuple[str, Any]],
+            where: Where | None = None) -> dict[str, Any]:
     """Compose base.yaml, the given files and key=value overrides into a checked, plain dict with
-    every plugin node completed by its constructor defaults and interpolations resolved.
+    every plugin node completed by its constructor defaults and interpolations resolved. An
+    override is a command-line word "key=value" (the value parsed as YAML), or a (key, value) pair
+    whose value is taken as it is (opdlm.api.compose's mapping of overrides).
     ``where`` (optional) receives the origin of every key, for later errors (Where.locate)."""
     where = where if where is not None else Where()
     discover()  # the built-in plugins first: a layer that renames a plugin node resolves its aliases
@@ -303,15 +306,18 @@ def compose(confs: list[str | Path], overrides: list[str], where: Where | None =
     for p, layer in expand_layers(confs):
         merge(cfg, layer, "", where, str(p), yaml_lines(p))
     for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"command line: '{ov}': expected key=value (or conf=FILE)")
-        key, _, text = ov.partition("=")
-        key = key.strip()
-        if not key:
-            raise ConfigError(f"command line: '{ov}': empty key")
+        if isinstance(ov, tuple):
+            key, value = ov
+        else:
+            if "=" not in ov:
+                raise ConfigError(f"command line: '{ov}': expected key=value (or conf=FILE)")
+            key, _, text = ov.partition("=")
+            key, value = key.strip(), parse_value(text)
+            if not key:
+                raise ConfigError(f"command line: '{ov}': empty key")
         mark_new_prefixes(cfg, key, where)
         where.origin[key] = "command line"
-        set_path(cfg, key, parse_value(text), where)
+        set_path(cfg, key, value, where)
     _check_framework(cfg, base, "", where)
     discover(cfg["plugin_paths"] or [])  # and the config's own plugin folders
     _check_plugins(cfg, where)
