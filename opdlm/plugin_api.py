@@ -34,6 +34,9 @@ class Context:
 
 
 class Plugin:
+    """Base of every plugin: ``plugin_name`` and ``plugin_kind`` are set when it is registered
+    (``@LOSSES.register("name")``); its options are its keyword-only constructor arguments."""
+
     plugin_name: str = ""
     plugin_kind: str = ""
     #: options that hold plugin nodes: option -> (kind, extra keys of this plugin with their defaults);
@@ -99,6 +102,7 @@ class Episode:
     won: bool = False
 
     def step(self, action: str) -> Step:
+        """Play ``action`` (the text the agent wrote) and return what the game answers."""
         raise NotImplementedError
 
     def admissible(self) -> list[str]:
@@ -198,6 +202,9 @@ class SupportSelector(Plugin):
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:
+        """The support [B, T, K] at each response position, from the teacher's scores (with its own
+        top ``teacher_k`` ids), the student's (with its top ``student_k``; None when it needs none), the
+        rollout and, across tokenizers, the teacher's view."""
         raise NotImplementedError
 
 
@@ -205,6 +212,7 @@ class Masker(Plugin):
     """Which response positions count in the loss; several maskers are combined with AND."""
 
     def mask(self, rollout: Rollout, view: TeacherView) -> Tensor:  # [B, T] bool
+        """[B, T] bool: the response positions this masker keeps (True) in the loss."""
         raise NotImplementedError
 
 
@@ -223,6 +231,8 @@ class Loss(Plugin):
         return []
 
     def compute(self, inputs: LossInputs) -> LossOutput:
+        """The per-token loss [B, T] (and scalar diagnostics) of one micro-batch; the engine takes
+        its masked mean over the optimizer step."""
         raise NotImplementedError
 
     def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
