@@ -49,8 +49,8 @@ def source_file(cls: type) -> str | None:
     if path is None or not path.is_file():
         return None
     compiled = {Path(f.__code__.co_filename).resolve() for f in _functions(cls)}
-    if compiled and path not in compiled:  # its module's file is not where its code came from (exec'd code)
-        return None
+    if path not in compiled and any(not c.is_file() for c in compiled):  # code compiled from no file (exec'd in
+        return None  # a module that has one, as a notebook cell run by a script): its module's file is not its source
     return str(path)
 
 

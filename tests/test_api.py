@@ -282,3 +282,48 @@ def test_import_opdlm_stays_cheap():
             "print('opdlm.api' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.stdout.split() == ["False", "False", "True"], res.stderr[-2000:]
+
+
+def test_stages_of_a_run_of_several_tasks(tmp_path):
+    """Each task's teacher has its own SFT stage (its own steps, its own examples); OPD takes a
+    teacher per task by label, the rest as the config says."""
+    from test_multitask import SMALL, TWO
+
+    built = opdlm.build(opdlm.compose(*SMALL, *TWO, f"run.out_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"^teacher_sft: this run has 2 tasks \(add, sub\); name one"):
+        built.teacher_sft()
+    with pytest.raises(ConfigError, match=r"^teacher_sft: task 'mul' is not a task of this run; tasks: add, sub$"):
+        built.teacher_sft(task="mul")
+    sub = built.teacher_sft(task="sub")
+    assert (sub.steps, sub.task, sub.module.stage["lr"]) == (5, "sub", 0.01)  # tasks.1.teacher_sft
+    assert list(sub.data.sets) == ["sub"] and sub.data.sets["sub"] == built.run.tasks["sub"].task.examples("train")
+    quiet_trainer(sub.steps).fit(sub.module, datamodule=sub.data)
+    assert sub.module.trainer.global_step == 5
+    opd = built.opd(teacher={"sub": sub.module.model})
+    assert opd.module.teachers["sub"] is sub.module.model and opd.module.teachers["add"] is not sub.module.model
+    assert len(opd.module.teachers["add"].model.layers) == 1 and len(sub.module.model.model.layers) == 2
+    quiet_trainer(opd.steps).fit(opd.module, datamodule=opd.data)
+    assert opd.module.trainer.global_step == opd.steps == 2
+    metrics = opd.evaluate("val")
+    assert {"val/add/acc_greedy", "val/sub/acc_greedy", "val/acc_greedy"} <= set(metrics)
+
+
+def test_a_cell_run_again_replaces_its_plugin():
+    """Running a cell that registers a plugin again replaces it; another class under its name is refused."""
+    cell = ("from opdlm import LOSSES\nfrom opdlm.plugin_api import Loss\n\n"
+            "@LOSSES.register('again_loss')\nclass {name}(Loss):\n    '''A loss.'''\n")
+    try:
+        classes = []
+        for name in ("Again", "Again", "Other"):
+            ns: dict = {"__name__": "__main__"}
+            try:
+                exec(compile(cell.format(name=name), "<cell>", "exec"), ns)
+            except ConfigError as e:
+                assert str(e) == "loss 'again_loss' is registered twice: by __main__.Again and by __main__.Other"
+                break
+            classes.append(ns[name])
+        else:
+            pytest.fail("a second class under the same name was accepted")
+        assert classes[0] is not classes[1] and LOSSES.get("again_loss") is classes[1]
+    finally:
+        LOSSES._entries.pop("again_loss", None)
