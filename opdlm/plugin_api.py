@@ -34,6 +34,9 @@ class Context:
 
 
 class Plugin:
+    """Base of every plugin. The kind's registry sets ``plugin_name`` and ``plugin_kind`` when it
+    registers the class; the constructor's keyword-only arguments are the plugin's options."""
+
     plugin_name: str = ""
     plugin_kind: str = ""
     #: options that hold plugin nodes: option -> (kind, extra keys of this plugin with their defaults);
@@ -99,6 +102,7 @@ class Episode:
     won: bool = False
 
     def step(self, action: str) -> Step:
+        """Play ``action`` (one line of text) and return the game's answer."""
         raise NotImplementedError
 
     def admissible(self) -> list[str]:
@@ -198,6 +202,8 @@ class SupportSelector(Plugin):
 
     def select(self, teacher: Scores, student: Scores | None, rollout: Rollout,
                view: TeacherView | None = None) -> Support:
+        """The support at every response position: ids [B, T, K] and their validity. ``teacher`` (and
+        ``student``, when ``student_k`` > 0) hold the top ids the selector asked for."""
         raise NotImplementedError
 
 
@@ -205,6 +211,7 @@ class Masker(Plugin):
     """Which response positions count in the loss; several maskers are combined with AND."""
 
     def mask(self, rollout: Rollout, view: TeacherView) -> Tensor:  # [B, T] bool
+        """[B, T] bool: True at the response positions that count in the loss."""
         raise NotImplementedError
 
 
@@ -223,6 +230,8 @@ class Loss(Plugin):
         return []
 
     def compute(self, inputs: LossInputs) -> LossOutput:
+        """The per-token loss [B, T] of one micro-batch (the engine takes its masked global mean) and
+        scalar statistics to log."""
         raise NotImplementedError
 
     def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:

@@ -76,6 +76,7 @@ class Registry(Generic[T]):
         return dict(self._aliases)
 
     def names(self) -> list[str]:
+        """The registered names, sorted (aliases not included)."""
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
@@ -101,6 +102,7 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def summary(self, name: str) -> str:
+        """The first line of the plugin's docstring (what ``--list`` shows)."""
         doc = inspect.getdoc(self._entries[name]) or ""
         return doc.strip().splitlines()[0] if doc.strip() else "(no docstring)"
 
@@ -110,6 +112,7 @@ class Registry(Generic[T]):
         return plugin_options(cls)
 
     def defaults(self, name: str) -> dict[str, Any]:
+        """Option -> its default, for the options of ``name`` that have one."""
         return {
             k: p.default
             for k, p in self.options(name).items()
@@ -201,6 +204,7 @@ def option_hints(cls: type) -> dict[str, Any]:
 
 
 def plugin_options(cls: type) -> dict[str, inspect.Parameter]:
+    """The keyword-only parameters of a plugin class's constructor: its options (its config keys)."""
     if cls.__init__ is object.__init__:  # no constructor of its own: no options
         return {}
     sig = inspect.signature(cls.__init__)

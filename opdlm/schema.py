@@ -42,6 +42,7 @@ class Range:
     note: str = ""
 
     def holds(self, v: float) -> bool:
+        """Whether ``v`` lies within the bounds."""
         return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
                 and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
 

@@ -64,11 +64,13 @@ class Rollout:
     outcomes: list[Outcome] | None = None  # multi-turn: how each episode ended (None: single-turn)
 
     @property
-    def targets(self) -> Tensor:  # [B, T] long: the sampled response tokens
+    def targets(self) -> Tensor:  # [B, T] long
+        """[B, T] long: the sampled response tokens."""
         return self.input_ids[:, self.prompt_len :]
 
     @property
-    def lengths(self) -> Tensor:  # [B] long: response tokens up to and including EOS (multi-turn: action tokens)
+    def lengths(self) -> Tensor:  # [B] long
+        """[B] long: response tokens up to and including EOS (multi-turn: action tokens)."""
         return self.response_mask.sum(-1)
 
 
@@ -138,7 +140,8 @@ class Scores:
     #                               [B, T, V] when the head cannot be split off): read by the lean
     #                               full-vocabulary path, which runs the head again per chunk
 
-    def support_logprobs(self) -> Tensor:  # [B, T, K] full-softmax log-probs on the support
+    def support_logprobs(self) -> Tensor:  # [B, T, K]
+        """[B, T, K]: full-softmax log-probs on the support."""
         assert self.support_logits is not None
         return self.support_logits - self.lse.unsqueeze(-1)
 
@@ -153,6 +156,7 @@ class Support:
 
     @property
     def size(self) -> int:
+        """K, the number of entries per position."""
         return int(self.ids.shape[-1])
 
 
@@ -171,6 +175,8 @@ class LossInputs:
 
 @dataclass(frozen=True)
 class LossOutput:
+    """What a loss returns for one micro-batch."""
+
     token_loss: Tensor  # [B, T] per-token loss; the engine takes the global masked mean
     stats: dict[str, Tensor] = field(default_factory=dict)  # scalar diagnostics (no grad)
 
@@ -182,4 +188,5 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def empty_like_mask(mask: Tensor) -> Tensor:
+    """An all-False bool mask of ``mask``'s shape."""
     return torch.zeros_like(mask, dtype=torch.bool)
