@@ -1,5 +1,6 @@
-"""The README's own examples work as written: the plugin example is complete (it trains, and it
-is 3 x LSM, as its docstring says), and the command that uses it runs."""
+"""The documented plugin example works as written (docs/plugins.md, which the README links to): it
+is complete (it trains, and it is 3 x LSM, as its docstring says), and the command that uses it
+runs. The other examples of that page: tests/test_docs.py."""
 
 from __future__ import annotations
 
@@ -12,17 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY, demo_cfg
+from doc_examples import example_blocks, example_folder
 
-README = (ROOT / "README.md").read_text()
+PAGE = (ROOT / "docs" / "plugins.md").read_text()
 
 
 def readme_plugin(tmp_path: Path) -> Path:
-    blocks = re.findall(r"```python\n(.*?)```", README, re.S)
-    (code,) = [b for b in blocks if b.startswith("# my_plugins/scaled_lsm.py")]
-    folder = tmp_path / "my_plugins"
-    folder.mkdir()
-    (folder / "scaled_lsm.py").write_text(code)
-    return folder
+    """The page's my_plugins/ folder (scaled_lsm.py and the other examples), shared by the session."""
+    assert "scaled_lsm.py" in example_blocks()
+    return example_folder()
 
 
 def test_readme_plugin_example_is_three_times_lsm(tmp_path):
@@ -46,12 +45,12 @@ def test_readme_plugin_example_is_three_times_lsm(tmp_path):
 
 @pytest.mark.slow
 def test_readme_plugin_command_runs(tmp_path):
-    readme_plugin(tmp_path)
-    (line,) = [x for x in README.splitlines() if "plugin_paths=[my_plugins] loss.name=scaled_lsm" in x]
+    folder = readme_plugin(tmp_path)
+    (line,) = [x for x in PAGE.splitlines() if "plugin_paths=[my_plugins] loss.name=scaled_lsm" in x]
     command = re.search(r"`(python run\.py [^`]+)`", line).group(1).split()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
     res = subprocess.run([sys.executable, str(ROOT / "run.py"), *command[2:], *TINY, f"run.out_dir={tmp_path / 'runs'}"],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+                         capture_output=True, text=True, cwd=folder.parent, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "loss scaled_lsm" in res.stdout and "| student after OPD |" in res.stdout

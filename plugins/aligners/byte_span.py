@@ -1,6 +1,6 @@
 """Cross-tokenizer aligner (exact byte offsets): the teacher reads its own rendering of the prompt
 plus its own re-tokenisation of the student's completion, and the two token sequences are cut into
-chunks where their running byte ends meet (opdlm/xtok/align.py; design in the README).
+chunks where their running byte ends meet (opdlm/xtok/align.py; design in docs/cross-tokenizer.md).
 
 The teacher sequence per rollout: teacher prompt (left-padded to P') + teacher completion
 (right-padded to U). Output: a TeacherView with pred_columns/targets at chunk starts, chunk ids for

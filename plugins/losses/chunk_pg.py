@@ -1,4 +1,4 @@
-"""Chunk-level sampled-path OPD (cross-tokenizer variant A of the README): a policy gradient whose
+"""Chunk-level sampled-path OPD (cross-tokenizer variant A, docs/cross-tokenizer.md): a policy gradient whose
 advantage is the teacher-student log-ratio of the whole chunk holding each student token.
 
 For chunk c (a span of bytes both tokenizers cut at the same boundaries):

@@ -1,4 +1,4 @@
-"""First-byte marginal KL (cross-tokenizer variant C of the README): at every chunk start both
+"""First-byte marginal KL (cross-tokenizer variant C, docs/cross-tokenizer.md): at every chunk start both
 models predict from the same byte offset, so their distributions over the next *byte* can be
 compared without any vocabulary map, digits included:
 

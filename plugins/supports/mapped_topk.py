@@ -1,5 +1,5 @@
-"""Teacher top-K mapped into the student's vocabulary (cross-tokenizer support, variant B of the
-README's cross-tokenizer section): at each same-token position the teacher's K most likely ids are
+"""Teacher top-K mapped into the student's vocabulary (cross-tokenizer support, variant B,
+docs/cross-tokenizer.md): at each same-token position the teacher's K most likely ids are
 mapped to student ids with the exact byte-string map (ids without a safe student twin, digits
 included, are dropped and their mass falls into the tail class of a tail-aware loss), and the
 sampled token is added. Other
