@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from opdlm import dist
+from opdlm import dist, signals
 from opdlm.builder import build_run
 from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
 from opdlm.discovery import discover
@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.launch(cfg["trainer"])  # several devices: start (or join) one process per device, once
     quiet_libraries()  # again: now it knows the rank
     runner = Runner(cfg, built)
+    signals.stop_on_sigterm()
     try:
         runner.run()
     except ConfigError as e:
@@ -138,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunInterrupted as e:
         print(f"opdlm: {e}", file=sys.stderr)
-        return 130
+        return signals.exit_code()
     except KeyboardInterrupt:
         where = f" in stage {runner.current}" if runner.current else ""
-        print(f"opdlm: interrupted (Ctrl-C){where}; finished stages are kept, and the same command continues "
+        print(f"opdlm: {signals.cause()}{where}; finished stages are kept, and the same command continues "
               f"from them", file=sys.stderr)
-        return 130
+        return signals.exit_code()
     except PluginError as e:
         print(f"opdlm: plugin error: {e}", file=sys.stderr)
         return 1

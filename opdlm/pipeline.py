@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from opdlm import dist
+from opdlm import dist, signals
 from opdlm.builder import BuiltRun, build_run
 from opdlm.cache import FolderBusy, Lock, file_digests, lookup, remove_stale, replace_folder, resume_point, write_json
 from opdlm.config import to_yaml
@@ -57,7 +57,7 @@ def _sharded(trainer: L.Trainer) -> bool:
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C stopped a stage; the message says where and how to continue."""
+    """Ctrl-C or SIGTERM stopped a stage (opdlm.signals); the message says where and how to continue."""
 
 
 @dataclass
@@ -222,7 +222,7 @@ class Runner:
             how = f"the same command continues it from {path}"
         else:
             how = "no checkpoint was written yet (run.checkpoint_every), so the same command starts it again"
-        return f"interrupted (Ctrl-C) in stage {plan.stage} at optimizer step {step} of {plan.node['steps']}; {how}"
+        return f"{signals.cause()} in stage {plan.stage} at optimizer step {step} of {plan.node['steps']}; {how}"
 
     def _export(self, trainer: L.Trainer, module: L.LightningModule, model: nn.Module, tokenizer: Any,
                 tmp: Path, trained: bool, stage: str) -> nn.Module:

@@ -52,6 +52,24 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_is_reported_as_terminated_with_143_and_the_run_continues(tmp_path):
+    """SIGTERM stops the stage as Ctrl-C does (the checkpoint is kept) but says so, with 128 + 15."""
+    over = [o for o in TINY if not o.startswith("run.checkpoints")]
+    cmd = [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={tmp_path}", "stages.opd.steps=400",
+           "run.checkpoint_every=5"]
+    proc = start_until_opd_checkpoint(cmd, tmp_path / "demo", stderr=subprocess.PIPE)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    msg = last_line(err)
+    assert msg.startswith("opdlm: terminated (SIGTERM) in stage opd at optimizer step "), msg
+    assert "the same command continues it from" in msg and "last.ckpt" in msg
+    assert "Traceback" not in err and "Ctrl-C" not in err
+    assert (tmp_path / "demo" / "checkpoints" / "opd" / "last.ckpt").is_file()
+    assert not (tmp_path / "demo" / "results.json").exists()
+
+
+@pytest.mark.slow
 def test_a_loss_that_returns_nothing_is_named(tmp_path):
     """Found by the config check's probe, before any stage runs."""
     plugins = tmp_path / "plugins"
