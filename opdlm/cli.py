@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()  # again: now it knows the rank
     runner = Runner(cfg, built)
     signals.stop_on_sigterm()
+    signals.end_with_parent()
     try:
         runner.run()
     except ConfigError as e:

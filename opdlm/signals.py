@@ -5,8 +5,10 @@ says "interrupted (Ctrl-C)" with 130."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from types import FrameType
 
 #: what stopped the run (set by the SIGTERM handler; Ctrl-C otherwise)
@@ -32,3 +34,20 @@ def cause() -> str:
 def exit_code() -> int:
     """The exit code of a stopped run: 130 after Ctrl-C, 143 after SIGTERM."""
     return int(_CAUSE["code"])
+
+
+def end_with_parent() -> None:
+    """A run started by a sweep (OPDLM_PARENT_PID names the sweep) stops as on SIGTERM when the sweep
+    disappears, even when the sweep was killed with no chance to stop it: no orphan keeps training and
+    holding its run folder. Other runs (and the worker ranks a run starts itself) are left alone."""
+    want = os.environ.get("OPDLM_PARENT_PID")
+    parent = os.getppid()
+    if not want or not want.isdigit() or int(want) != parent:
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="opdlm-sweep-watch").start()

@@ -14,11 +14,16 @@ gradient norm and its spread, and the response length.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import math
+import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,11 +32,61 @@ from opdlm.config import DEFAULT_CONF
 from opdlm.errors import ConfigError
 from opdlm.layers import load_yaml
 
+#: the runs in progress (ended with the sweep: _stop_children)
+_CHILDREN: set[subprocess.Popen] = set()
+_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
 
 def _run(args: list[str], log: Path) -> int:
+    """One run.py run, its output in ``log``; it ends with the sweep (see _stop_children and the
+    OPDLM_PARENT_PID watch in opdlm.cli)."""
+    if _STOPPING.is_set():
+        return 143
     log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OPDLM_PARENT_PID": str(os.getpid())}
     with log.open("w") as fh:
-        return subprocess.call([sys.executable, "-m", "opdlm.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "opdlm.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                env=env)
+        with _LOCK:
+            _CHILDREN.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with _LOCK:
+                _CHILDREN.discard(proc)
+
+
+def _stop_children(signum: int, frame: Any) -> None:
+    """SIGTERM or Ctrl-C to the sweep: each run in progress gets SIGTERM (it stops as run.py does,
+    keeping its checkpoint), and the sweep waits for them before it exits."""
+    _STOPPING.set()
+    with _LOCK:
+        live = list(_CHILDREN)
+    for p in live:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+    for p in live:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=120)
+    raise SweepStopped(signum)
+
+
+class SweepStopped(Exception):
+    """The sweep was told to stop (its runs have been stopped)."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds``: comma-separated integers >= 0, each once; ValueError naming the problem."""
+    seeds = []
+    for part in text.split(","):
+        p = part.strip()
+        if not p.isdigit():
+            raise ValueError(f"--seeds: expected comma-separated integers >= 0 (e.g. 0,1,2), got {text!r}")
+        if int(p) in seeds:
+            raise ValueError(f"--seeds: seed {int(p)} is given twice in {text!r} (its runs would share a folder)")
+        seeds.append(int(p))
+    return seeds
 
 
 def _confs(overlay: str) -> list[str]:
@@ -41,6 +96,8 @@ def _confs(overlay: str) -> list[str]:
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation of the finite values (NaN, NaN when there are none; std 0 for one)."""
+    xs = [x for x in xs if math.isfinite(x)]
     if not xs:
         return float("nan"), float("nan")
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
@@ -125,7 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = [o for o in overlays if not Path(o).is_file()]
     if missing:
         ap.error(f"no such overlay file: {missing[0]}")
-    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    try:
+        seeds = parse_seeds(a.seeds)
+    except ValueError as e:
+        ap.error(str(e))
+    if a.jobs < 1:
+        ap.error(f"--jobs: must be at least 1, got {a.jobs}")
     out = Path(a.out_dir) / a.name
     extra = [*overrides, f"run.stage_cache={out / 'cache'}", "trainer.progress_bar=false"]
     if a.jobs > 1:
@@ -141,7 +203,31 @@ def main(argv: list[str] | None = None) -> int:
         if rc:
             print(f"sweep: {ov} does not pass --check (see the error above)", file=sys.stderr)
             return 2
-    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+    main_thread = threading.current_thread() is threading.main_thread()
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    for sig in before:
+        signal.signal(sig, _stop_children)
+    _STOPPING.clear()
+    try:
+        failed = _sweep(out, overlays, seeds, confs, extra, a.jobs)
+    except SweepStopped as e:
+        code = 143 if e.args[0] == signal.SIGTERM else 130
+        print(f"sweep: stopped ({signal.Signals(e.args[0]).name}); the runs in progress were stopped and keep their "
+              f"checkpoints: the same command continues them", file=sys.stderr)
+        return code
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    rows = summarise(out, overlays, seeds)
+    print(write_tables(out, rows, seeds))
+    print(f"\nsweep folder: {out} (results.md, results.csv)")
+    return 1 if failed else 0
+
+
+def _sweep(out: Path, overlays: list[str], seeds: list[int], confs: dict[str, list[str]], extra: list[str],
+           jobs: int) -> list[tuple[str, int]]:
+    """The SFT stages once per seed, then every (overlay, seed); the failed ones."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         warm = [pool.submit(_run, [*confs[overlays[0]], *extra, f"run.seed={s}", "stages.opd.steps=0",
                                    "run.checkpoints=false",
                                    f"run.out_dir={out / '_sft'}", f"run.name=s{s}"], out / "_sft" / f"s{s}.log")
@@ -158,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sweep: {Path(ov).stem} seed {s}: {'ok' if rc == 0 else f'failed (rc {rc}), see the log'}", flush=True)
             if rc:
                 failed.append((ov, s))
-    rows = summarise(out, overlays, seeds)
-    print(write_tables(out, rows, seeds))
-    print(f"\nsweep folder: {out} (results.md, results.csv)")
-    return 1 if failed else 0
+    return failed
 
 
 if __name__ == "__main__":
