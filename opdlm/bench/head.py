@@ -65,8 +65,9 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
         return compose([str(CONF_DIR / "demo.yaml")], over)
     B = max(1, tokens // args.seq)
+    # positions for the longest prompt of the task (under 64 tokens) and the whole response
     model = [f"hidden_size={args.hidden}", f"intermediate_size={2 * args.hidden}", "layers=1",
-             "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}"]
+             "heads=8", f"tokenizer_path={args.qwen}", f"tiny_rows={args.rows}", f"max_positions={args.seq + 64}"]
     over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
             f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={args.seq}",
             f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}", f"loss.name={args.loss}",
@@ -204,19 +205,27 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             for k, v in out.items()}
 
 
-def _case(args: Any, spec: str) -> dict[str, Any] | None:
+def _case(args: Any, spec: str, failures: list[str]) -> dict[str, Any] | None:
     cmd = [sys.executable, "-c", "import sys; from opdlm.bench.cli import main; sys.exit(main(sys.argv[1:]))",
            "head", "--case", spec, *args.passthrough]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     line = [x for x in res.stdout.splitlines() if x.startswith("{")]
     if res.returncode or not line:
         print(f"case {spec}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+        failures.append(f"case {spec}: {last_line(res.stderr) or f'exit code {res.returncode}'}")
         return None
     return json.loads(line[-1])
 
 
-def run(args: Any) -> None:
-    """Spawn one process per case and print the table."""
+def last_line(text: str) -> str:
+    """The last non-empty line of a process's output (what a failed case said last)."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def run(args: Any) -> int:
+    """Spawn one process per case and print the table; 1 (after one line saying why) when a case failed."""
+    failures: list[str] = []
     cases = [(m, t) for t in args.tokens for m in ("naive", "lean") if not (m == "naive" and t > args.naive_max)]
     if args.conf:  # one step of the config's own models, each head
         cases, args.with_demo = [("naive", -1), ("lean", -1)], False
@@ -226,13 +235,13 @@ def run(args: Any) -> None:
     print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; {shape}, {args.repeats} timed step(s) "
           f"after {args.warmup} warm-up step(s) (best kept), torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     if args.compare:
-        r = _case(args, f"compare:{args.tokens[0]}")
+        r = _case(args, f"compare:{args.tokens[0]}", failures)
         if r:
             print(f"lean vs naive on one rollout, B·T = {r['positions']:,}: max |g_lean - g_naive| / max |g_naive| "
                   f"= {r['max_rel_grad_diff']:.2e}")
     rows = []
     for mode, tokens in cases + ([("naive", 0), ("lean", 0)] if args.with_demo else []):
-        r = _case(args, f"{mode}:{tokens}")
+        r = _case(args, f"{mode}:{tokens}", failures)
         if r:
             r["label"] = ("demo models" if tokens == 0 else Path(args.conf).stem if tokens < 0
                           else f"B·T = {r['positions']:,}")
@@ -262,3 +271,7 @@ def run(args: Any) -> None:
         print(f"{r['label']}: lean / naive peak memory of the loss path {r['peak_extra_mb'] / nv['peak_extra_mb']:.3f}, "
               f"without the gradients both allocate {own:.3f} (target <= 0.125); time lean / naive: student "
               f"forward+backward+loss {t_lean / t_naive:.2f}x (target <= 1.15x)")
+    if failures:
+        print(f"bench.py head: {len(failures)} case(s) failed, the first: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0

@@ -123,8 +123,11 @@ def run_case(world: int, args: Any) -> dict[str, Any] | None:
             "tokens_per_s": mean([float(t) for t in tokens]) / total if total else 0.0, "wall_s": wall}
 
 
-def run(args: Any) -> None:
-    worlds = [int(w) for w in str(args.worlds).split(",") if w]
+def run(args: Any) -> int:
+    """Run each process count as its own command and print the table; 1 (after one line saying why)
+    when a case failed."""
+    worlds = args.worlds
+    failures: list[str] = []
     print(f"OPD steps on CPU processes (gloo), conf/demo.yaml models, {args.prompts} prompts x "
           f"sampler.n rollouts per global step, {args.steps} timed steps after 1 warm-up"
           + (f", overrides {' '.join(args.overrides)}" if args.overrides else ""))
@@ -138,6 +141,8 @@ def run(args: Any) -> None:
         line = [x for x in res.stdout.splitlines() if x.startswith("{")]
         if res.returncode or not line:
             print(f"{w} processes: failed\n{res.stderr[-3000:]}", file=sys.stderr)
+            said = [x.strip() for x in res.stderr.splitlines() if x.strip()]
+            failures.append(f"{w} processes: {said[-1] if said else f'exit code {res.returncode}'}")
             continue
         rows.append(json.loads(line[-1]))
     print()
@@ -149,3 +154,7 @@ def run(args: Any) -> None:
         comm = "-" if r["comm_s"] is None else f"{r['comm_s']:.3f}"  # (timed for DDP's all-reduce only)
         print(f"| {r['world']} | {r['strategy']} | {r['threads']} | {r['rollout_s']:.3f} | {r['teacher_s']:.3f} | "
               f"{r['student_s']:.3f} | {comm} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {base / r['step_s']:.2f}x |")
+    if failures:
+        print(f"bench.py scale: {len(failures)} case(s) failed, the first: {failures[0]}", file=sys.stderr)
+        return 1
+    return 0
