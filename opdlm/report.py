@@ -53,20 +53,28 @@ class ReportError(Exception):
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """metric -> [(step, value)] from a Lightning metrics.csv (empty cells skipped)."""
+    """metric -> [(step, value)] from a Lightning metrics.csv (empty cells skipped); ReportError
+    naming the file when it is not readable text in CSV form."""
     out: dict[str, list[tuple[int, float]]] = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ReportError(f"'{path}' is not a readable metrics.csv ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for row in rows:
+        try:
             step = int(float(row.get("step") or 0))
-            for k, v in row.items():
-                if k in ("epoch", "step") or v in ("", None):
-                    continue
-                try:
-                    x = float(v)
-                except ValueError:
-                    continue
-                if math.isfinite(x):
-                    out.setdefault(k, []).append((step, x))
+        except ValueError:
+            raise ReportError(f"'{path}': a row's step is not a number ({row.get('step')!r})") from None
+        for k, v in row.items():
+            if k in ("epoch", "step") or v in ("", None) or not isinstance(v, str):
+                continue  # (a cell past the header's columns comes as a list under the key None)
+            try:
+                x = float(v)
+            except ValueError:
+                continue
+            if math.isfinite(x):
+                out.setdefault(k, []).append((step, x))
     return out
 
 
@@ -240,6 +248,12 @@ def report(folder: str | Path) -> tuple[list[Path], str]:
     out.mkdir(exist_ok=True)
     if log.is_file():
         metrics = read_metrics(log)
+        if not metrics:
+            said = (f"'{log}' holds no logged values yet (the OPD stage logs every trainer.log_every_n_steps "
+                    f"optimizer steps), so there are no curves to draw")
+            if not groups and not (folder / "rollouts" / "opd").is_dir():
+                raise ReportError(said)
+            note = "; ".join(x for x in (note, said) if x)
         if plt is not None:
             written += [p for p in (curves_png(plt, metrics, out / "curves.png", f"OPD: {folder.name}"),
                                     gap_png(plt, metrics, out / "gap_by_position.png")) if p]

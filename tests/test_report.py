@@ -97,6 +97,20 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     assert main(["report"]) == 2
 
 
+def test_a_metrics_file_without_values_or_not_text_is_one_line(tmp_path, capsys):
+    log = tmp_path / "r" / "logs" / "opd" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text("epoch,step,train/loss,train/grad_norm\n")  # a stage stopped before its first log row
+    assert main(["report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"opdlm: report: '{log}' holds no logged values yet (the OPD stage logs every "
+                   f"trainer.log_every_n_steps optimizer steps), so there are no curves to draw")
+    log.write_bytes(b"epoch,step,train/loss\n0,1,\xff\xfe\x00\x81\n")
+    assert main(["report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"opdlm: report: '{log}' is not a readable metrics.csv (UnicodeDecodeError: ") and "\n" not in err
+
+
 def test_token_view_renders_in_a_headless_browser(run_dir, tmp_path):
     """Where a Chromium is installed: the page, rendered, shows every counted token's colour."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
