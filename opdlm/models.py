@@ -4,14 +4,16 @@ the task's text). Nothing here reaches a model hub."""
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
@@ -305,11 +307,25 @@ def n_params(model: nn.Module) -> int:
 
 def save_hf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: str | Path,
             info: Mapping[str, Any] | None = None) -> Path:
-    """Save as a Hugging Face folder that AutoModelForCausalLM.from_pretrained loads."""
+    """Save as a Hugging Face folder that AutoModelForCausalLM.from_pretrained loads. A full disk
+    is an OSError (ENOSPC) naming the folder, the space the weights need and the space left (the
+    safetensors writer reports it as a SafetensorError of its own)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    except (SafetensorError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ENOSPC:
+            raise
+        text = str(e)
+        if isinstance(e, SafetensorError) and "os error 28" not in text and "No space left" not in text:
+            raise OSError(errno.EIO, f"the weights could not be written ({text.splitlines()[0]})", str(folder)) from None
+        need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+        free = shutil.disk_usage(folder).free / 2**20
+        raise OSError(errno.ENOSPC, f"No space left on device: the model needs about {need:,.1f} MB and "
+                                    f"{free:,.1f} MB are free; make room (or set run.out_dir elsewhere) and run the "
+                                    f"same command again", str(folder)) from None
     if info:
         (folder / "opdlm.json").write_text(json.dumps(dict(info), indent=2, sort_keys=True))
     return folder

@@ -191,3 +191,38 @@ def test_a_file_where_the_run_folder_should_be_is_one_line(tmp_path):
     res = cli(*TINY, f"run.out_dir={tmp_path}")
     assert res.returncode == 1
     assert res.stderr.strip() == f"opdlm: error: cannot write or read '{tmp_path / 'demo'}': File exists"
+
+
+def _full_disk_save(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    """What the safetensors writer raises when the disk is full (its words, measured on a full tmpfs)."""
+    from safetensors import SafetensorError
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_at_a_stage_save_is_one_line_and_keeps_nothing_half_written(tmp_path, capsys, monkeypatch):
+    import transformers
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", _full_disk_save)
+    assert main([*TINY, f"run.out_dir={tmp_path}"]) == 1
+    err = last_line(capsys.readouterr().err)
+    assert err.startswith("opdlm: error: cannot write or read '") and "No space left on device: the model needs about " in err
+    assert "MB are free; make room (or set run.out_dir elsewhere) and run the same command again" in err
+    assert not list(tmp_path.rglob("stage.json"))  # no stage folder to trust
+
+
+def test_save_on_a_really_full_disk_names_the_folder_and_the_space(tmp_path):
+    """On a 64 KB tmpfs (where this machine lets a test mount one), the real writer's failure."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        cfg = demo_cfg(*TINY, "teacher.hidden_size=64", "teacher.intermediate_size=256")
+        built = build_run(cfg)
+        model = built.teacher.build(0)
+        with pytest.raises(OSError) as e:
+            save_hf(model, built.teacher.tokenizer, mnt / "teacher")
+        assert e.value.errno == 28 and e.value.filename == str(mnt / "teacher")
+        need = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+        assert e.value.strerror.startswith(f"No space left on device: the model needs about {need:,.1f} MB and ")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
