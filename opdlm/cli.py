@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 from opdlm import dist, signals
 from opdlm.builder import build_run
 from opdlm.config import DEFAULT_CONF, Where, compose, split_args, to_yaml
 from opdlm.discovery import discover
-from opdlm.errors import ConfigError, PluginError
+from opdlm.errors import ConfigError, ConfigWarning, PluginError
 from opdlm.guard import NonFiniteError
 from opdlm.models import scan_weights
 from opdlm.pipeline import FolderBusy, RunInterrupted, Runner
@@ -79,8 +80,20 @@ def prepare_model(args: list[str]) -> int:
     return 0
 
 
+_FORMAT_WARNING = warnings.formatwarning
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """opdlm's config warnings as one line; the others as Python shows them."""
+    if issubclass(category, ConfigWarning):
+        return f"opdlm: warning: {message}\n"
+    return _FORMAT_WARNING(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _warning_line
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
     if argv[:1] == ["prepare-model"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,7 +42,7 @@ from opdlm.paths import CONF_DIR
 from opdlm.prepare import check_entries
 from opdlm.registry import KINDS, SAMPLERS, TASKS
 from opdlm.schema import Range, check_bounds, did_you_mean, nonfinite
-from opdlm.trainer import OWN_KEYS, check_key
+from opdlm.trainer import OWN_KEYS, check_key, check_value
 
 BASE_FILE = CONF_DIR / "base.yaml"
 DEFAULT_CONF = CONF_DIR / "demo.yaml"
@@ -151,10 +152,10 @@ def _check_framework(cfg: Mapping[str, Any], base: Mapping[str, Any], prefix: st
         if slot_kind(spath) or spath == "tasks":  # (plugin nodes; tasks: _check_tasks)
             continue
         if schema == "trainer." and k not in OWN_KEYS:
-            why = check_key(k)
+            why = check_key(k) or check_value(k, v)  # (the argument's annotation in lightning.Trainer)
             if why:
                 raise where.err(path, why)
-            continue  # any other lightning.Trainer argument: Lightning checks its value
+            continue
         if k not in base:
             new = RENAMED.get(k)
             if new in base:
@@ -312,27 +313,57 @@ def compose(confs: list[str | Path], overrides: list[str | tuple[str, Any]],
             if "=" not in ov:
                 raise ConfigError(f"command line: '{ov}': expected key=value (or conf=FILE)")
             key, _, text = ov.partition("=")
-            key, value = key.strip(), parse_value(text)
+            key = key.strip()
             if not key:
                 raise ConfigError(f"command line: '{ov}': empty key")
+            try:
+                value = parse_value(text)
+            except ValueError as e:
+                raise ConfigError(f"command line: '{ov}': {key}: the value is not valid YAML ({e})") from None
         mark_new_prefixes(cfg, key, where)
         where.origin[key] = "command line"
         set_path(cfg, key, value, where)
+    cfg = _resolve(cfg, where)  # ${...} first: the checks see the values they stand for
     _check_framework(cfg, base, "", where)
+    _check_plugin_paths(cfg["plugin_paths"], where)
     discover(cfg["plugin_paths"] or [])  # and the config's own plugin folders
     _check_plugins(cfg, where)
     _check_tasks(cfg, base, where)
-    try:
-        resolved = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"config interpolation failed: {str(e).splitlines()[0]}") from None
-    assert isinstance(resolved, dict)
+    resolved = _resolve(cfg, where)  # (plugin defaults are plain values; this keeps the dict plain)
     try:
         resolved["prepare"] = check_entries(resolved["prepare"])
     except ConfigError as e:
         raise where.locate(e) from None
     check_finite(resolved, where)
     return resolved
+
+
+def _resolve(cfg: dict[str, Any], where: Where) -> dict[str, Any]:
+    """``cfg`` with every ${...} interpolation replaced by its value; a ConfigError naming the key
+    that holds a broken one (and where it was set), and what is wrong with it."""
+    try:
+        out = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    except OmegaConfBaseException as e:
+        key = re.sub(r"\[(\d+)\]", r".\1", str(getattr(e, "full_key", "") or ""))
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        missing = re.match(r"Interpolation key '([^']+)' not found", first)
+        why = f"${{{missing.group(1)}}} names no key of the config" if missing else first
+        if key:
+            raise where.err(key, f"interpolation failed: {why}") from None
+        raise ConfigError(f"config interpolation failed: {why}") from None
+    assert isinstance(out, dict)
+    return out
+
+
+def _check_plugin_paths(paths: Any, where: Where) -> None:
+    """plugin_paths: null or a list of folder paths (strings)."""
+    if paths is None:
+        return
+    if not isinstance(paths, list):
+        raise where.err("plugin_paths", f"expected a list of folders, got {paths!r} ({type(paths).__name__})")
+    for i, p in enumerate(paths):
+        if not isinstance(p, str) or not p:
+            raise where.err("plugin_paths", f"item {i}: expected a folder path, got {p!r} ({type(p).__name__})")
 
 
 def to_yaml(cfg: Mapping[str, Any]) -> str:

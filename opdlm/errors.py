@@ -36,3 +36,8 @@ class ConfigError(ValueError):
 class PluginError(RuntimeError):
     """A plugin broke its contract while running (a loss that returned no LossOutput, ...): the
     message is one line naming the plugin and its file."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that runs but probably not as meant (a masker string that is not one token, ...);
+    the command line shows it as one line, "opdlm: warning: ..."."""

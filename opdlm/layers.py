@@ -131,11 +131,15 @@ def expand_layers(confs: list[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def parse_value(text: str) -> Any:
-    """Parse the right-hand side of key=value like YAML (numbers, booleans, null, [lists])."""
+    """Parse the right-hand side of key=value like YAML (numbers, booleans, null, [lists]);
+    ValueError (what the YAML parser said, in one line) when it is not valid YAML."""
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
     except OmegaConfBaseException:
         return text
+    except yaml.YAMLError as e:
+        said = " ".join(x.strip() for x in str(e).splitlines() if x.strip() and "<unicode string>" not in x)
+        raise ValueError(said or type(e).__name__) from None
 
 
 def slot_kind(path: str) -> tuple[str, bool] | None:

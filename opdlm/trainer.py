@@ -8,11 +8,15 @@ own lines."""
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import inspect
 import logging
 import os
+import pathlib
 import sys
+import types
+import typing
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
@@ -63,6 +67,69 @@ def check_key(key: str) -> str | None:
         allowed = [k for k in trainer_arguments() if k not in MANAGED] + list(OWN_KEYS)
         return f"not an argument of lightning.Trainer{did_you_mean(key, allowed)}"
     return None
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether a config value (plain YAML data) can be ``hint``: True, False, or None when the hint
+    is a class a config cannot spell (a Callback, an Accelerator object), so only Lightning can tell."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is typing.Union or origin is types.UnionType:
+        seen = [_fits(value, a) for a in args]
+        return True if any(seen) else (None if all(x is None for x in seen) else False)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin in (list, collections.abc.Iterable, collections.abc.Sequence):
+        if not isinstance(value, list):
+            return False
+        inner = [_fits(v, args[0]) if args else True for v in value]
+        return False if False in inner else (None if None in inner else True)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(v, args[1]) is not False for v in value.values())
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is pathlib.Path:
+        return isinstance(value, str)
+    return None
+
+
+def _hint_text(hint: Any) -> str:
+    """A Trainer argument's annotation as a person reads it ("int or null", "one of 16-mixed, ...")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        literals = [x for a in args if typing.get_origin(a) is typing.Literal for x in typing.get_args(a)]
+        parts = ([_hint_text(typing.Literal[tuple(literals)])] if literals else []) + [
+            _hint_text(a) for a in args if typing.get_origin(a) is not typing.Literal]
+        return " or ".join(dict.fromkeys(p for p in parts if p))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a) for a in args)
+    if origin in (list, collections.abc.Iterable, collections.abc.Sequence):
+        return f"a list of {_hint_text(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", pathlib.Path: "a path",
+             type(None): "null"}
+    return names.get(hint, "")
+
+
+def check_value(key: str, value: Any) -> str | None:
+    """None if ``value`` fits the annotation of lightning.Trainer's argument ``key`` (or when only
+    Lightning can tell), else the reason, naming what the argument takes."""
+    if key in OWN_KEYS or key not in trainer_arguments():
+        return None
+    hint = typing.get_type_hints(L.Trainer.__init__).get(key)
+    if hint is None or _fits(value, hint) is not False:
+        return None
+    return f"lightning.Trainer takes {_hint_text(hint) or 'another type'} here, got {value!r} ({type(value).__name__})"
 
 
 def trainer_kwargs(tr: dict[str, Any]) -> dict[str, Any]:

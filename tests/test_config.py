@@ -192,3 +192,71 @@ def test_config_errors_carry_their_key_and_origin(tmp_path):
     with pytest.raises(ConfigError) as e:
         compose([str(layer)], [])
     assert (e.value.origin, e.value.key) == (f"{layer}:3", "loss.temprature")
+
+
+@pytest.mark.parametrize("override, said", [
+    ("trainer.log_every_n_steps=[5]",
+     "command line: trainer.log_every_n_steps: lightning.Trainer takes an integer or null here, got [5] (list)"),
+    ("trainer.accelerator=3", "command line: trainer.accelerator: lightning.Trainer takes a string here, got 3 (int)"),
+    ("trainer.precision=bf17",
+     "command line: trainer.precision: lightning.Trainer takes one of 64, 32, 16, 'transformer-engine', "
+     "'transformer-engine-float16', '16-true', '16-mixed', 'bf16-true', 'bf16-mixed', '32-true', '64-true', '64', "
+     "'32', '16', 'bf16' or null here, got 'bf17' (str)"),
+    ("plugin_paths=[5]", "command line: plugin_paths: item 0: expected a folder path, got 5 (int)"),
+    ("plugin_paths=here", "command line: plugin_paths: expected a list, got 'here' (str)"),
+    ("stages.opd.betas=[0.9,", "command line: 'stages.opd.betas=[0.9,': stages.opd.betas: the value is not valid "
+                               "YAML (while parsing a flow node did not find expected node content)"),
+    ("stages.opd.lr=${stages.nope.lr}",
+     "command line: stages.opd.lr: interpolation failed: ${stages.nope.lr} names no key of the config"),
+    ("stages.opd.lr=${stages.opd.lr}", "command line: stages.opd.lr: interpolation failed: Recursive interpolation detected"),
+    ("stages.opd.lr=${run.name}", "command line: stages.opd.lr: expected number, got 'demo' (str)"),
+])
+def test_bad_values_are_one_line_naming_the_key(override, said):
+    with pytest.raises(ConfigError) as e:
+        demo_cfg(override)
+    assert str(e.value) == said
+
+
+def test_a_weighted_sum_whose_weights_are_all_zero_is_refused(capsys):
+    from opdlm.cli import main
+    assert main(["--check", "loss={name: weighted_sum, terms: [{name: lsm, weight: 0}, {name: sampled_token, "
+                 "weight: 0.0}]}"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "opdlm: config error: command line: loss.terms: every weight is 0, so the loss is 0 and OPD would train "
+        "nothing; give at least one term a weight > 0 (terms.0.weight, terms.1.weight)")
+
+
+def test_trainer_values_lightning_takes_pass():
+    for override in ("trainer.devices=auto", "trainer.devices=1", "trainer.precision=bf16-mixed", "trainer.precision=32",
+                     "trainer.deterministic=warn", "trainer.deterministic=true", "trainer.num_nodes=1"):
+        demo_cfg(override)
+
+
+def test_interpolations_are_resolved_before_the_type_checks():
+    """A typed key may take another key's value: the check sees the value, not the ${...} text."""
+    cfg = demo_cfg("stages.opd.lr=${stages.student_sft.lr}", "stages.student_sft.lr=0.0123",
+                   "support.k=${sampler.n}", "sampler.n=3")
+    assert cfg["stages"]["opd"]["lr"] == 0.0123 and cfg["support"]["k"] == 3
+
+
+def test_a_masker_string_written_as_a_control_token_but_not_one_warns_naming_its_pieces():
+    """A typo of <|im_end|> on the real Qwen tokenizer: its pieces would be masked; the warning names them."""
+    from conftest import TINY, qwen_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from opdlm.builder import build_run
+    from opdlm.cli import main
+    from opdlm.errors import ConfigWarning
+    qwen = qwen_tokenizer_dir()
+    words = [*TINY, f"student.tokenizer_path={qwen}", f"teacher.tokenizer_path={qwen}",
+             "maskers.0.tokens=[<think>, <|im_ennd|>]"]
+    with pytest.warns(ConfigWarning) as got:
+        build_run(demo_cfg(*words))
+    (w,) = [str(x.message) for x in got]
+    pieces = AutoTokenizer.from_pretrained(qwen).tokenize("<|im_ennd|>")
+    assert len(pieces) > 1
+    assert w == (f"masker special_tokens: tokens: '<|im_ennd|>' is not one token of the student tokenizer, so its "
+                 f"{len(pieces)} pieces {', '.join(repr(p) for p in pieces)} are masked instead (did you mean "
+                 f"'<|im_end|>'?) (strict: true makes this an error)")
+    with pytest.warns(ConfigWarning):  # the command line shows it as one line (opdlm.cli._warning_line)
+        assert main(["--check", *words]) == 0

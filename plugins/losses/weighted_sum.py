@@ -49,6 +49,9 @@ class WeightedSum(Loss):
                 raise ConfigError(f"terms.{i}.name: nest the terms directly instead of a weighted_sum inside one")
             loss = LOSSES.build(node, f"terms.{i}")
             self.terms.append((float(weight), loss, f"{i}_{node['name']}"))
+        if not any(w > 0 for w, _, _ in self.terms):
+            raise ConfigError(f"terms: every weight is 0, so the loss is 0 and OPD would train nothing; give at "
+                              f"least one term a weight > 0 ({', '.join(f'terms.{i}.weight' for i in range(len(terms)))})")
         reads = self.terms[0][1].reads
         for i, (_, loss, _) in enumerate(self.terms[1:], 1):
             try:

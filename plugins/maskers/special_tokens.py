@@ -12,12 +12,16 @@ Output [B, T] bool (False at the dropped positions)."""
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import torch
 from torch import Tensor
 
-from opdlm.errors import ConfigError
+from opdlm.errors import ConfigError, ConfigWarning
 from opdlm.plugin_api import Context, Masker
 from opdlm.registry import MASKERS
+from opdlm.schema import did_you_mean
 from opdlm.types import Rollout, TeacherView
 
 
@@ -74,6 +78,12 @@ class SpecialTokens(Masker):
                     f"{enc[:8]}); list strings the tokenizer has as one token, or set strict: false to mask "
                     f"the first occurrence of each of its ids"
                 )
+            if re.fullmatch(r"<.+>|\[.+\]", t):  # written as a control token, but not one: a typo?
+                pieces = ", ".join(repr(p) for p in tok.convert_ids_to_tokens(enc))
+                known = [s for s in tok.all_special_tokens if s != t]
+                warnings.warn(f"masker special_tokens: {key}: '{t}' is not one token of the {side} tokenizer, so "
+                              f"its {len(enc)} pieces {pieces} are masked instead{did_you_mean(t, known)} "
+                              f"(strict: true makes this an error)", ConfigWarning, stacklevel=2)
             ids.extend(int(i) for i in enc)
         return torch.tensor(sorted(set(ids)), dtype=torch.long)
 
