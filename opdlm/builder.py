@@ -74,6 +74,11 @@ class BuiltRun:
                 out[split] = out.get(split, 0) + n
         return out
 
+    def summaries(self) -> list[str]:
+        """"task LABEL: ..." for each task that describes its data (Task.summary: for jsonl, its
+        lines, distinct prompts and splits)."""
+        return [f"task {label}: {line}" for label, t in self.tasks.items() if (line := t.task.summary())]
+
     def sets(self, split: str) -> dict[str, list[Example]]:
         """Each task's examples of ``split``, by label (opdlm.data.TaskData's input)."""
         return {label: t.task.examples(split) for label, t in self.tasks.items()}

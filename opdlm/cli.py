@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if "--check" in flags:
         print(to_yaml(cfg), end="")
+        for line in built.summaries():
+            print(f"# {line}", file=sys.stderr)
         print(f"# ok: {', '.join(confs)} composes and every plugin builds", file=sys.stderr)
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -62,6 +62,9 @@ class FilteredTask(Task):
     def corpus(self) -> Iterable[str]:
         return self.inner.corpus()
 
+    def summary(self) -> str | None:
+        return self.inner.summary()
+
 
 def _limit_key(role: str, spec: Any) -> str:
     if spec.served:

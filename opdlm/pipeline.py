@@ -356,6 +356,8 @@ class Runner:
     def _run_stages(self) -> dict[str, Any]:
         cfg = self.cfg
         dist.barrier()
+        for line in self.built.summaries():
+            self.log(f"[opdlm] {line}")
         if any(self.built.dropped.values()):
             counts = ", ".join(f"{n} {s}" for s, n in self.built.dropped.items())
             self.log(f"[opdlm] data.too_long=skip: left out {counts} examples longer than the models' positions")

@@ -76,6 +76,11 @@ class Task(Plugin):
         that does not override this reports neither maj@k nor the unparsed share."""
         raise NotImplementedError
 
+    def summary(self) -> str | None:
+        """One line on the task's data that a run prints when it starts ("[opdlm] task LABEL: ..."),
+        such as the sizes of its splits; None (the default) prints nothing."""
+        return None
+
     def corpus(self) -> Iterable[str]:
         """Texts that cover the task's characters (used to build tiny tokenizers)."""
         for split in ("train", "val", "test"):

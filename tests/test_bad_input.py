@@ -86,6 +86,32 @@ def test_jsonl_with_an_empty_train_split(tmp_path):
     assert msg == f"task.path: '{f}' leaves the train split empty (no line has s: train)"
 
 
+def test_jsonl_field_of_the_wrong_type_stops_the_run_with_one_line(tmp_path, capsys):
+    import json
+
+    from opdlm.cli import main
+    f = tmp_path / "d.jsonl"
+    rows = [json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1), "solution": f"\\boxed{{{i + 1}}}"}) for i in range(60)]
+    rows[11] = '{"prompt": "11+1=", "answer": NaN, "solution": "\\\\boxed{12}"}'
+    f.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "runs"
+    assert main(["task.name=jsonl", f"task.path={f}", "task.solution_field=solution", f"run.out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err == f'opdlm: config error: command line: task.path: {f}:12: "answer" must be a string or an integer, got NaN\n'
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_check_names_the_jsonl_splits(tmp_path, capsys):
+    import json
+
+    from opdlm.cli import main
+    f = tmp_path / "d.jsonl"  # 100 distinct prompts on 300 lines
+    f.write_text("".join(json.dumps({"prompt": f"{i % 100}+1=", "answer": str(i % 100 + 1)}) + "\n" for i in range(300)))
+    assert main(["--check", "task.name=jsonl", f"task.path={f}", "stages.teacher_sft.steps=0", "stages.student_sft.steps=0"]) == 0
+    err = capsys.readouterr().err
+    assert "# task jsonl: 300 lines, 100 distinct prompts: 80 train / 10 val / 10 test prompts\n" in err
+
+
 def test_a_batch_larger_than_the_train_split_fails_before_training():
     assert plan_err("task.n_train=40", "stages.opd.prompts_per_step=48") == (
         "stages.teacher_sft.batch_size: a batch of 64 is larger than the task's 40 training examples")

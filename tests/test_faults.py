@@ -183,6 +183,7 @@ def test_examples_longer_than_the_models_positions_are_an_error_or_counted(tmp_p
     res = cli(*TINY, *base, "data.too_long=skip", f"run.out_dir={tmp_path / 'runs'}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "[opdlm] data.too_long=skip: left out " in res.stdout and "examples longer than the models' positions" in res.stdout
+    assert "[opdlm] task jsonl: 40 lines, 40 distinct prompts: 30 train / 0 val / 10 test prompts\n" in res.stdout
 
 
 @pytest.mark.slow

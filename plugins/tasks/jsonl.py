@@ -1,9 +1,17 @@
 """Prompts and reference answers from a local JSONL file, scored by a math answer verifier.
 
 Each line is a JSON object; ``prompt_field`` and ``answer_field`` name its prompt and reference
-answer, ``solution_field`` (optional) a reference completion used by the SFT stage. Splits come
-from ``split_field`` (values train/val/test) or, when it is null, from a seeded shuffle with
-``val_fraction``/``test_fraction``.
+answer, ``solution_field`` (optional) a reference completion used by the SFT stage. The prompt and
+the solution must be strings, the answer a string or an integer (kept as written, however many
+digits); anything else (null, a list, 0.5, NaN, 1e400) is one line naming the file, the line, the
+field and the value.
+
+Splits come from ``split_field`` (values train/val/test) or, when it is null, from a seeded shuffle
+of the file's distinct prompts: ``val_fraction`` and ``test_fraction`` are shares of the distinct
+prompts (rounded), and every line of a prompt goes to the split of its prompt, so a prompt written
+on several lines never reaches both train and test. A run prints the counts ("[opdlm] task jsonl:
+300 lines, 100 distinct prompts: 80 train / 10 val / 10 test prompts"), and how many val or test
+prompts ``split_field`` or a benchmark file also puts into train.
 
 Verifier (``verifier``): ``boxed`` takes the last \\boxed{...} of a response and compares it with
 the reference after light LaTeX normalisation, numerically when both parse; ``math_verify`` uses
@@ -92,7 +100,46 @@ TEMPLATES = {
             "within \\boxed{}.",
 }
 VERIFIERS = ("boxed", "math_verify")
-SplitShare = Annotated[float, Range(ge=0, lt=1)]  # the share of the rows a split takes
+SplitShare = Annotated[float, Range(ge=0, lt=1)]  # the share of the distinct prompts a split takes
+SPLITS = ("train", "val", "test")
+#: what each role's field must hold
+NEEDS = {"prompt": "a string", "answer": "a string or an integer", "solution": "a string"}
+
+
+class _Number:
+    """A JSON number as the file writes it: read with json.loads' parse_int, parse_float and
+    parse_constant, so that no number is converted (Python's int() refuses more than 4,300 digits,
+    float() makes 1e400 inf)."""
+
+    __slots__ = ("integer", "text")
+
+    def __init__(self, text: str, integer: bool) -> None:
+        self.text, self.integer = text, integer
+
+
+def _load(line: str) -> Any:
+    return json.loads(line, parse_int=lambda t: _Number(t, True), parse_float=lambda t: _Number(t, False),
+                      parse_constant=lambda t: _Number(t, False))
+
+
+def _json(value: Any) -> str:
+    if isinstance(value, _Number):
+        return value.text
+    if isinstance(value, list):
+        return "[" + ", ".join(_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_json(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """A field's value as JSON writes it, on one line, cut short when long."""
+    text = _json(value)
+    return text if len(text) <= limit else f"{text[:40]}… ({len(text):,} characters)"
 
 
 def _math_verify():  # noqa: ANN202 - the module
@@ -165,7 +212,7 @@ class JsonlTask(Task):
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    obj = _load(line)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"{key}: {where}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
@@ -176,34 +223,76 @@ class JsonlTask(Task):
                 meta: dict[str, Any] = {"line": lineno}
                 if self.split_field and key == "path":
                     meta["split"] = obj.get(self.split_field)
-                    if meta["split"] not in ("train", "val", "test"):
+                    if meta["split"] not in SPLITS:
+                        got = repr(meta["split"]) if isinstance(meta["split"], str) else show(meta["split"])
                         raise ConfigError(f"{key}: {where}: field '{self.split_field}' must be train, val or test, "
-                                          f"got {meta['split']!r}")
-                rows.append(Example(prompt=self.template.replace("{prompt}", str(obj[prompt_f])), answer=str(obj[answer_f]),
-                                    solution=str(obj[solution_f]) if solution_f else None, meta=meta))
+                                          f"got {got}")
+                at = f"{key}: {where}"
+                prompt, answer = self._text(obj, prompt_f, "prompt", at), self._text(obj, answer_f, "answer", at)
+                solution = self._text(obj, solution_f, "solution", at) if solution_f else None
+                rows.append(Example(prompt=self.template.replace("{prompt}", prompt), answer=answer, solution=solution,
+                                    meta=meta))
         if not rows:
             raise ConfigError(f"{key}: '{path}' holds no examples")
         return rows
 
+    @staticmethod
+    def _text(obj: dict[str, Any], field: str, role: str, where: str) -> str:
+        """The text of a line's ``field`` in ``role`` (prompt, answer, solution), or a ConfigError
+        naming the line, the field and the value when it is not the type the role needs."""
+        value = obj[field]
+        if isinstance(value, str):
+            return value
+        if role == "answer" and isinstance(value, _Number) and value.integer:
+            return value.text
+        name = f'"{field}"' + ("" if field == role else f" ({role}_field)")
+        hint = ""
+        if role == "answer" and isinstance(value, _Number) and value.text[-1].isdigit():
+            hint = f' (write a decimal answer as a string: "{show(value)}")'
+        raise ConfigError(f"{where}: {name} must be {NEEDS[role]}, got {show(value)}{hint}")
+
     def _split(self, rows: list[tuple[str | None, Example]], val_fraction: float, test_fraction: float,
                seed: int) -> dict[str, list[Example]]:
-        out: dict[str, list[Example]] = {"train": [], "val": [], "test": []}
+        """The splits: by ``split_field``, or by a seeded shuffle of the distinct prompts (in order of
+        first appearance), each prompt's lines all in its split."""
+        out: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        groups: dict[str, list[Example]] = {}
+        for _, ex in rows:
+            groups.setdefault(ex.prompt, []).append(ex)
         if self.split_field:
             for split, ex in rows:
                 out[split].append(ex)  # type: ignore[index]
         else:
-            order = list(range(len(rows)))
+            prompts = list(groups)
+            order = list(range(len(prompts)))
             random.Random(seed).shuffle(order)
-            n_test = int(round(test_fraction * len(rows)))
-            n_val = int(round(val_fraction * len(rows)))
+            n_test = int(round(test_fraction * len(prompts)))
+            n_val = int(round(val_fraction * len(prompts)))
             for rank, i in enumerate(order):
                 split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-                out[split].append(rows[i][1])
+                out[split].extend(groups[prompts[i]])
         if not out["train"]:
             how = (f"no line has {self.split_field}: train" if self.split_field
-                   else f"all {len(rows)} examples went to val/test; lower the fractions or add lines")
+                   else f"all {len(groups)} distinct prompts went to val/test; lower the fractions or add prompts")
             raise ConfigError(f"path: '{self.path}' leaves the train split empty ({how})")
+        self._counts = (len(rows), len(groups))
         return out
+
+    def summary(self) -> str:
+        """The file's lines and distinct prompts, and the distinct prompts of each split (with the
+        benchmark files' test split, and any val or test prompt that is also in train)."""
+        lines, distinct = self._counts
+        sets = {s: {ex.prompt for ex in self.splits[s]} for s in SPLITS}
+        own = ("train", "val") if self.benchmarks else SPLITS
+        text = (f"{_count(lines, 'line')}, {_count(distinct, 'distinct prompt')}: "
+                f"{' / '.join(f'{len(sets[s])} {s}' for s in own)} prompts")
+        if self.benchmarks:
+            text += (f"; test: {_count(len(self.splits['test']), 'line')}, {_count(len(sets['test']), 'distinct prompt')}"
+                     f" from {_count(len(self.benchmarks), 'benchmark file')}")
+        shared = [f"{len(sets[s] & sets['train'])} {s}" for s in ("val", "test") if sets[s] & sets["train"]]
+        if shared:
+            text += f"; prompts also in train: {', '.join(shared)}"
+        return text
 
     def examples(self, split: str) -> list[Example]:
         if split not in self.splits:
