@@ -185,11 +185,13 @@ def test_every_bench_command_parses_and_is_run_by_a_test_or_gpu_only(monkeypatch
 
     calls = []
     for module in (align, head, rollout, scale, served):
-        monkeypatch.setattr(module, "run", lambda args, _m=module.__name__: calls.append(_m))
+        monkeypatch.setattr(module, "run", lambda args, _m=module.__name__: calls.append(_m) or 0)
     monkeypatch.setattr(cli, "study", lambda *a: [])
     monkeypatch.setattr(cli, "table", lambda rows: "")
     monkeypatch.setattr(cli, "plot", lambda rows, path: True)
     monkeypatch.chdir(ROOT)
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (the GPU-only commands parse as on a GPU)
     checked = 0
     for page, cmd, gpu in shown_commands():
         w = words(cmd)
