@@ -256,3 +256,19 @@ def test_a_tokenizer_that_spells_everything_is_quiet(tmp_path, capsys):
     tok, _ = unknown_setup(tmp_path, "")
     code, err = check(capsys, f"teacher.tokenizer_path={tok}", f"student.tokenizer_path={tok}", "data.max_unknown=0")
     assert code == 0 and "unknown token" not in err
+
+
+def test_pytorch_bin_weights_are_compared_through_a_memory_map(saved, tmp_path, capsys):
+    _, model, built = saved
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    built.teacher.tokenizer.save_pretrained(folder)
+    data = json.loads((saved[0] / "config.json").read_text())
+    data["hidden_size"] = 2 * model.config.hidden_size + 2  # a width no other key of the config has
+    (folder / "config.json").write_text(json.dumps(data))
+    rows, width = shape(model, "model.embed_tokens.weight")
+    assert check(capsys, f"teacher.path={folder}") == (2, (
+        f"{PREFIX}teacher.path: tensor 'model.embed_tokens.weight' of '{folder / 'pytorch_model.bin'}' has shape "
+        f"[{rows}, {width}], but '{folder / 'config.json'}' makes it [{rows}, {2 * width + 2}] "
+        f"(hidden_size={2 * width + 2}): the config does not belong to these weights"))
