@@ -9,6 +9,7 @@ tiny models. ``--check`` stops here.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from typing import Any
 
 import torch
 
+from opdlm import dist
 from opdlm.config import task_entries, task_view
 from opdlm.errors import ConfigError
 from opdlm.lengths import check_lengths
-from opdlm.models import ModelSpec
+from opdlm.models import ModelSpec, unknown_tokens
 from opdlm.plugin_api import Aligner, Context, Loss, Masker, Sampler, SupportSelector, Task
 from opdlm.prepare import ensure_all
 from opdlm.reads import check_reads, probe
@@ -171,6 +173,8 @@ def _build_task(cfg: dict[str, Any], key: str, entry: Mapping[str, Any], task: T
     if teacher.served:
         check_served(cfg, loss, support, sampler)
     task, dropped = check_lengths(cfg, task, teacher, student)  # last: the other checks name their keys first
+    for spec in (teacher, student):
+        check_spelling(cfg, task, spec)
     check_batches(cfg, len(task.examples("train")))
     ctx.task = task
     return TaskRun(label=entry["label"], key=key, cfg=cfg, weight=float(entry["weight"]), task=task, teacher=teacher,
@@ -229,6 +233,35 @@ def check_plugins(cfg: Mapping[str, Any], loss: Loss, support: SupportSelector, 
             f"tokens, so teacher.chat_template ({cfg['teacher']['chat_template']}) must equal "
             f"student.chat_template ({cfg['student']['chat_template']})"
         )
+
+
+def check_spelling(cfg: Mapping[str, Any], task: Task, spec: ModelSpec) -> None:
+    """The model's tokenizer spells the task's prompts and solutions: the share of their tokens that
+    are its unknown token must not exceed data.max_unknown (a ConfigError naming the characters it
+    does not know); a smaller, non-zero share is said on stderr. Tokenizers without an unknown token
+    (byte-level BPE) spell everything, and a tiny model's tokenizer is built from the task's text:
+    neither is measured."""
+    node = spec.node
+    if not (spec.served or spec.path or node["tokenizer_path"]):
+        return
+    texts = [t for split in ("train", "val", "test") for ex in task.examples(split)
+             for t in (ex.prompt, ex.solution or "")]
+    found = unknown_tokens(spec.tokenizer, texts)
+    if not found or not found[0]:
+        return
+    n_unk, total, chars = found
+    key = f"{spec.key}.tokenizer_path" if node["tokenizer_path"] else f"{spec.key}.path"
+    where = f"the tokenizer of '{node['tokenizer_path'] or spec.path}'"
+    limit = float(cfg["data"]["max_unknown"])
+    share = n_unk / max(total, 1)
+    shown = ", ".join(repr(c) for c in chars[:5]) + (f" and {len(chars) - 5} more" if len(chars) > 5 else "")
+    what = (f"{where} turns {share * 100:.3g}% of the task's prompt and solution tokens ({n_unk:,} of {total:,}) "
+            f"into its unknown token {spec.tokenizer.unk_token!r}" + (f" (it cannot spell {shown})" if chars else ""))
+    if share > limit:
+        raise ConfigError(f"{key}: {what}; data.max_unknown allows {limit * 100:.3g}%: use a tokenizer that knows "
+                          f"these characters, or replace them in the task's text")
+    if dist.is_main():
+        print(f"[opdlm] {key}: {what}, within data.max_unknown ({limit * 100:.3g}%)", file=sys.stderr)
 
 
 def check_values(cfg: Mapping[str, Any]) -> None:

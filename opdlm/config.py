@@ -69,6 +69,7 @@ BOUNDS: dict[str, Range] = {
     "teacher.server.retries": Range(ge=0),
     "*.kv_heads": Range(ge=0, note="0 = heads"), "*.tiny_rows": Range(ge=0, note="0 = the tokenizer's ids"),
     "*.tiny_vocab": Range(ge=64),
+    "data.max_unknown": Range(ge=0, le=1),
 }
 #: choices of framework strings, by their path in conf/base.yaml
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Mapping
@@ -98,14 +99,45 @@ def tiny_tokenizer(node: Mapping[str, Any], texts: list[str], key: str,
     raise ConfigError(f"{key}.tiny_tokenizer: unknown kind '{kind}'; choices: {', '.join(TINY_TOKENIZERS)}")
 
 
+def reason(e: BaseException) -> str:
+    """An exception's first non-empty line (or its cause's, or its type's name): transformers'
+    messages often start with a newline, which would leave an error line without its reason."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        for line in str(cur).splitlines():
+            if line.strip():
+                return f"{type(cur).__name__}: {line.strip()}"
+        cur = cur.__cause__ or cur.__context__
+    return type(e).__name__
+
+
+#: files of which a tokenizer folder holds at least one: the vocabulary (the tokenizers library's
+#: tokenizer.json, a SentencePiece or tiktoken model, a vocab.* / merges.txt pair); tokenizer_config.json
+#: alone names a class but no vocabulary (transformers then builds a tokenizer of one id)
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "*.tiktoken", "vocab.*", "merges.txt", "*.spm")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any(f.is_file() for pattern in TOKENIZER_FILES for f in folder.glob(pattern))
+
+
 def load_tokenizer(path: str, key: str) -> PreTrainedTokenizerBase:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{key}: tokenizer folder '{path}' does not exist")
+    if not p.is_dir():
+        raise ConfigError(f"{key}: '{path}' is a file; give the folder that holds the tokenizer's files")
+    if not has_tokenizer_files(p):
+        other = f"; copy the tokenizer's files into it, or set {key[:-len('.path')]}.tokenizer_path to the folder " \
+                f"that holds them" if key.endswith(".path") else ""
+        raise ConfigError(f"{key}: '{path}' holds no tokenizer files (tokenizer.json, tokenizer.model, vocab.json + "
+                          f"merges.txt, vocab.txt, ...){other}")
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
-        raise ConfigError(f"{key}: cannot load a tokenizer from '{path}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{key}: cannot load a tokenizer from '{path}': {reason(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -122,26 +154,144 @@ def check_model_folder(path: str, key: str) -> Any:
     try:
         config = AutoConfig.from_pretrained(str(p), local_files_only=True)
     except Exception as e:
-        raise ConfigError(f"{key}: cannot read '{path}/config.json': {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    check_weights(p, key)
+        raise ConfigError(f"{key}: cannot read '{path}/config.json': {reason(e)}") from None
+    check_weights(p, key, config)
     return config
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def check_weights(folder: Path, key: str) -> None:
-    """The folder holds weights, and every safetensors file's header is whole and matches the file's
-    length (a truncated or damaged file is found here, without loading any weights)."""
+def check_weights(folder: Path, key: str, config: Any = None) -> None:
+    """The folder holds weights, their shapes are those ``config`` gives (check_shapes), and every
+    safetensors file's header is whole and matches the file's length (a truncated or damaged file is
+    found here, without loading any weights)."""
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise ConfigError(f"{key}: '{folder}' has no weights (none of {', '.join(WEIGHT_FILES)})")
+    if config is not None:
+        check_shapes(folder, config, key)
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt"):
                 pass
         except Exception as e:
-            raise ConfigError(f"{key}: '{f}' is damaged or truncated ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
+            raise ConfigError(f"{key}: '{f}' is damaged or truncated ({reason(e)})") from None
+
+
+def safetensors_shapes(f: Path, key: str) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors file's header (its first 8 bytes give the length of a JSON
+    header; the weights after it are not read)."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"its header claims {n:,} bytes, the file has {size:,}")
+            header = json.loads(fh.read(n))
+        return {name: tuple(int(d) for d in v["shape"]) for name, v in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{key}: '{f}' is damaged or truncated (header: {reason(e)})") from None
+
+
+def weight_files(folder: Path, key: str) -> list[Path]:
+    """The files from_pretrained reads: the shards an index names, or the single file."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).is_file():
+            try:
+                names = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ConfigError(f"{key}: '{folder / index}' is damaged ({reason(e)})") from None
+            for name in names:
+                if not (folder / name).is_file():
+                    raise ConfigError(f"{key}: '{folder / index}' names the shard '{name}', which '{folder}' lacks")
+            return [folder / name for name in names]
+        if (folder / single).is_file():
+            return [folder / single]
+    return []
+
+
+def file_shapes(folder: Path, key: str) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Every tensor of the folder's weight files: its shape and its file, without reading weights
+    (safetensors: the header; pytorch_model*.bin: a memory map)."""
+    out: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for f in weight_files(folder, key):
+        if f.suffix == ".safetensors":
+            shapes = safetensors_shapes(f, key)
+        else:
+            try:
+                state = torch.load(f, map_location="meta", mmap=True, weights_only=True)
+            except Exception as e:
+                raise ConfigError(f"{key}: '{f}' cannot be read ({type(e).__name__})") from None
+            shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        out.update((name, (shape, f)) for name, shape in shapes.items())
+    return out
+
+
+def _pattern(name: str) -> str:
+    """A tensor's name with its indices (layers, experts) made wildcards."""
+    return re.sub(r"(?<=\.)\d+(?=\.)", "#", name)
+
+
+def _config_sizes(config: Any, dims: Iterable[int]) -> str:
+    """The config.json keys whose integer value is one of ``dims`` (what probably made the shape)."""
+    values = {k: v for k, v in config.to_dict().items() if isinstance(v, int) and not isinstance(v, bool)}
+    text = getattr(config, "text_config", None)
+    if text is not None and not isinstance(text, dict):
+        values.update((k, v) for k, v in text.to_dict().items() if isinstance(v, int) and not isinstance(v, bool))
+    hits = [f"{k}={v}" for k, v in values.items() if v in set(dims) and not k.endswith("_id")]
+    return f" ({', '.join(hits[:3])})" if hits else ""
+
+
+def check_shapes(folder: str | Path, config: Any, key: str) -> None:
+    """The shapes of the folder's weights are those ``config`` (its config.json) gives, read from the
+    files' headers and compared with the model built on the meta device (no memory, no weights).
+    A tensor of another shape, a tensor the config needs that no file holds (a tied output head
+    absent from the file is the embedding's), or an extra index of a layer or expert the config has
+    no place for, is a ConfigError naming the tensor. Quantized folders, and names the model does
+    not use (transformers renames or merges some on load), are not compared."""
+    folder = Path(folder)
+    if getattr(config, "quantization_config", None):
+        return
+    have = file_shapes(folder, key)
+    if not have:
+        return
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        raise ConfigError(f"{key}: cannot build the model '{folder}/config.json' describes: {reason(e)}") from None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and not any(n.startswith(f"{prefix}.") for n in have) and any(n.startswith(f"{prefix}.") for n in want):
+        have = {(n if n in want else f"{prefix}.{n}"): v for n, v in have.items()}  # saved from the base model
+    cfg_file = folder / "config.json"
+    for name in want:  # in the model's order: the first layer's tensors first
+        shape, f = have.get(name, (want[name], None))
+        if want[name] != shape:
+            raise ConfigError(
+                f"{key}: tensor '{name}' of '{f}' has shape {list(shape)}, but '{cfg_file}' makes it "
+                f"{list(want[name])}{_config_sizes(config, [w for w, h in zip(want[name], shape) if w != h])}: the config does not "
+                f"belong to these weights")
+    patterns = {_pattern(n) for n in want}
+    for name in sorted(have):
+        if name not in want and _pattern(name) in patterns:
+            f = have[name][1]
+            raise ConfigError(f"{key}: '{f}' holds tensor '{name}', for which '{cfg_file}' has no place (it "
+                              f"makes fewer layers or experts): the config does not belong to these weights")
+    aliases: dict[int, set[str]] = {}  # tied parameters: one object under several names
+    params = list(model.named_parameters(remove_duplicate=False))
+    for n, t in params:
+        aliases.setdefault(id(t), set()).add(n)
+    optional = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    all_known = all(n in want for n in have)
+    have_patterns = {_pattern(n) for n in have}
+    for name, t in params:  # (buffers may be left out of a file: the model makes them)
+        if any(a in have for a in aliases[id(t)]) or any(p.search(name) for p in optional):
+            continue
+        if all_known or _pattern(name) in have_patterns:
+            raise ConfigError(f"{key}: '{cfg_file}' needs tensor '{name}', which no weight file of '{folder}' "
+                              f"holds: the config does not belong to these weights")
 
 
 def scan_weights(folder: str | Path, key: str) -> None:
@@ -165,18 +315,56 @@ def scan_weights(folder: str | Path, key: str) -> None:
 
 
 def load_weights(path: str | Path, key: str, dtype: torch.dtype) -> nn.Module:
-    """AutoModelForCausalLM.from_pretrained on a local folder; any failure, and weights that hold a
-    NaN or inf, is one ConfigError line."""
+    """AutoModelForCausalLM.from_pretrained on a local folder; any failure, weights whose shapes are not
+    those of the folder's config.json (check_shapes, before loading), and weights that hold a NaN or
+    inf, is one ConfigError line."""
 
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception:  # noqa: BLE001 - from_pretrained says why, below
+        config = None
+    if config is not None:  # a tensor of another shape is named here, not in transformers' load report
+        check_shapes(path, config, key)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"{key}: cannot load weights from '{path}': {type(e).__name__}: {msg}") from None
+        raise ConfigError(f"{key}: cannot load weights from '{path}': {reason(e)}") from None
     bad = first_nonfinite(model.state_dict().items())
     if bad:
         raise ConfigError(f"{key}: '{path}' holds non-finite weights: {bad}")
     return model
+
+
+def unknown_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> tuple[int, int, list[str]] | None:
+    """(unknown tokens, all tokens, the characters that became unknown, most frequent first) of
+    ``texts`` under ``tokenizer``; None for a tokenizer that cannot produce an unknown token (none
+    declared, as in byte-level BPE; or one that is also its eos, bos or pad token, as GPT-2's)."""
+    unk = tokenizer.unk_token_id
+    if unk is None or unk in {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}:
+        return None
+    texts = [t for t in texts if t]
+    counts: dict[str, int] = {}
+    n_unk = total = 0
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: each unknown token's characters from its offsets
+        for text, enc in zip(texts, backend.encode_batch(texts, add_special_tokens=False)):
+            total += len(enc.ids)
+            for tid, (a, b) in zip(enc.ids, enc.offsets):
+                if tid == unk:
+                    n_unk += 1
+                    counts[text[a:b]] = counts.get(text[a:b], 0) + 1
+    else:  # a slow one: each character that is unknown on its own
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            total += len(ids)
+            n_unk += sum(1 for i in ids if i == unk)
+        if n_unk:
+            chars: dict[str, int] = {}
+            for text in texts:
+                for c in text:
+                    chars[c] = chars.get(c, 0) + 1
+            counts = {c: n for c, n in chars.items()
+                      if unk in tokenizer(c, add_special_tokens=False)["input_ids"]}
+    return n_unk, total, sorted(counts, key=lambda c: (-counts[c], c))
 
 
 def tiny_config(node: Mapping[str, Any], vocab_size: int, tokenizer: PreTrainedTokenizerBase) -> Any:

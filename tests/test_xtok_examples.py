@@ -77,11 +77,13 @@ def test_example_config_with_a_missing_role_token_fails_early(folders, capsys):
 
 
 def test_model_rows_smaller_than_the_text_ids_fail_early(folders, tmp_path, capsys):
-    small = tmp_path / "small"
-    shutil.copytree(folders["llama"], small)
-    cfg = json.loads((small / "config.json").read_text())
-    cfg["vocab_size"] = 1000
-    (small / "config.json").write_text(json.dumps(cfg))
+    from transformers import AutoConfig, AutoModelForCausalLM
+    small = tmp_path / "small"  # the Llama tokenizer with a model of 1,000 output rows (its weights too)
+    small.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folders["llama"] / f, small / f)
+    config = AutoConfig.from_pretrained(folders["llama"], vocab_size=1000)
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
     args = ["--check", f"conf={ROOT / 'conf' / 'examples' / 'qwen_teacher_llama_student.yaml'}",
             f"teacher.path={folders['qwen']}", f"student.path={small}", f"task.path={folders['data']}"]
     assert main(args) == 2
