@@ -142,6 +142,10 @@ def test_prepare_model_cuts_a_folder_as_documented(tmp_path, capsys):
     config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
     Qwen2ForCausalLM(config).save_pretrained(src)
+    from conftest import demo_cfg
+
+    from opdlm.builder import build_run
+    build_run(demo_cfg()).student.tokenizer.save_pretrained(src)  # (27 ids: the model's 64 rows hold them)
     assert main(["prepare-model", f"out={tmp_path / 'cut'}", f"from={src}", "layers=1"]) == 0
     assert "is ready" in capsys.readouterr().out
 
