@@ -38,6 +38,7 @@ from opdlm.layers import (
     yaml_lines,
 )
 from opdlm.ops.aggregate import AGGREGATIONS
+from opdlm.optim import OPTIMIZER_IMPLS
 from opdlm.paths import CONF_DIR
 from opdlm.prepare import check_entries
 from opdlm.registry import KINDS, SAMPLERS, TASKS
@@ -74,6 +75,7 @@ BOUNDS: dict[str, Range] = {
 #: choices of framework strings, by their path in conf/base.yaml
 CHOICES: dict[str, tuple[str, ...]] = {
     "stages.*.schedule": ("constant", "cosine"), "stages.*.nonfinite": NONFINITE_MODES,
+    "stages.*.optimizer_impl": OPTIMIZER_IMPLS,
     "stages.opd.loss_aggregation": AGGREGATIONS, "stages.opd.head": ("naive", "lean"),
     "stages.opd.task_schedule": ("alternate", "mixed"), "data.too_long": ("error", "skip"),
     "*.arch": ("qwen2", "llama"), "*.tiny_tokenizer": ("char", "bpe"),

@@ -28,7 +28,10 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 #: the keys of a stage node that set its optimizer and schedule (a stage stopped by a non-finite step
 #: continues from its checkpoint when only these, and the nonfinite keys, changed: opdlm.guard)
-OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "max_grad_norm")
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "optimizer_impl")
+
+#: stages.<stage>.optimizer_impl: torch's AdamW implementations (the same update up to rounding)
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
 
 
 def retune(checkpoint: dict[str, Any], st: dict[str, Any]) -> None:
@@ -48,8 +51,22 @@ def retune(checkpoint: dict[str, Any], st: dict[str, Any]) -> None:
         sched.update(base_lrs=[st["lr"]] * n, _last_lr=[rate] * n)
 
 
+def adamw_impl(params: list[torch.Tensor], impl: str) -> dict[str, bool]:
+    """AdamW's keyword for ``impl``: fused (one kernel per step over all tensors; CUDA, CPU, XPU, MPS and
+    float dtypes), foreach (tensors grouped per operation), loop (one tensor at a time, torch's CPU
+    default). ``auto``: fused where every parameter allows it (a plain tensor on such a device, of a
+    float dtype), else foreach."""
+    if impl == "auto":
+        fusable = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params) and all(
+            p.device.type in ("cuda", "cpu", "xpu", "mps") and p.dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                                                           torch.float64) for p in params)
+        impl = "fused" if fusable else "foreach"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[impl]
+
+
 def make_optimizer(module: L.LightningModule, params: Any, st: dict[str, Any]) -> Any:
+    params = list(params)
     opt = torch.optim.AdamW(params, lr=st["lr"], weight_decay=st["weight_decay"], betas=tuple(st["betas"]),
-                            eps=st["eps"])
+                            eps=st["eps"], **adamw_impl(params, st.get("optimizer_impl", "auto")))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(st["warmup_steps"], st["steps"], st["schedule"]))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -20,6 +20,7 @@ from typing import Any
 from opdlm.bench import align, head, rollout, scale, served
 from opdlm.bench.estimators import plot, study, table
 from opdlm.errors import ConfigError
+from opdlm.optim import OPTIMIZER_IMPLS
 
 
 def _package_dir(package: str, *parts: str) -> str | None:
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="cuda: peak memory from torch.cuda.max_memory_allocated")
     h.add_argument("--bf16", action="store_true", help="bf16 autocast (where the hardware has it)")
     h.add_argument("--compare", action="store_true", help="first compare the two paths' gradients on one rollout")
+    h.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS, default="auto",
+                   help="AdamW implementation of the optimizer phase (stages.opd.optimizer_impl)")
     h.add_argument("--conf", default=None, help="time the OPD step of this config's models instead (its prompts, "
                    "chat template, sampler and loss; --tokens and the tiny-model flags are then not read)")
     h.add_argument("overrides", nargs="*", help="key=value config overrides (with --conf)")
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"--loss={args.loss}", f"--naive-max={args.naive_max}",
                             f"--chunk={args.chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
                             f"--device={args.device}", *(["--bf16"] if args.bf16 else []),
-                            f"--qwen={args.qwen}", *([f"--conf={args.conf}", *args.overrides] if args.conf else [])]
+                            f"--qwen={args.qwen}", f"--optimizer-impl={args.optimizer_impl}",
+                            *([f"--conf={args.conf}", *args.overrides] if args.conf else [])]
         return head.run(args)
     return 0
 

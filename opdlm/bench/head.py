@@ -60,9 +60,10 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
 
     head_mode = "naive" if mode == "compare" else mode
     if args.conf:
-        return compose([args.conf], [f"stages.opd.head={head_mode}", "trainer.progress_bar=false", *args.overrides])
+        return compose([args.conf], [f"stages.opd.head={head_mode}", "trainer.progress_bar=false",
+                                     f"stages.opd.optimizer_impl={args.optimizer_impl}", *args.overrides])
     if args.demo:
-        over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false"]
+        over = [f"stages.opd.head={head_mode}", "trainer.progress_bar=false", f"stages.opd.optimizer_impl={args.optimizer_impl}"]
         return compose([str(CONF_DIR / "demo.yaml")], over)
     B = max(1, tokens // args.seq)
     # positions for the longest prompt of the task (under 64 tokens) and the whole response
@@ -72,7 +73,7 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={args.seq}",
             f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}", f"loss.name={args.loss}",
             f"stages.opd.student_head_block={args.chunk}", f"stages.opd.teacher_head_block={args.chunk}",
-            "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
+            "task.n_train=2000", "task.n_val=10", "task.n_test=10", f"stages.opd.optimizer_impl={args.optimizer_impl}"]
     return compose([str(CONF_DIR / "base.yaml")], over)
 
 
@@ -139,6 +140,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
                            else (_rss_kb("VmHWM") if mem["ok"] else 0))
 
     plain = bool(args.conf) or (not args.demo and tokens <= args.naive_max)  # plain forwards hold [B, L, V] logits
+    opt = module.configure_optimizers()["optimizer"]  # the stage's AdamW (stages.opd.optimizer_impl)
     for rep in range(args.repeats + args.warmup):  # warm-up steps first
         loss_time[0] = 0.0
         mem.clear()
@@ -162,6 +164,10 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
         t3 = time.perf_counter()
         grad_mb = sum(p.grad.numel() * p.grad.element_size() for p in module.student.parameters()
                       if p.grad is not None) / 2**20
+        s0 = time.perf_counter()
+        opt.step()  # the optimizer phase: one AdamW step over the student's parameters
+        sync()
+        opt_s = time.perf_counter() - s0
         del view, teacher, support
         with torch.no_grad(), autocast:
             module.score_student(ro, None, topk=min(args.k, built.student.n_ids))
@@ -197,7 +203,7 @@ def run_case(mode: str, tokens: int, args: Any) -> dict[str, Any]:
             "student_s": t3 - t2 - loss_time[0], "loss_s": loss_time[0],
             "student_nograd_s": t4 - t3, "student_plain_s": sp, "student_plain_fb_s": spb,
             "peak_extra_mb": (peak - base) / 1024 if ok else float("nan"), "path_s": mem["path_s"],
-            "grad_mb": grad_mb,
+            "grad_mb": grad_mb, "optimizer_s": opt_s,
         }
         for k, v in step.items():
             out.setdefault(k, []).append(v)
@@ -249,12 +255,13 @@ def run(args: Any) -> int:
     print()
     print("| case | head | rollout s | teacher s | teacher plain forward s | student fwd+bwd s | loss s | "
           "peak extra memory of the loss path | of which the parameters' gradients | student no-grad scoring s | "
-          "student plain forward s | student plain fwd+bwd s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "student plain forward s | student plain fwd+bwd s | optimizer s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} | {r['mode']} | {r['rollout_s']:.2f} | {r['teacher_s']:.2f} | {r['teacher_plain_s']:.2f} | "
               f"{r['student_s']:.2f} | {r['loss_s']:.3f} | {r['peak_extra_mb']:,.0f} MB | {r['grad_mb']:,.0f} MB | "
-              f"{r['student_nograd_s']:.2f} | {r['student_plain_s']:.2f} | {r['student_plain_fb_s']:.2f} |")
+              f"{r['student_nograd_s']:.2f} | {r['student_plain_s']:.2f} | {r['student_plain_fb_s']:.2f} | "
+              f"{r['optimizer_s']:.3f} |")
     print()
     by = {(r["mode"], r["label"]): r for r in rows}
     for r in rows:
