@@ -40,7 +40,7 @@ def test_a_removed_masker_says_why():
 def test_unknown_framework_key():
     assert err("stages.opd.step=3") == (
         "command line: stages.opd.step: unknown key (did you mean 'steps'?); valid keys here: steps, "
-        "prompts_per_step, num_mini_batches, num_micro_batches, lr, weight_decay, betas, eps, warmup_steps, schedule, "
+        "prompts_per_step, num_mini_batches, num_micro_batches, lr, weight_decay, betas, eps, optimizer_impl, warmup_steps, schedule, "
         "max_grad_norm, nonfinite, nonfinite_skips, loss_aggregation, loss_norm_length, head, teacher_head_block, student_head_block, val_every, gap_buckets, task_schedule, log_rollouts"
     )
 
