@@ -10,20 +10,6 @@ from opdlm.bench.cli import main
 pytestmark = pytest.mark.slow  # subprocess runs: deselected by -m "not slow"
 
 
-def test_align_benchmark_prints_its_table(capsys):
-    assert main(["align", "--texts", "30", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "| llama -> qwen |" in out and "| qwen -> llama |" in out and "target: >= 200,000" in out
-
-
-def test_head_benchmark_runs_naive_and_lean(capsys):
-    assert main(["head", "--tokens", "64", "--hidden", "64", "--seq", "32", "--k", "4", "--chunk", "16",
-                 "--warmup", "0", "--no-demo"]) == 0
-    out = capsys.readouterr().out
-    assert "| B·T = 64 | naive |" in out and "| B·T = 64 | lean |" in out
-    assert "lean / naive peak memory" in out
-
-
 def test_head_benchmark_times_a_configs_own_models(capsys):
     assert main(["head", "--conf", "conf/demo.yaml", "stages.opd.prompts_per_step=2", "sampler.max_new_tokens=8"]) == 0
     out = capsys.readouterr().out
@@ -42,14 +28,6 @@ def test_head_benchmark_overrides_need_a_conf(capsys):
 def test_bench_reports_a_missing_tokenizer_folder(tmp_path, capsys):
     assert main(["align", "--qwen", str(tmp_path)]) == 2
     assert "--qwen: no tokenizer.json" in capsys.readouterr().err
-
-
-def test_scale_benchmark_runs_one_and_two_processes(capsys, tmp_path):
-    assert main(["scale", "--steps", "1", "--prompts", "2", "--worlds", "1,2", f"--out={tmp_path}",
-                 "sampler.max_new_tokens=8", "sampler.n=2"]) == 0
-    cap = capsys.readouterr()
-    rows = [line for line in cap.out.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
-    assert len(rows) == 2 and rows[0].endswith("1.00x |"), cap.err[-3000:]
 
 
 def test_rollout_benchmark_measures_top_p_against_the_trainer(capsys):
@@ -125,3 +103,72 @@ def test_bad_benchmark_arguments_are_one_line(capsys, argv, said):
 def test_a_cuda_benchmark_without_cuda_is_one_line(capsys, name):
     assert main([name, "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == f"bench.py {name}: --device cuda: no CUDA GPU is visible to torch here"
+
+
+#: flags appended to a documented command (argparse: the last value wins) so that it runs the same
+#: path at the smallest sizes; its own flags (--loss, --compare, --no-demo, --conf, --worlds, ...) stay
+SHRINK = {
+    "head": ["--tokens", "64", "--hidden", "32", "--seq", "32", "--k", "4", "--chunk", "16", "--repeats", "1",
+             "--warmup", "0", "--naive-max", "64"],
+    "align": ["--texts", "30", "--repeats", "1"],
+    "scale": ["--steps", "1", "--prompts", "2", "sampler.max_new_tokens=8", "sampler.n=2"],
+    "rollout": ["--prompts", "2", "--samples", "2", "--new-tokens", "6", "--prompt-len", "8", "--check-rows", "4"],
+    "served": ["--steps", "1", "--prompts", "2", "--samples", "2", "--new-tokens", "8"],
+    "estimators": ["--lengths", "2", "--seeds", "0", "--ks", "2"],
+}
+#: a config's own models (bench.py head --conf): their overrides, at the smallest sizes
+CONF_SHRINK = ["stages.opd.prompts_per_step=1", "sampler.n=1", "sampler.max_new_tokens=8", "prepare.1.layers=1"]
+
+
+def documented_bench_commands() -> list[list[str]]:
+    """The argument lists of every bench.py command the README and the docs show (GPU-only ones left
+    out), each once."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_docs import shown_commands, words
+    out: list[list[str]] = []
+    for _, cmd, gpu in shown_commands():
+        w = words(cmd)
+        if w[:2] == ["python", "bench.py"] and not gpu and w[2:] not in out:
+            out.append(w[2:])
+    return out
+
+
+def test_every_documented_bench_command_runs_and_prints_its_table(tmp_path, capsys, monkeypatch):
+    """Each bench.py command of the README and the docs, with its documented flags, at the smallest
+    sizes: it exits 0 and prints a table with rows."""
+    from conftest import ROOT
+    monkeypatch.chdir(tmp_path)  # (a command's relative outputs land here)
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    ran = set()
+    for argv in documented_bench_commands():
+        name = argv[0]
+        words = [a.replace("docs/estimator_study.png", str(tmp_path / "study.png")) for a in argv]
+        given = [a for a in words if "=" in a and not a.startswith("-")]  # key=value overrides go last
+        flags = [a for a in words if a not in given]
+        more = [a for a in SHRINK[name] if "=" in a and not a.startswith("-")]
+        args = [*flags, *(a for a in SHRINK[name] if a not in more), *given, *more]
+        if name == "scale":
+            args.insert(1, f"--out={tmp_path / 'scale'}")
+        if "--conf" in args:
+            args += [*CONF_SHRINK, f"run.out_dir={tmp_path / 'runs'}"]
+        key = tuple(args)
+        if key in ran:
+            continue
+        ran.add(key)
+        rc = main(args)
+        cap = capsys.readouterr()
+        assert rc == 0, (argv, cap.err[-2000:])
+        rows = [x for x in cap.out.splitlines() if x.startswith("| ") and not x.startswith("|---")]
+        assert "|---" in cap.out and len(rows) >= 2, (argv, cap.out[-2000:])  # a header and at least one row
+        if name == "align":
+            assert "| llama -> qwen |" in cap.out and "| qwen -> llama |" in cap.out and "target: >= 200,000" in cap.out
+        if name == "scale":  # a row per process count asked for, the first the speed-up's unit
+            worlds = argv[argv.index("--worlds") + 1].split(",") if "--worlds" in argv else ["1", "2"]
+            assert [r.split("|")[1].strip() for r in rows[1:]] == worlds and rows[1].endswith("1.00x |"), cap.out
+            assert ("| ModelParallel |" in rows[-1]) == ("trainer.strategy=model_parallel" in argv), cap.out
+        if name == "head" and "--no-demo" in argv:  # both heads at the asked size, and the lean/naive ratios
+            assert "| B·T = 64 | naive |" in cap.out and "| B·T = 64 | lean |" in cap.out
+            assert "lean / naive peak memory" in cap.out
+    assert {a[0] for a in documented_bench_commands()} == set(SHRINK)  # every subcommand the docs show ran

@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ks", default="2,3", help="LSM support sizes K")
     e.add_argument("--plot", default=None, help="write the picture here (a .png; needs matplotlib)")
     r = sub.add_parser("rollout", help="samplers side by side: response tokens/s, behaviour vs trainer log-probs")
-    r.add_argument("--samplers", default="top_p,vllm", help="sampler names (comma-separated)")
+    r.add_argument("--samplers", default=None,
+                   help="sampler names, comma-separated (default: top_p, and vllm where it is installed)")
     r.add_argument("--preset", choices=("tiny", "qwen2-0.5b"), default="tiny", help="Qwen2 shape (random weights)")
     r.add_argument("--prompts", type=int, default=8)
     r.add_argument("--samples", type=int, default=4, help="responses per prompt")

