@@ -28,7 +28,7 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 #: the keys of a stage node that set its optimizer and schedule (a stage stopped by a non-finite step
 #: continues from its checkpoint when only these, and the nonfinite keys, changed: opdlm.guard)
-OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "optimizer_impl")
+OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "max_grad_norm")
 
 #: stages.<stage>.optimizer_impl: torch's AdamW implementations (the same update up to rounding)
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "loop")
