@@ -138,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
     args = p.parse_args(argv)
     for flag in ("k", "steps", "prompts", "repeats", "texts", "vocab", "seq", "chunk", "hidden", "rows", "samples",
-                 "new_tokens", "prompt_len", "naive_max", "top_k", "in_flight", "batch_rows", "layers", "heads"):
+                 "new_tokens", "prompt_len", "top_k", "in_flight", "batch_rows", "layers", "heads"):
         if getattr(args, flag, 1) < 1:
             p.error(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
-    for flag in ("warmup", "threads"):
+    for flag in ("warmup", "threads", "naive_max"):  # (--naive-max 0: the lean path only)
         if getattr(args, flag, 0) < 0:
-            p.error(f"--{flag}: must be at least 0, got {getattr(args, flag)}")
+            p.error(f"--{flag.replace('_', '-')}: must be at least 0, got {getattr(args, flag)}")
     if getattr(args, "device", "cpu") == "cuda":
         import torch
         if not torch.cuda.is_available():
