@@ -33,15 +33,21 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-@pytest.mark.slow
-def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
+def stop_in_opd(tmp_path: Path, sig: signal.Signals) -> tuple[int, str]:
+    """A run stopped with ``sig`` once its OPD stage has written a checkpoint: (exit code, stderr)."""
     over = [o for o in TINY if not o.startswith("run.checkpoints")]
     cmd = [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={tmp_path}", "stages.opd.steps=400",
            "run.checkpoint_every=5"]
     proc = start_until_opd_checkpoint(cmd, tmp_path / "demo", stderr=subprocess.PIPE)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    return proc.returncode, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
+    code, err = stop_in_opd(tmp_path, signal.SIGINT)
+    assert code == 130, err[-2000:]
     msg = last_line(err)
     assert msg.startswith("opdlm: interrupted (Ctrl-C) in stage opd at optimizer step "), msg
     assert "the same command continues it from" in msg and "last.ckpt" in msg
@@ -54,13 +60,8 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(tmp_path):
 @pytest.mark.slow
 def test_sigterm_is_reported_as_terminated_with_143_and_the_run_continues(tmp_path):
     """SIGTERM stops the stage as Ctrl-C does (the checkpoint is kept) but says so, with 128 + 15."""
-    over = [o for o in TINY if not o.startswith("run.checkpoints")]
-    cmd = [sys.executable, "-u", str(ROOT / "run.py"), *over, f"run.out_dir={tmp_path}", "stages.opd.steps=400",
-           "run.checkpoint_every=5"]
-    proc = start_until_opd_checkpoint(cmd, tmp_path / "demo", stderr=subprocess.PIPE)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    code, err = stop_in_opd(tmp_path, signal.SIGTERM)
+    assert code == 143, err[-2000:]
     msg = last_line(err)
     assert msg.startswith("opdlm: terminated (SIGTERM) in stage opd at optimizer step "), msg
     assert "the same command continues it from" in msg and "last.ckpt" in msg
