@@ -43,7 +43,7 @@ def source_file(cls: type) -> str | None:
     defined in a notebook cell, in ``python -c`` or on standard input)."""
     try:
         name = inspect.getsourcefile(cls)
-    except TypeError:  # (a module without __file__: a notebook's __main__, python -c)
+    except (TypeError, OSError):  # (a module without __file__: a notebook's __main__, python -c)
         return None
     path = Path(name).resolve() if name else None
     if path is None or not path.is_file():

@@ -14,6 +14,7 @@ no strategy wraps, shards or checkpoints them, and no optimizer sees them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ class OPDModule(GenerationEval):
         scorer, teacher = self.scorer(task), self.teachers[task.label]
         view = self.align(rollout, task)
         student_top = scorer.student_own_topk(self.student, rollout)
-        scores = scorer.teacher_scores(teacher, view, student_top)
+        scores = scorer.teacher_scores(teacher, view, student_top, self.student)
         support = scorer.select_support(rollout, view, scores, student_top)
         scores = scorer.teacher_support_logits(teacher, view, scores, support, student_top, self.student)
         return view, scores, support, self.mask(rollout, view, task)
@@ -174,6 +175,9 @@ class OPDModule(GenerationEval):
                 inputs, out, part = self.loss_backward(take(rollout, micro), take(support, micro), take(teacher_scores, micro),
                                                        old, take(mask, micro), take(view, micro),
                                                        denominator * (1.0 / world), take(weights, within), task=task)
+                if scorer.full_vocab_path(self.student, self.teachers[task.label]) == "loss":  # the loss's pass
+                    for name in ("token_logprob", "lse", "entropy"):  # made the teacher's scores: keep them
+                        getattr(teacher_scores, name)[micro.to(mask.device)] = getattr(inputs.teacher, name)
                 loss = loss + part
                 for name, stat in terms.items():
                     term_losses[name] = term_losses[name] + out.stats[stat].detach()
@@ -212,13 +216,16 @@ class OPDModule(GenerationEval):
         scorer, loss = self.scorer(task), task.loss
         if self.lean and head is None:
             self._warn_no_split()
+        w = (mask if weights is None else weights)
         full_lean = self.lean and head is not None and loss.reads.vocabulary == "full"
-        if full_lean:  # both models' heads block by block, the loss's divergence inside
+        if full_lean:  # both models' heads block by block, the loss's divergence and its gradient inside
             assert teacher_scores.hidden is not None
-            token_loss, student = full_vocab_loss(
+            scalar, token_loss, student, teacher = full_vocab_loss(
                 feats, head, teacher_scores.hidden, (split_model(self.teachers[task.label]) or (None, None))[1], ro.targets,
-                loss.divergence, student_rows=self.run.student.n_ids, teacher_rows=task.teacher.n_ids,
-                temperature=scorer.temperature, block=self.stage["student_head_block"])
+                loss, w.to(torch.float64) / denominator.to(torch.float64), student_rows=self.run.student.n_ids,
+                teacher_rows=task.teacher.n_ids, temperature=scorer.temperature, block=self.stage["student_head_block"])
+            teacher_scores = dataclasses.replace(teacher_scores, token_logprob=teacher.token_logprob, lse=teacher.lse,
+                                                 entropy=teacher.entropy)
         else:
             support_ids = sup.ids if loss.reads.has("student", "support_logits") else None
             student = trained_scores(feats, head, ro.targets, lean=self.lean, block=self.stage["student_head_block"],
@@ -227,9 +234,11 @@ class OPDModule(GenerationEval):
                                      **scorer.buckets("student", ro.targets.device))
         inputs = LossInputs(student=student, teacher=teacher_scores, support=sup, mask=mask, rollout=ro, view=view,
                             old_logprob=old if old is not None else student.token_logprob.detach())
-        out = LossOutput(token_loss) if full_lean else checked_output(loss, loss.compute(inputs), mask)
-        w = (mask if weights is None else weights).to(out.token_loss.dtype)
-        scalar = (out.token_loss * w).sum() / denominator.to(out.token_loss.dtype)
+        if full_lean:
+            out = LossOutput(token_loss)
+        else:
+            out = checked_output(loss, loss.compute(inputs), mask)
+            scalar = (out.token_loss * w.to(out.token_loss.dtype)).sum() / denominator.to(out.token_loss.dtype)
         self._backward(scalar)
         return inputs, out, scalar.detach()
 

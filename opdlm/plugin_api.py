@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from opdlm.errors import ConfigError
@@ -245,6 +246,17 @@ class Loss(Plugin):
         over the whole vocabulary [n, V], differentiable in ``student_logprobs``. The lean head calls
         it on one block of positions at a time, so no [B, T, V] tensor is ever held."""
         raise NotImplementedError
+
+    def divergence_grad(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        """(ℓ [n], ∂ℓ/∂z [n, V]): ``divergence`` and its gradient with respect to the student's
+        logits z (log π = log_softmax(z)), without gradients. The lean head calls this one; the
+        default differentiates ``divergence`` with autograd, and a loss may give a closed form,
+        which saves passes over the [n, V] block. Both arguments may be overwritten."""
+        z = student_logprobs.detach().requires_grad_(True)
+        with torch.enable_grad():  # log_softmax(log π) = log π, and its gradient is the one through z
+            val = self.divergence(torch.log_softmax(z, -1), teacher_logprobs)
+            (grad,) = torch.autograd.grad(val.sum(), z)
+        return val.detach(), grad
 
 
 class ClippedPG(Loss):

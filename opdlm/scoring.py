@@ -41,27 +41,50 @@ class Scorer:
     def student_own_topk(self, student: nn.Module, rollout: Rollout) -> Scores | None:
         """The student's own top-k without gradients, when the support reads it."""
         k = self.task.support.student_k
-        if not k:
+        if not k or self.reads.vocabulary == "full":
             return None
         with torch.no_grad():
             return self.student_scores(student, rollout, None, topk=k)
 
+    def full_vocab_path(self, student: nn.Module | None, teacher: nn.Module) -> str | None:
+        """Where a full-vocabulary loss reads the teacher's logits (None for a support loss):
+        'loss' (the lean head with a split teacher: the loss's pass runs the teacher's head, block by
+        block, and the teacher's phase only its body), 'hidden' (the lean head, a teacher whose head
+        cannot be split: its logits are kept as Scores.hidden) or 'pass' (the naive head: the
+        teacher's pass keeps its logits on the student's ids as Scores.support_logits)."""
+        if self.reads.vocabulary != "full":
+            return None
+        if not (self.lean and student is not None and split_model(student) is not None):
+            return "pass"
+        return "loss" if not isinstance(teacher, ServedTeacher) and split_model(teacher) is not None else "hidden"
+
     @torch.no_grad()
-    def teacher_scores(self, teacher: nn.Module, view: TeacherView, student_top: Scores | None = None) -> Scores:
+    def teacher_scores(self, teacher: nn.Module, view: TeacherView, student_top: Scores | None = None,
+                       student: nn.Module | None = None) -> Scores:
         """The teacher's Scores at the student's positions from one pass of its head per block of
         positions: the sampled token's log-prob, log-sum-exp, entropy, its top-k (as many as the
         support needs), its logits on the student's own top-k when the support reads that
         (Scores.support_logits), and what the loss declares besides (first-byte marginals, chunk
         log-probs). Its hidden states are kept (Scores.hidden). A served teacher (opdlm.served) gives
-        the sampled token's log-prob and its top-k (what build's check_served let the loss read)."""
+        the sampled token's log-prob and its top-k (what build's check_served let the loss read).
+
+        A full-vocabulary loss (``full_vocab_path``, given the ``student``) reads no top-k; on the
+        naive head the pass keeps the logits themselves, and on the lean head with a split teacher
+        only the body runs here: the sampled-token log-prob, log-sum-exp and entropy are NaN until
+        the loss's pass fills them (OPDModule.update)."""
         if isinstance(teacher, ServedTeacher):
             return teacher.scores(view, self.task.support.teacher_k, self.temperature)
+        path = self.full_vocab_path(student, teacher)
         hidden, head = model_hidden(teacher, view.input_ids, view.attention_mask, view.position_ids)
         feats = gather_columns(hidden, view.pred_columns)
+        if path == "loss":
+            nan = torch.full(view.targets.shape, float("nan"), device=feats.device)
+            return Scores(token_logprob=nan, lse=nan.clone(), entropy=nan.clone(), hidden=feats)
         kw = dict(temperature=self.temperature, vocab_rows=self.task.teacher.n_ids, block=self.stage["teacher_head_block"])
         scores = head_scores(feats, head, view.targets, support_ids=self.extra_ids(student_top),
-                             topk=self.task.support.teacher_k, entropy=True, **self.buckets("teacher", view.targets.device),
-                             **kw)
+                             topk=0 if path else self.task.support.teacher_k, entropy=True,
+                             keep_logits=self.student_n_ids if path == "pass" else 0,
+                             **self.buckets("teacher", view.targets.device), **kw)
         scores = dataclasses.replace(scores, hidden=feats)
         if self.reads.has("teacher", "chunk_logprob"):
             scores = dataclasses.replace(scores, chunk_logprob=chunk_logprob(scores, hidden, head, view, **kw))
@@ -79,9 +102,10 @@ class Scorer:
                                student_top: Scores | None = None, student: nn.Module | None = None) -> Scores:
         """The teacher's Scores with its logits on the support when the loss reads them (else
         without any): read from the teacher's pass (its top-k, the extra ids, the sampled token); a
-        support holding other ids costs a second pass over those ids. A full-vocabulary loss on the
-        lean head reads them block by block itself (opdlm.ops.fullvocab)."""
-        if self.reads.vocabulary == "full" and self.lean and student is not None and split_model(student) is not None:
+        support holding other ids costs a second pass over those ids. A full-vocabulary loss has
+        them from the teacher's pass (the naive head) or reads them block by block itself
+        (opdlm.ops.fullvocab)."""
+        if self.reads.vocabulary == "full":
             return teacher
         if not self.reads.has("teacher", "support_logits"):
             return dataclasses.replace(teacher, support_logits=None)

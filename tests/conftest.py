@@ -12,6 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "plugins"))  # plugin_testkit
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker (and per process a test starts),
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # so N workers share N cores without oversubscribing them
+    import torch
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from opdlm.config import DEFAULT_CONF, compose  # noqa: E402
 from opdlm.discovery import discover  # noqa: E402

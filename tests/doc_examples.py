@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PLUGINS_PAGE = ROOT / "docs" / "plugins.md"
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 GPU_ONLY = "GPU only"
+NEEDS_TRL = "needs TRL"  # an optional extra that CI does not install: parsed, not run
 
 
 def example_blocks(page: Path = PLUGINS_PAGE) -> dict[str, str]:
@@ -51,15 +52,16 @@ def _code_lines(text: str) -> list[str]:
 
 
 def commands(page: Path) -> list[tuple[str, bool]]:
-    """(command, GPU-only) for every `python run.py|sweep.py|bench.py ...` the page shows, in code
-    blocks and in inline code. A command is GPU-only when its comment says so."""
+    """(command, not run here) for every `python run.py|sweep.py|bench.py ...` the page shows, in
+    code blocks and in inline code. A command is not run here when its comment says it is GPU only
+    or needs TRL."""
     text = page.read_text()
     found: list[tuple[str, bool]] = []
     for line in _code_lines(text):
         m = re.search(r"python (?:run|sweep|bench)\.py.*", line)
         if m:
             cmd, _, comment = m.group(0).partition("  #")
-            found.append((cmd.strip(), GPU_ONLY in comment))
+            found.append((cmd.strip(), GPU_ONLY in comment or NEEDS_TRL in comment))
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for m in re.finditer(r"`(python (?:run|sweep|bench)\.py[^`]*)`", prose):
         found.append((" ".join(m.group(1).split()), False))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
 
 from opdlm.bench.cli import main
+from opdlm.bench.step import CONFIGS as STEP_CONFIGS
 
 pytestmark = pytest.mark.slow  # subprocess runs: deselected by -m "not slow"
 
@@ -69,9 +74,10 @@ def test_served_benchmark_on_a_missing_gpu_is_one_line(capsys):
 
 def test_head_benchmark_at_its_default_sequence_length_fits_its_models(capsys):
     """--seq 256 (the default) plus the prompt needs more than 256 positions: the models are sized for it."""
-    assert main(["head", "--tokens", "256", "--hidden", "32", "--k", "4", "--chunk", "64", "--no-demo"]) == 0
+    assert main(["head", "--tokens", "256", "--hidden", "32", "--k", "4", "--chunk", "64", "--no-demo",
+                 "--naive-max", "0"]) == 0
     out = capsys.readouterr().out
-    assert "| B·T = 256 | naive |" in out and "| B·T = 256 | lean |" in out
+    assert "| B·T = 256 | lean |" in out
 
 
 def test_a_benchmark_whose_cases_fail_exits_non_zero_and_says_why(capsys):
@@ -90,6 +96,11 @@ def test_a_benchmark_whose_cases_fail_exits_non_zero_and_says_why(capsys):
     (["scale", "--worlds", "1,,2"], "--worlds: expected comma-separated integers, got '1,,2'"),
     (["estimators", "--lengths", "abc"], "--lengths: expected comma-separated integers, got 'abc'"),
     (["head", "--warmup", "-1"], "--warmup: must be at least 0, got -1"),
+    (["step", "--configs", "reverse_kl"], "--configs: 'reverse_kl': expected LOSS:HEAD with HEAD naive or lean, "
+                                          "e.g. reverse_kl:lean"),
+    (["step", "--student-hidden", "30"], "--student-hidden 30 must be a multiple of --student-heads 4, an even number "
+                                         "(two key-value heads)"),
+    (["step", "--rounds", "0"], "--rounds: must be at least 1, got 0"),
 ])
 def test_bad_benchmark_arguments_are_one_line(capsys, argv, said):
     with pytest.raises(SystemExit) as e:
@@ -115,14 +126,16 @@ SHRINK = {
     "rollout": ["--prompts", "2", "--samples", "2", "--new-tokens", "6", "--prompt-len", "8", "--check-rows", "4"],
     "served": ["--steps", "1", "--prompts", "2", "--samples", "2", "--new-tokens", "8"],
     "estimators": ["--lengths", "2", "--seeds", "0", "--ks", "2"],
+    "step": ["--rounds", "1", "--warmup", "0", "--prompts", "2", "--new-tokens", "4", "--student-hidden", "32",
+             "--teacher-hidden", "32", "--student-layers", "1", "--teacher-layers", "1", "--k", "4", "--chunk", "4"],
 }
 #: a config's own models (bench.py head --conf): their overrides, at the smallest sizes
 CONF_SHRINK = ["stages.opd.prompts_per_step=1", "sampler.n=1", "sampler.max_new_tokens=8", "prepare.1.layers=1"]
 
 
 def documented_bench_commands() -> list[list[str]]:
-    """The argument lists of every bench.py command the README and the docs show (GPU-only ones left
-    out), each once."""
+    """The argument lists of every bench.py command the README and the docs show (GPU-only ones and
+    those that need TRL left out), each once."""
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent))
@@ -135,40 +148,97 @@ def documented_bench_commands() -> list[list[str]]:
     return out
 
 
-def test_every_documented_bench_command_runs_and_prints_its_table(tmp_path, capsys, monkeypatch):
+def shrunk(argv: list[str], tmp: str) -> list[str]:
+    """A documented command with SHRINK's flags appended (its key=value overrides last), its outputs
+    under ``tmp``."""
+    name = argv[0]
+    words = [a.replace("docs/estimator_study.png", f"{tmp}/study.png") for a in argv]
+    given = [a for a in words if "=" in a and not a.startswith("-")]  # key=value overrides go last
+    flags = [a for a in words if a not in given]
+    more = [a for a in SHRINK[name] if "=" in a and not a.startswith("-")]
+    args = [*flags, *(a for a in SHRINK[name] if a not in more), *given, *more]
+    if name == "scale":
+        args.insert(1, f"--out={tmp}/scale")
+    if "--conf" in args:
+        args += [*CONF_SHRINK, f"run.out_dir={tmp}/runs"]
+    return args
+
+
+def _effective(argv: list[str]) -> tuple:
+    """What a shrunk command runs: its parsed options (two documented commands that differ only in
+    flags SHRINK sets run the same thing)."""
+    from opdlm.bench.cli import parser
+    return tuple(sorted((k, str(v)) for k, v in vars(parser().parse_args(shrunk(argv, "T"))).items()))
+
+
+def distinct_documented_commands() -> list[list[str]]:
+    """documented_bench_commands without those that run the same thing as an earlier one once shrunk."""
+    out, keys = [], set()
+    for argv in documented_bench_commands():
+        key = _effective(argv)
+        if key not in keys:
+            keys.add(key)
+            out.append(argv)
+    return out
+
+
+def test_every_documented_bench_subcommand_is_run():
+    assert {a[0] for a in documented_bench_commands()} == set(SHRINK)
+
+
+@pytest.mark.parametrize("argv", [pytest.param(a, id=" ".join(a)) for a in distinct_documented_commands()])
+def test_every_documented_bench_command_runs_and_prints_its_table(tmp_path, capsys, monkeypatch, argv):
     """Each bench.py command of the README and the docs, with its documented flags, at the smallest
     sizes: it exits 0 and prints a table with rows."""
     from conftest import ROOT
     monkeypatch.chdir(tmp_path)  # (a command's relative outputs land here)
     (tmp_path / "conf").symlink_to(ROOT / "conf")
-    ran = set()
-    for argv in documented_bench_commands():
-        name = argv[0]
-        words = [a.replace("docs/estimator_study.png", str(tmp_path / "study.png")) for a in argv]
-        given = [a for a in words if "=" in a and not a.startswith("-")]  # key=value overrides go last
-        flags = [a for a in words if a not in given]
-        more = [a for a in SHRINK[name] if "=" in a and not a.startswith("-")]
-        args = [*flags, *(a for a in SHRINK[name] if a not in more), *given, *more]
-        if name == "scale":
-            args.insert(1, f"--out={tmp_path / 'scale'}")
-        if "--conf" in args:
-            args += [*CONF_SHRINK, f"run.out_dir={tmp_path / 'runs'}"]
-        key = tuple(args)
-        if key in ran:
-            continue
-        ran.add(key)
-        rc = main(args)
-        cap = capsys.readouterr()
-        assert rc == 0, (argv, cap.err[-2000:])
-        rows = [x for x in cap.out.splitlines() if x.startswith("| ") and not x.startswith("|---")]
-        assert "|---" in cap.out and len(rows) >= 2, (argv, cap.out[-2000:])  # a header and at least one row
-        if name == "align":
-            assert "| llama -> qwen |" in cap.out and "| qwen -> llama |" in cap.out and "target: >= 200,000" in cap.out
-        if name == "scale":  # a row per process count asked for, the first the speed-up's unit
-            worlds = argv[argv.index("--worlds") + 1].split(",") if "--worlds" in argv else ["1", "2"]
-            assert [r.split("|")[1].strip() for r in rows[1:]] == worlds and rows[1].endswith("1.00x |"), cap.out
-            assert ("| ModelParallel |" in rows[-1]) == ("trainer.strategy=model_parallel" in argv), cap.out
-        if name == "head" and "--no-demo" in argv:  # both heads at the asked size, and the lean/naive ratios
-            assert "| B·T = 64 | naive |" in cap.out and "| B·T = 64 | lean |" in cap.out
-            assert "lean / naive peak memory" in cap.out
-    assert {a[0] for a in documented_bench_commands()} == set(SHRINK)  # every subcommand the docs show ran
+    name = argv[0]
+    rc = main(shrunk(argv, str(tmp_path)))
+    cap = capsys.readouterr()
+    assert rc == 0, (argv, cap.err[-2000:])
+    rows = [x for x in cap.out.splitlines() if x.startswith("| ") and not x.startswith("|---")]
+    assert "|---" in cap.out and len(rows) >= 2, (argv, cap.out[-2000:])  # a header and at least one row
+    if name == "align":
+        assert "| llama -> qwen |" in cap.out and "| qwen -> llama |" in cap.out and "target: >= 200,000" in cap.out
+    if name == "scale":  # a row per process count asked for, the first the speed-up's unit
+        worlds = argv[argv.index("--worlds") + 1].split(",") if "--worlds" in argv else ["1", "2"]
+        assert [r.split("|")[1].strip() for r in rows[1:]] == worlds and rows[1].endswith("1.00x |"), cap.out
+        assert ("| ModelParallel |" in rows[-1]) == ("trainer.strategy=model_parallel" in argv), cap.out
+    if name == "step":  # a row per configuration, opdlm's four by default
+        configs = argv[argv.index("--configs") + 1].split(",") if "--configs" in argv else list(STEP_CONFIGS)
+        assert len(rows) == 1 + len(configs), cap.out
+    if name == "head" and "--no-demo" in argv:  # both heads at the asked size, and the lean/naive ratios
+        assert "| B·T = 64 | naive |" in cap.out and "| B·T = 64 | lean |" in cap.out
+        assert "lean / naive peak memory" in cap.out
+
+
+#: a Python with TRL installed (an optional extra, not in CI): OPDLM_TRL_PYTHON, or this one if it has TRL
+TRL_PYTHON = os.environ.get("OPDLM_TRL_PYTHON") or (sys.executable if importlib.util.find_spec("trl") else None)
+
+
+def test_step_benchmark_names_a_failing_configuration(tmp_path, capsys):
+    argv = ["step", "--configs", "lsm:lean,lsn:lean", *SHRINK["step"], "--out", str(tmp_path)]
+    assert main(argv) == 1
+    cap = capsys.readouterr()
+    assert "| opdlm lsm, lean head |" in cap.out  # the configuration that ran is in the table
+    err = cap.err.strip().splitlines()[-1]
+    assert err.startswith("bench.py step: 1 measurement(s) failed, the first: lsn:lean: ") and "unknown loss 'lsn'" in err
+
+
+@pytest.mark.skipif(TRL_PYTHON is not None, reason="TRL is installed here")
+def test_step_benchmark_without_trl_is_one_line(tmp_path, capsys):
+    assert main(["step", "--trl", *SHRINK["step"], "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"bench.py step: --trl: TRL is not importable by {sys.executable} (pip install trl==1.16.0 into that "
+        "environment, or give --trl-python)")
+
+
+@pytest.mark.skipif(TRL_PYTHON is None, reason="TRL is not installed (optional; OPDLM_TRL_PYTHON names a Python with it)")
+def test_step_benchmark_runs_trls_trainers_on_the_same_models(tmp_path, capsys):
+    assert main(["step", "--trl", "--trl-python", TRL_PYTHON, "--configs", "reverse_kl:lean", *SHRINK["step"],
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for row in ("| opdlm reverse_kl, lean head |", "| TRL DistillationTrainer (β = 1, chunked) |", "| TRL GKDTrainer (β = 1) |"):
+        assert row in out, out
+    assert "opdlm reverse_kl, lean head: step time / TRL DistillationTrainer's" in out

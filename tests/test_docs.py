@@ -185,10 +185,10 @@ def _expand(pattern: str) -> list[str]:
 
 
 def test_every_bench_command_parses_and_is_run_by_a_test_or_gpu_only(monkeypatch):
-    from opdlm.bench import align, cli, head, rollout, scale, served
+    from opdlm.bench import align, cli, head, rollout, scale, served, step
 
     calls = []
-    for module in (align, head, rollout, scale, served):
+    for module in (align, head, rollout, scale, served, step):
         monkeypatch.setattr(module, "run", lambda args, _m=module.__name__: calls.append(_m) or 0)
     monkeypatch.setattr(cli, "study", lambda *a: [])
     monkeypatch.setattr(cli, "table", lambda rows: "")

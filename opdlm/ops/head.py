@@ -9,6 +9,8 @@ stay alive for backward, which is what the memory-lean path replaces.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -74,8 +76,62 @@ def bucket_logsumexp(logits: Tensor, buckets: Tensor, n_buckets: int) -> Tensor:
     return sums.log() + shift
 
 
-def _logits(feats: Tensor, head: nn.Linear | None, temperature: float) -> Tensor:
+def matmul_dtype(device_type: str, weight: Tensor) -> torch.dtype:
+    """The dtype a head's matmul runs in: autocast's when it is on, else the weight's."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+class Scratch:
+    """One reusable [block, rows] tensor for the blocks of logits of one pass. On the CPU a fresh
+    tensor of that size pays its page faults each time (large blocks go back to the system when
+    freed), which costs a third of a small head's matmul; the blocks of a pass write into the same
+    memory instead."""
+
+    def __init__(self) -> None:
+        self.t: Tensor | None = None
+
+    def get(self, n: int, rows: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+        """A [n, rows] view of the scratch tensor (made or grown as needed)."""
+        t = self.t
+        if t is None or t.shape[0] < n or t.shape[1] != rows or t.dtype != dtype or t.device != like.device:
+            t = self.t = torch.empty(n, rows, dtype=dtype, device=like.device)
+        return t[:n]
+
+
+def linear_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, temperature: float,
+                  dtype: torch.dtype, scratch: Scratch | None = None) -> Tensor:
+    """fp32 (at least) logits [n, rows] of hidden states h [n, H] through a linear head (its first
+    ``rows`` rows), divided by the temperature; written into ``scratch`` when the matmul's dtype is
+    the logits' dtype (fp32, fp64). Autocast is off inside: the matmul runs in ``dtype``."""
+    w = weight[:rows]
+    b = bias[:rows] if bias is not None else None
+    with torch.autocast(h.device.type, enabled=False):
+        hd, wd, bd = h.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None
+        if scratch is not None and dtype in (torch.float32, torch.float64):
+            out = scratch.get(h.shape[0], rows, h, dtype)
+            z = torch.addmm(bd, hd, wd.t(), out=out) if bd is not None else torch.mm(hd, wd.t(), out=out)
+        else:
+            z = nn.functional.linear(hd, wd, bd)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    if temperature != 1.0:
+        z = z.div_(temperature)
+    return z
+
+
+def _logits(feats: Tensor, head: nn.Linear | None, temperature: float, rows: int | None = None,
+            scratch: Scratch | None = None) -> Tensor:
+    """A block's logits (over the first ``rows`` rows) divided by the temperature, fp32 at least.
+    Without gradients a plain nn.Linear head writes into ``scratch``; any other head (a subclass
+    may compute differently) runs its own forward."""
+    if head is not None and scratch is not None and type(head) is nn.Linear and not torch.is_grad_enabled():
+        return linear_logits(feats, head.weight, head.bias, min(rows or head.out_features, head.out_features),
+                             temperature, matmul_dtype(feats.device.type, head.weight), scratch)
     logits = feats if head is None else head(feats)
+    if rows is not None and rows < logits.shape[-1]:
+        logits = logits[:, :rows]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # softmax statistics in fp32 at least
     return logits / temperature if temperature != 1.0 else logits
@@ -92,24 +148,25 @@ def _block_logits(f: Tensor, head: nn.Linear | None, targets: Tensor, sup: Tenso
     n = f.shape[0]
     tgt = targets.reshape(n).clamp_min(0)
     step = max(1, block or n)
+    scratch = Scratch() if n > step else None  # several blocks share one tensor
     for s in range(0, n, step):
-        logits = _logits(f[s : s + step], head, temperature)
-        if vocab_rows is not None and vocab_rows < logits.shape[-1]:
-            logits = logits[:, :vocab_rows]
+        logits = _logits(f[s : s + step], head, temperature, vocab_rows, scratch)
         yield logits, tgt[s : s + step], (sup[s : s + step] if sup is not None else None)
 
 
 def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, temperature: float = 1.0,
                 support_ids: Tensor | None = None, topk: int = 0, entropy: bool = True,
                 vocab_rows: int | None = None, block: int | None = None,
-                buckets: Tensor | None = None, n_buckets: int = 0) -> Scores:
+                buckets: Tensor | None = None, n_buckets: int = 0, keep_logits: int = 0) -> Scores:
     """Scores at every position of ``feats`` [B, T, H] (or logits, when ``head`` is None).
 
     targets [B, T] sampled ids (negative = none); support_ids [B, T, K]; topk: how many of the
     model's own top ids to return; vocab_rows: logits past this row (tokenizer padding rows) are
     excluded from everything; block: positions per block (None = all at once); buckets [V]
     long: a partition of the ids into n_buckets bins whose log-probabilities are returned as
-    Scores.byte_logprobs (the first-byte marginal).
+    Scores.byte_logprobs (the first-byte marginal); keep_logits: return the logits of the first
+    ``keep_logits`` ids themselves as Scores.support_logits (a full-vocabulary loss's support, in
+    place of ``support_ids``).
 
     Without gradients (the teacher, the student's old log-probs and own top-k) every quantity comes
     from one pass over each block's logits (``_head_stats``); with gradients (the student's naive
@@ -118,15 +175,17 @@ def head_scores(feats: Tensor, head: nn.Linear | None, targets: Tensor, *, tempe
     if not torch.is_grad_enabled() or not (feats.requires_grad or (head is not None and head.weight.requires_grad)):
         with torch.no_grad():
             return _head_stats(feats, head, targets, temperature, support_ids, topk, entropy, vocab_rows,
-                               block, buckets, n_buckets)
+                               block, buckets, n_buckets, keep_logits)
     B, T = targets.shape
     f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
-    acc = _Blocks(B, T, f, sup, topk, entropy, buckets is not None, n_buckets)
+    acc = _Blocks(B, T, f, sup, topk, entropy, buckets is not None, n_buckets, keep_logits)
     for logits, tgt, sup_c in _block_logits(f, head, targets, sup, temperature, vocab_rows, block):
         z = torch.logsumexp(logits, dim=-1)
         acc.lse.append(z)
         acc.tok.append(logits.gather(1, tgt[:, None]).squeeze(1) - z)
         acc.support_and_topk(logits, sup_c)
+        if keep_logits:
+            acc.sl.append(logits[:, :keep_logits])
         if buckets is not None:
             acc.bk.append(bucket_logsumexp(logits, buckets, n_buckets) - z.unsqueeze(-1))
         if entropy:  # a diagnostic: no graph is kept for it; H = lse - Σ p z
@@ -142,8 +201,9 @@ class _Blocks:
     top-k ids and logits, entropy, bucket log-probs), joined into Scores [B, T, ...] at the end."""
 
     def __init__(self, B: int, T: int, like: Tensor, sup: Tensor | None, topk: int, entropy: bool, buckets: bool,
-                 n_buckets: int) -> None:
+                 n_buckets: int, keep: int = 0) -> None:
         self.B, self.T, self.like, self.sup, self.topk = B, T, like, sup, topk
+        self.width = sup.shape[-1] if sup is not None else keep  # support_logits' width (0: none)
         self.entropy, self.buckets, self.n_buckets = entropy, buckets, n_buckets
         self.tok: list[Tensor] = []
         self.lse: list[Tensor] = []
@@ -160,7 +220,7 @@ class _Blocks:
             self.sl.append(logits.gather(1, sup))
         if not self.topk:
             return None
-        v, i = logits.topk(self.topk, dim=-1)
+        v, i = grouped_topk(logits, self.topk)
         self.ti.append(i)
         self.tl.append(v)
         return v
@@ -171,7 +231,7 @@ class _Blocks:
         return Scores(
             token_logprob=cat(self.tok),
             lse=cat(self.lse),
-            support_logits=cat(self.sl, self.sup.shape[-1]) if self.sup is not None else None,
+            support_logits=cat(self.sl, self.width) if self.width else None,
             topk_ids=cat(self.ti, self.topk) if self.topk else None,
             topk_logits=cat(self.tl, self.topk) if self.topk else None,
             entropy=cat(self.ent) if self.entropy else None,
@@ -181,21 +241,23 @@ class _Blocks:
 
 def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperature: float,
                 support_ids: Tensor | None, topk: int, entropy: bool, vocab_rows: int | None,
-                block: int | None, buckets: Tensor | None, n_buckets: int) -> Scores:
+                block: int | None, buckets: Tensor | None, n_buckets: int, keep_logits: int = 0) -> Scores:
     """head_scores without gradients, one pass per block: the logits z once; the maximum from the
     top-k (or one max); e = exp(z - max) once; lse, entropy (log Σe − Σ e·(z − max) / Σe) and the
     bucket sums from e."""
     B, T = targets.shape
     f, sup = feats.reshape(B * T, feats.shape[-1]), _flat_support(support_ids, B * T)
     acc = _Blocks(B, T, f, sup, topk, entropy, buckets is not None, n_buckets)
+    kept, at = None, 0  # the logits themselves (keep_logits), written block by block into one tensor
     for z, tgt, sup_c in _block_logits(f, head, targets, sup, temperature, vocab_rows, block):
-        if head is None or z.data_ptr() == f.data_ptr():
-            z = z.clone()  # the caller's logits are not ours to change in place
         tok_logit = z.gather(1, tgt[:, None]).squeeze(1)
         top = acc.support_and_topk(z, sup_c)
+        if keep_logits:
+            kept = z.new_empty(B * T, keep_logits) if kept is None else kept
+            kept[at : at + z.shape[0]] = z[:, :keep_logits]
+        at += z.shape[0]
         m = top[:, :1] if top is not None else z.amax(-1, keepdim=True)
-        z = z.sub_(m)  # z - max, in place
-        tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
+        tot, dot, sums = exp_stats(z, m, entropy, buckets, n_buckets)
         z_lse = tot.log() + m.squeeze(1)
         acc.lse.append(z_lse)
         acc.tok.append(tok_logit - z_lse)
@@ -204,27 +266,52 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
         if sums is not None:
             acc.bk.append(sums.div_(tot.unsqueeze(1)).log_())
         del z
+    if kept is not None:
+        return dataclasses.replace(acc.scores(), support_logits=kept.reshape(B, T, keep_logits))
     return acc.scores()
 
 
-def exp_stats(s: Tensor, dot: bool, buckets: Tensor | None, n_buckets: int,
-              rows: int = 32) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """From shifted logits s [n, V] (s = z - max): Σ_v e^s, Σ_v e^s·s (when ``dot``) and the
-    per-bucket sums of e^s [n, n_buckets] (when ``buckets``), computing e^s for ``rows`` rows at a
-    time, so the only [n, V] tensor is ``s`` itself."""
-    n = s.shape[0]
-    tot = s.new_empty(n)
-    dots = s.new_empty(n) if dot else None
-    sums = s.new_zeros(n, n_buckets) if buckets is not None else None
+def exp_stats(z: Tensor, m: Tensor, dot: bool, buckets: Tensor | None, n_buckets: int,
+              rows: int = 8) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """From logits z [n, V] and their row maxima m [n, 1], with s = z - m: Σ_v e^s, Σ_v e^s·s (when
+    ``dot``) and the per-bucket sums of e^s [n, n_buckets] (when ``buckets``). s and e^s exist for
+    ``rows`` rows at a time (small enough to stay in the CPU's cache), so z is read once and
+    never written."""
+    n = z.shape[0]
+    tot = z.new_empty(n)
+    dots = z.new_empty(n) if dot else None
+    sums = z.new_zeros(n, n_buckets) if buckets is not None else None
     for r in range(0, n, rows):
-        e = s[r : r + rows].exp()
+        sh = z[r : r + rows] - m[r : r + rows]
+        e = sh.exp()
         tot[r : r + rows] = e.sum(-1)
         if dots is not None:
-            dots[r : r + rows] = torch.linalg.vecdot(e, s[r : r + rows])
+            dots[r : r + rows] = torch.linalg.vecdot(e, sh)
         if sums is not None:
-            sums[r : r + rows].index_add_(1, buckets[: s.shape[1]], e)
-        del e
+            sums[r : r + rows].index_add_(1, buckets[: z.shape[1]], e)
+        del e, sh
     return tot, dots, sums
+
+
+def grouped_topk(z: Tensor, k: int, group: int = 128) -> tuple[Tensor, Tensor]:
+    """torch.topk(z, k) over the last axis of z [n, V] (values largest first, and their ids), read in
+    one pass: the maximum of each group of ``group`` ids, the k groups with the largest maxima
+    (every id of the top k lies in one of them), then the top k of those k·group candidates."""
+    n, V = z.shape
+    if k * group * 4 > V:  # too few groups to save anything
+        return z.topk(k, dim=-1)
+    whole = V // group * group
+    maxima = z[:, :whole].reshape(n, V // group, group).amax(-1)
+    if whole < V:
+        maxima = torch.cat([maxima, z[:, whole:].amax(-1, keepdim=True)], 1)
+    _, g = maxima.topk(k, dim=-1)
+    cols = (g.unsqueeze(-1) * group + torch.arange(group, device=z.device)).reshape(n, k * group)
+    inside = cols < V
+    cand = z.gather(1, cols.clamp_max(V - 1))
+    if not bool(inside.all()):
+        cand = cand.masked_fill(~inside, float("-inf"))
+    v, j = cand.topk(k, dim=-1)
+    return v, cols.gather(1, j)
 
 
 def lookup_logits(ids: Tensor, cand_ids: Tensor, cand_logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -33,28 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from opdlm.ops.head import exp_stats, head_scores
+from opdlm.ops.head import Scratch, exp_stats, head_scores, linear_logits, matmul_dtype
 from opdlm.types import Scores
-
-
-def _matmul_dtype(device_type: str, weight: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
-def _block_logits(h: Tensor, weight: Tensor, bias: Tensor | None, rows: int, temperature: float,
-                  dtype: torch.dtype) -> Tensor:
-    """fp32 (at least) logits [n, rows] of hidden states h [n, H], divided by the temperature."""
-    w = weight[:rows]
-    b = bias[:rows] if bias is not None else None
-    with torch.autocast(h.device.type, enabled=False):
-        z = nn.functional.linear(h.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None)
-    if z.dtype in (torch.float16, torch.bfloat16):
-        z = z.float()
-    if temperature != 1.0:
-        z = z.div_(temperature)
-    return z
 
 
 class HeadGrads:
@@ -68,13 +48,21 @@ class HeadGrads:
         self.d_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         self.d_b = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
 
-    def add(self, s: int, e: int, h: Tensor, dz: Tensor) -> None:
-        """Positions s:e with hidden states h [e - s, H] and logits' gradient dz [e - s, rows]."""
+    def add(self, s: int, e: int, h: Tensor, dz: Tensor, only: Tensor | None = None) -> None:
+        """Positions s:e with hidden states h [e - s, H] and logits' gradient dz [e - s, rows]; with
+        ``only`` (row numbers within the block), dz [len(only), rows] holds those rows' gradient
+        and the other rows' is 0."""
         rows, dtype = self.rows, self.dtype
+        if only is not None:
+            h = h.index_select(0, only)
         dzm = dz.to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             if self.d_h is not None:
-                self.d_h[s:e] = (dzm @ self.weight[:rows].to(dtype)).to(self.d_h.dtype)
+                d = (dzm @ self.weight[:rows].to(dtype)).to(self.d_h.dtype)
+                if only is None:
+                    self.d_h[s:e] = d
+                else:
+                    self.d_h[s + only] = d
             if self.d_w is not None:
                 if dtype == self.d_w.dtype:
                     self.d_w[:rows].addmm_(dzm.t(), h.to(dtype))
@@ -97,7 +85,7 @@ class _LeanHead(torch.autograd.Function):
                 buckets: Tensor | None, n_buckets: int, rows: int, temperature: float, block: int,
                 entropy: bool) -> tuple[Tensor, ...]:
         n = feats.shape[0]
-        dtype = _matmul_dtype(feats.device.type, weight)
+        dtype = matmul_dtype(feats.device.type, weight)
         stat = torch.float64 if dtype == torch.float64 else torch.float32
         tok = feats.new_empty(n, dtype=stat)
         lse = feats.new_empty(n, dtype=stat)
@@ -105,15 +93,15 @@ class _LeanHead(torch.autograd.Function):
         bl = feats.new_empty((n, n_buckets) if buckets is not None else (0,), dtype=stat)
         ent = feats.new_empty(n if entropy else 0, dtype=stat)
         tgt = targets.clamp_min(0)
+        scratch = Scratch()
         for s in range(0, n, block):
             e = min(n, s + block)
-            z = _block_logits(feats[s:e], weight, bias, rows, temperature, dtype)
+            z = linear_logits(feats[s:e], weight, bias, rows, temperature, dtype, scratch)
             tok_logit = z.gather(1, tgt[s:e, None]).squeeze(1)
             if support is not None:
                 sl[s:e] = z.gather(1, support[s:e])
             m = z.amax(-1, keepdim=True)
-            z = z.sub_(m)  # z - max, in place: the block's only [n, V] tensor
-            tot, dot, sums = exp_stats(z, entropy, buckets, n_buckets)
+            tot, dot, sums = exp_stats(z, m, entropy, buckets, n_buckets)
             lse_c = tot.log() + m.squeeze(-1)
             lse[s:e] = lse_c
             tok[s:e] = tok_logit - lse_c
@@ -147,10 +135,11 @@ class _LeanHead(torch.autograd.Function):
             d = torch.where(prob > 0, g_bl / prob.clamp_min(torch.finfo(prob.dtype).tiny), torch.zeros_like(prob))
         use_sup = g_sl is not None and support is not None and g_sl.numel() > 0
         scale = 1.0 / temperature
+        scratch = Scratch()
         for s in range(0, n, block):
             e = min(n, s + block)
             h = feats[s:e]
-            z = _block_logits(h, weight, bias, rows, temperature, dtype)
+            z = linear_logits(h, weight, bias, rows, temperature, dtype, scratch)
             dz = z.sub_(lse[s:e, None]).exp_()  # p, in place
             if d is not None:
                 dz.mul_(c[s:e, None] + d[s:e].index_select(1, buckets[:rows]))

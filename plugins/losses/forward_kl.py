@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from opdlm.errors import ConfigError
-from opdlm.ops.kl import masked_log_softmax, support_forward_kl
+from opdlm.ops.kl import forward_kl_grad, masked_log_softmax, support_forward_kl
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
@@ -44,6 +44,9 @@ class ForwardKL(Loss):
 
     def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+
+    def divergence_grad(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        return forward_kl_grad(student_logprobs, teacher_logprobs)
 
 
 LOSSES.alias("forward_kl_topk", "forward_kl", full=False)

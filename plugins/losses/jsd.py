@@ -14,7 +14,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from opdlm.ops.kl import masked_log_softmax, masked_sum
+from opdlm.ops.kl import forward_kl_grad, jsd_grad, masked_log_softmax, masked_sum, reverse_kl_grad
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
@@ -40,6 +40,13 @@ class JSD(Loss):
 
     def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return self._jsd(student_logprobs, teacher_logprobs, None)
+
+    def divergence_grad(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        if self.beta == 0.0:
+            return forward_kl_grad(student_logprobs, teacher_logprobs)
+        if self.beta == 1.0:
+            return reverse_kl_grad(student_logprobs, teacher_logprobs)
+        return jsd_grad(student_logprobs, teacher_logprobs, self.beta)
 
     def _jsd(self, ls: Tensor, lt: Tensor, valid: Tensor | None) -> Tensor:
         """The generalised JSD from log-probs on a support (valid None: every entry counts)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from opdlm.ops.kl import support_reverse_kl
+from opdlm.ops.kl import reverse_kl_grad, support_reverse_kl
 from opdlm.plugin_api import Loss
 from opdlm.reads import Reads
 from opdlm.registry import LOSSES
@@ -34,6 +34,9 @@ class ReverseKL(Loss):
 
     def divergence(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
         return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+
+    def divergence_grad(self, student_logprobs: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor]:
+        return reverse_kl_grad(student_logprobs, teacher_logprobs)
 
 
 LOSSES.alias("lsm_unnormalised", "reverse_kl", full=False)
