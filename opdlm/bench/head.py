@@ -75,7 +75,7 @@ def _config(mode: str, tokens: int, args: Any) -> dict[str, Any]:
     over = [*(f"{r}.{m}" for r in ("teacher", "student") for m in model),
             f"support.k={args.k}", "sampler.n=1", f"sampler.max_new_tokens={args.seq}",
             f"stages.opd.prompts_per_step={B}", f"stages.opd.head={head_mode}", f"loss.name={args.loss}",
-            f"stages.opd.student_head_block={args.chunk}", f"stages.opd.teacher_head_block={args.chunk}",
+            f"stages.opd.student_head_block={args.chunk}", f"stages.opd.teacher_head_block={args.teacher_chunk}",
             "task.n_train=2000", "task.n_val=10", "task.n_test=10", f"stages.opd.optimizer_impl={args.optimizer_impl}"]
     return compose([str(CONF_DIR / "base.yaml")], over)
 
@@ -254,7 +254,8 @@ def run(args: Any) -> int:
         cases, args.with_demo = [("naive", -1), ("lean", -1)], False
     shape = (f"config {args.conf} {' '.join(args.overrides)}".rstrip() if args.conf else
              f"loss {args.loss}; V = {args.rows:,} rows, H = {args.hidden}, K = {args.k}, sequence length {args.seq}, "
-             f"head/teacher chunk {args.chunk} positions")
+             f"student head blocks of {args.chunk} positions, no-grad head passes (teacher, student scoring) of "
+             f"{args.teacher_chunk}")
     print(f"device {args.device}{' bf16 autocast' if args.bf16 else ' fp32'}; {shape}, {args.repeats} timed step(s) "
           f"after {args.warmup} warm-up step(s) (best kept), torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
     if args.compare:

@@ -58,7 +58,7 @@ def _model_overrides(args: Any) -> list[str]:
 def _common(args: Any) -> list[str]:
     return ["sampler.n=1", f"sampler.max_new_tokens={args.new_tokens}", "sampler.top_p=1.0", "sampler.temperature=1.0",
             f"stages.opd.prompts_per_step={args.prompts}", "trainer.progress_bar=false",
-            f"stages.opd.student_head_block={args.chunk}", f"stages.opd.teacher_head_block={args.chunk}",
+            f"stages.opd.student_head_block={args.chunk}",
             "task.n_train=2000", "task.n_val=10", "task.n_test=10"]
 
 

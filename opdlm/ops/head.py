@@ -272,7 +272,7 @@ def _head_stats(feats: Tensor, head: nn.Linear | None, targets: Tensor, temperat
 
 
 def exp_stats(z: Tensor, m: Tensor, dot: bool, buckets: Tensor | None, n_buckets: int,
-              rows: int = 8) -> tuple[Tensor, Tensor | None, Tensor | None]:
+              rows: int = 16) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """From logits z [n, V] and their row maxima m [n, 1], with s = z - m: Σ_v e^s, Σ_v e^s·s (when
     ``dot``) and the per-bucket sums of e^s [n, n_buckets] (when ``buckets``). s and e^s exist for
     ``rows`` rows at a time (small enough to stay in the CPU's cache), so z is read once and
